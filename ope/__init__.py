@@ -1,0 +1,19 @@
+"""ope: run deep-learning models out of process behind one small API.
+
+    import ope
+    with ope.load("path/to/package") as model:
+        outputs = model.infer({"x": x})
+"""
+
+from ope.errors import *  # noqa: F403 (the error vocabulary is part of the API)
+from ope.errors import __all__ as _error_names
+from ope.spec import TensorSpec
+from ope.package import (Package, package_placeholder, package_python, package_torchscript,
+                         read_package)
+from ope.model import Model
+from ope.api import load
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "load", "Model", "TensorSpec", "Package", "read_package",
+           "package_torchscript", "package_python", "package_placeholder", *_error_names]

@@ -1,0 +1,181 @@
+"""The loaded-model handle, and its in-process implementation.
+
+Design idea: :meth:`Model.infer` is written once, in the base class: check the model is
+open, validate the inputs against the spec, ``_run`` them, validate the outputs, count the
+call. Each execution mode only implements how tensors get to the model and back
+(``_run``, ``empty``, ``seal``, ``_close``), so both modes accept and refuse exactly the
+same calls with exactly the same errors, and a failed call never leaves a model unusable:
+nothing in ``infer`` holds state across the failure.
+"""
+
+import abc
+import collections
+import logging
+import os
+import threading
+import time
+
+import numpy as np
+
+from ope.errors import ModelClosed, SpecError
+from ope.spec import check_shape, validate_inputs, validate_outputs
+from workers.runners import load_runner
+
+__all__ = ["Model", "InProcessModel"]
+
+_log = logging.getLogger("ope")
+
+# Latency percentiles come from the most recent calls only, so stats() stays O(window).
+_LATENCY_WINDOW = 4096
+
+
+class Model(abc.ABC):
+    """A loaded model. Use as a context manager, or call :meth:`close`."""
+
+    def __init__(self, package):
+        self.package = package
+        self.name = package.name
+        self.inputs = package.inputs
+        self.outputs = package.outputs
+        self._closed = False
+        self._stats_lock = threading.Lock()
+        self._calls = 0
+        self._errors = 0
+        self._latencies_ns = collections.deque(maxlen=_LATENCY_WINDOW)
+
+    def __repr__(self):
+        state = "closed" if self._closed else "open"
+        return f"<{type(self).__name__} {self.name!r} ({state})>"
+
+    def infer(self, inputs, *, timeout_s=None):
+        """Run the model on ``inputs`` (name -> numpy array, CPU torch tensor, or list of str
+        for string tensors); returns outputs by name as numpy arrays. SpecError before
+        running if an input does not match the spec, ModelError if the model raised."""
+        if self._closed:
+            raise ModelClosed(f"model {self.name!r} is closed")
+        start = time.perf_counter_ns()
+        try:
+            arrays, bindings = validate_inputs(self.inputs, inputs)
+            outputs = validate_outputs(self.outputs, self._run(arrays, bindings, timeout_s),
+                                       bindings)
+        except BaseException:
+            with self._stats_lock:
+                self._calls += 1
+                self._errors += 1
+            raise
+        elapsed = time.perf_counter_ns() - start
+        with self._stats_lock:
+            self._calls += 1
+            self._latencies_ns.append(elapsed)
+        return outputs
+
+    @abc.abstractmethod
+    def _run(self, arrays, bindings, timeout_s):
+        """Execute the model on validated arrays; return its raw outputs by name."""
+
+    @abc.abstractmethod
+    def empty(self, name, shape):
+        """A writable array for input ``name`` of ``shape`` that ``infer`` can take without
+        a copy (out of process it lives in shared memory)."""
+
+    @abc.abstractmethod
+    def seal(self, array):
+        """Mark an array from :meth:`empty` final (read-only); returns it."""
+
+    @abc.abstractmethod
+    def _close(self):
+        """Release what the mode holds; called once."""
+
+    def stats(self):
+        """Counters and latency percentiles (µs, over the last calls) of this model."""
+        with self._stats_lock:
+            latencies = sorted(self._latencies_ns)
+            stats = {"calls": self._calls, "errors": self._errors}
+        for percent in (50, 90, 99):
+            stats[f"latency_p{percent}_us"] = _percentile_us(latencies, percent)
+        return stats
+
+    def health(self):
+        """Whether the model takes calls; modes add what they know (e.g. the worker)."""
+        return {"name": self.name, "open": not self._closed}
+
+    def close(self):
+        """Release the model; further calls raise ModelClosed. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self._close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def __del__(self):
+        # A destructor must not raise: it may run at interpreter exit, in a GC cycle, or
+        # after __init__ failed half-way.
+        if getattr(self, "_closed", True):
+            return
+        try:
+            self.close()
+        except Exception:
+            _log.exception("closing model %r from its destructor failed", self.name)
+
+    def _empty_spec(self, name, shape):
+        """The spec of input ``name`` after checking that ``empty(name, shape)`` may be made."""
+        if self._closed:
+            raise ModelClosed(f"model {self.name!r} is closed")
+        spec = self._input_spec(name)
+        if spec.dtype == "string":
+            raise SpecError(f"input {name!r}: string tensors cannot be preallocated; pass a "
+                            f"list of str or a numpy str array")
+        check_shape(spec, shape)
+        return spec
+
+    def _input_spec(self, name):
+        for spec in self.inputs:
+            if spec.name == name:
+                return spec
+        raise SpecError(f"unknown input {name!r} (expected "
+                        f"{', '.join(repr(spec.name) for spec in self.inputs)})")
+
+
+def _percentile_us(sorted_ns, percent):
+    """Nearest-rank percentile in µs, None before the first call."""
+    if not sorted_ns:
+        return None
+    rank = max(0, -(-len(sorted_ns) * percent // 100) - 1)
+    return sorted_ns[rank] / 1000.0
+
+
+class InProcessModel(Model):
+    """Runs the model in this process, through the same runner a worker would use."""
+
+    def __init__(self, package):
+        super().__init__(package)
+        self._runner = load_runner(package)
+
+    def _run(self, arrays, bindings, timeout_s):
+        # A running model in this thread cannot be interrupted: timeouts apply out of process.
+        return self._runner.run(arrays)
+
+    def empty(self, name, shape):
+        return np.empty(tuple(shape), self._empty_spec(name, shape).numpy_dtype)
+
+    def seal(self, array):
+        array.flags.writeable = False
+        return array
+
+    def _close(self):
+        self._runner = None
+
+    def stats(self):
+        stats = super().stats()
+        stats.update(bytes_copied_in=0, bytes_copied_out=0, pid=os.getpid())
+        return stats
+
+    def health(self):
+        health = super().health()
+        health["mode"] = "in_process"
+        return health

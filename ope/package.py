@@ -1,0 +1,390 @@
+"""Model packages: one folder with everything needed to run a model, verifiable on load.
+
+Layout of a package folder::
+
+    config.json     {"format": "ope-package", "format_version": 1, "name", "runner",
+                     "inputs": [spec dicts], "outputs": [spec dicts], "requires": {name: specifier},
+                     "test_data": bool, plus per runner:
+                       torchscript: "model_file";  python: "entrypoint", "framework"}
+    manifest.json   {"algorithm": "sha256", "files": {relative path: hex digest}}
+                    covering every other file, config.json included
+    model.pt        torchscript: the scripted module (torch.jit.save)
+    code/           python: a copy of code_dir; the entrypoint is imported from here
+    data/           python, optional: a copy of data_dir, handed to the factory
+    test_data/      optional: inputs.npz and outputs.npz for the self-check
+
+Design idea: a package is written into a staging folder beside its destination, checked
+there, and renamed into place, so a package that exists on disk is complete and has passed
+its own test. Reading checks the format version, then the manifest both ways (no missing,
+extra or changed file) before anything in the folder is parsed or executed.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+
+from ope.errors import PackageError, SpecError
+from ope.requirements import parse_specifier
+from ope.spec import TensorSpec, as_specs, validate_inputs, validate_outputs
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "RUNNERS", "FRAMEWORKS", "Package", "read_package",
+           "package_torchscript", "package_python", "package_placeholder"]
+
+FORMAT = "ope-package"
+FORMAT_VERSION = 1
+RUNNERS = ("torchscript", "python", "placeholder")
+FRAMEWORKS = ("numpy", "torch")
+
+_CONFIG = "config.json"
+_MANIFEST = "manifest.json"
+_MODEL_FILE = "model.pt"
+_CODE_DIR = "code"
+_DATA_DIR = "data"
+_TEST_INPUTS = "test_data/inputs.npz"
+_TEST_OUTPUTS = "test_data/outputs.npz"
+
+
+class Package:
+    """Read-only view of a verified package on disk. Obtain one with :func:`read_package`."""
+
+    def __init__(self, path, config, files):
+        self.path = path
+        self.config = config
+        self.files = files  # relative path -> sha256 hex digest, from the manifest
+        self.name = config["name"]
+        self.runner = config["runner"]
+        self.inputs = config["inputs"]
+        self.outputs = config["outputs"]
+        self.requires = config["requires"]
+
+    def __repr__(self):
+        return f"Package(name={self.name!r}, runner={self.runner!r}, path={self.path!r})"
+
+    @property
+    def model_file(self):
+        """Absolute path of the TorchScript file (torchscript packages)."""
+        return os.path.join(self.path, self.config["model_file"])
+
+    @property
+    def code_dir(self):
+        """Absolute path of the copied code (python packages)."""
+        return os.path.join(self.path, _CODE_DIR)
+
+    @property
+    def data_dir(self):
+        """Absolute path of the copied data, or None if the package has none."""
+        prefix = _DATA_DIR + "/"
+        has_data = any(name.startswith(prefix) for name in self.files)
+        return os.path.join(self.path, _DATA_DIR) if has_data else None
+
+    @property
+    def entrypoint(self):
+        return self.config.get("entrypoint")
+
+    @property
+    def framework(self):
+        return self.config.get("framework")
+
+    @property
+    def has_test_data(self):
+        return self.config["test_data"]
+
+    def test_inputs(self):
+        """The stored self-check inputs as a dict of arrays, or None."""
+        return self._load_npz(_TEST_INPUTS)
+
+    def test_outputs(self):
+        """The stored expected outputs as a dict of arrays, or None."""
+        return self._load_npz(_TEST_OUTPUTS)
+
+    def _load_npz(self, relative):
+        if not self.has_test_data:
+            return None
+        with np.load(os.path.join(self.path, relative), allow_pickle=False) as npz:
+            return {name: npz[name] for name in npz.files}
+
+
+# --- reading ------------------------------------------------------------------------------
+
+def read_package(path):
+    """Open and verify the package at ``path``; PackageError on anything wrong with it."""
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.isdir(path):
+        raise PackageError(f"no model package at {path} (not a directory)")
+    config = _read_json(path, _CONFIG)
+    _check_format(path, config)
+    files = _verify_manifest(path, _read_json(path, _MANIFEST))
+    return Package(path, _parse_config(path, config), files)
+
+
+def _read_json(path, relative):
+    try:
+        with open(os.path.join(path, relative), encoding="utf-8") as file:
+            return json.load(file)
+    except FileNotFoundError:
+        raise PackageError(f"package {path}: {relative} is missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise PackageError(f"package {path}: {relative} is not valid JSON ({error})") from None
+
+
+def _check_format(path, config):
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise PackageError(f"package {path}: {_CONFIG} is not an ope package config "
+                           f"(expected \"format\": \"{FORMAT}\")")
+    version = config.get("format_version")
+    if version != FORMAT_VERSION:
+        raise PackageError(f"package {path}: format version {version!r} is not supported "
+                           f"(this ope reads version {FORMAT_VERSION})")
+
+
+def _verify_manifest(path, manifest):
+    if not isinstance(manifest, dict) or manifest.get("algorithm") != "sha256" \
+            or not isinstance(manifest.get("files"), dict):
+        raise PackageError(f"package {path}: {_MANIFEST} is malformed")
+    expected = manifest["files"]
+    present = set(_list_files(path))
+    missing = sorted(set(expected) - present)
+    extra = sorted(present - set(expected))
+    if missing:
+        raise PackageError(f"package {path}: missing file(s) {', '.join(missing)}")
+    if extra:
+        raise PackageError(f"package {path}: unexpected file(s) {', '.join(extra)} "
+                           f"(not in {_MANIFEST})")
+    for relative in sorted(expected):
+        digest = _sha256(os.path.join(path, relative))
+        if digest != expected[relative]:
+            raise PackageError(f"package {path}: hash mismatch for {relative} (manifest "
+                               f"{str(expected[relative])[:12]}..., file {digest[:12]}...)")
+    return dict(expected)
+
+
+def _list_files(path):
+    """Every file under ``path`` as a relative posix path, except the manifest itself."""
+    for root, _, names in os.walk(path):
+        for name in names:
+            relative = os.path.relpath(os.path.join(root, name), path).replace(os.sep, "/")
+            if relative != _MANIFEST:
+                yield relative
+
+
+def _sha256(filename):
+    with open(filename, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def _parse_config(path, config):
+    """Turn the raw config into typed fields (specs as TensorSpec tuples); PackageError if a
+    field is missing or wrong."""
+    def fail(message):
+        raise PackageError(f"package {path}: {_CONFIG}: {message}")
+
+    parsed = dict(config)
+    if not isinstance(config.get("name"), str) or not config["name"]:
+        fail("'name' must be a non-empty string")
+    if config.get("runner") not in RUNNERS:
+        fail(f"'runner' must be one of {', '.join(RUNNERS)}, got {config.get('runner')!r}")
+    try:
+        for role in ("inputs", "outputs"):
+            if not isinstance(config.get(role), list):
+                fail(f"'{role}' must be a list of tensor specs")
+            parsed[role] = as_specs((TensorSpec.from_dict(d) for d in config[role]), role[:-1])
+    except SpecError as error:
+        fail(str(error))
+    requires = config.get("requires")
+    if not isinstance(requires, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in requires.items()):
+        fail("'requires' must map names to version specifier strings")
+    if not isinstance(config.get("test_data"), bool):
+        fail("'test_data' must be true or false")
+    if config["runner"] == "torchscript" and config.get("model_file") != _MODEL_FILE:
+        fail(f"'model_file' must be {_MODEL_FILE!r} for a torchscript package")
+    if config["runner"] == "python":
+        problem = _entrypoint_problem(config.get("entrypoint"))
+        if problem:
+            fail(problem)
+        if config.get("framework") not in FRAMEWORKS:
+            fail(f"'framework' must be one of {', '.join(FRAMEWORKS)}, "
+                 f"got {config.get('framework')!r}")
+    return parsed
+
+
+def _entrypoint_problem(entrypoint):
+    """Why ``entrypoint`` is not of the form "package.module:factory", or None if it is."""
+    module, _, function = entrypoint.partition(":") if isinstance(entrypoint, str) else ("", "", "")
+    if function.isidentifier() and all(part.isidentifier() for part in module.split(".")):
+        return None
+    return f"entrypoint must look like 'package.module:factory', got {entrypoint!r}"
+
+
+# --- writing ------------------------------------------------------------------------------
+
+def package_torchscript(path, module, *, name, inputs, outputs, requires=None,
+                        test_inputs=None, test_outputs=None):
+    """Package a TorchScript module (a ``torch.jit.script``/``trace`` result or the path of a
+    file saved with ``torch.jit.save``). Inputs bind to ``forward``'s parameter names.
+    The finished package is always loaded once (this checks ``forward``'s signature) and,
+    given test data, self-checked. Returns the :class:`Package`."""
+    def write_artefacts(staging):
+        target = os.path.join(staging, _MODEL_FILE)
+        if isinstance(module, (str, os.PathLike)):
+            _copy_file(module, target)
+        else:
+            _save_torchscript(module, target)
+        return {"model_file": _MODEL_FILE}
+
+    return _build(path, "torchscript", write_artefacts, name=name, inputs=inputs,
+                  outputs=outputs, requires=_with_requirement(requires, "torch"),
+                  test_inputs=test_inputs, test_outputs=test_outputs, load_check=True)
+
+
+def package_python(path, *, name, code_dir, entrypoint, data_dir=None, framework="numpy",
+                   inputs, outputs, requires=None, test_inputs=None, test_outputs=None):
+    """Package Python code: ``code_dir`` is copied into the package and ``entrypoint``
+    ("package.module:factory") is imported from it. ``factory(data_dir)`` (the copied
+    ``data_dir`` or None) returns a callable taking one keyword argument per input and
+    returning a dict of outputs. ``framework="torch"`` hands it torch tensors instead of numpy
+    arrays. Given test data, the finished package is self-checked. Returns the Package."""
+    problem = _entrypoint_problem(entrypoint)
+    if problem:
+        raise PackageError(problem)
+    if framework not in FRAMEWORKS:
+        raise PackageError(f"framework must be one of {', '.join(FRAMEWORKS)}, got {framework!r}")
+
+    def write_artefacts(staging):
+        _copy_tree(code_dir, os.path.join(staging, _CODE_DIR), "code_dir")
+        if data_dir is not None:
+            _copy_tree(data_dir, os.path.join(staging, _DATA_DIR), "data_dir")
+        return {"entrypoint": entrypoint, "framework": framework}
+
+    if framework == "torch":
+        requires = _with_requirement(requires, "torch")
+    return _build(path, "python", write_artefacts, name=name, inputs=inputs, outputs=outputs,
+                  requires=requires, test_inputs=test_inputs, test_outputs=test_outputs,
+                  load_check=False)
+
+
+def package_placeholder(path, *, name, inputs, outputs):
+    """Package a stand-in that returns random outputs of the spec'd dtypes and shapes: lets
+    callers integrate against a model's interface before the model exists."""
+    return _build(path, "placeholder", lambda staging: {}, name=name, inputs=inputs,
+                  outputs=outputs, requires=None, test_inputs=None, test_outputs=None,
+                  load_check=False)
+
+
+def _build(path, runner, write_artefacts, *, name, inputs, outputs, requires, test_inputs,
+           test_outputs, load_check):
+    """Stage, write, hash, check, then rename into place; the staging folder never survives
+    a failure."""
+    destination = os.path.abspath(os.fspath(path))
+    if not isinstance(name, str) or not name:
+        raise PackageError(f"package name must be a non-empty string, got {name!r}")
+    inputs, outputs = as_specs(inputs, "input"), as_specs(outputs, "output")
+    requires = _checked_requires(requires)
+    _check_destination_free(destination)
+    parent = os.path.dirname(destination)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(destination)}.staging-", dir=parent)
+    try:
+        config = {"format": FORMAT, "format_version": FORMAT_VERSION, "name": name,
+                  "runner": runner, "inputs": [spec.to_dict() for spec in inputs],
+                  "outputs": [spec.to_dict() for spec in outputs], "requires": requires,
+                  "test_data": _write_test_data(staging, inputs, outputs, test_inputs,
+                                                test_outputs)}
+        config.update(write_artefacts(staging))
+        _write_json(os.path.join(staging, _CONFIG), config)
+        _write_json(os.path.join(staging, _MANIFEST), {
+            "algorithm": "sha256",
+            "files": {rel: _sha256(os.path.join(staging, rel)) for rel in sorted(_list_files(staging))},
+        })
+        _check_staged(staging, load_check)
+        _move_into_place(staging, destination)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return read_package(destination)
+
+
+def _check_staged(staging, load_check):
+    # Imported here: the checks need the runtime, which itself imports this module.
+    package = read_package(staging)
+    if package.has_test_data:
+        from ope.api import self_check
+        self_check(package.path)
+    elif load_check:
+        from workers.runners import load_runner
+        load_runner(package)
+
+
+def _write_test_data(staging, inputs, outputs, test_inputs, test_outputs):
+    if test_inputs is None and test_outputs is None:
+        return False
+    if test_inputs is None or test_outputs is None:
+        raise PackageError("give both test_inputs and test_outputs, or neither")
+    arrays, bindings = validate_inputs(inputs, test_inputs)
+    expected = validate_outputs(outputs, test_outputs, bindings)
+    os.makedirs(os.path.join(staging, "test_data"))
+    np.savez(os.path.join(staging, _TEST_INPUTS), **arrays)
+    np.savez(os.path.join(staging, _TEST_OUTPUTS), **expected)
+    return True
+
+
+def _checked_requires(requires):
+    requires = dict(requires or {})
+    for requirement, specifier in requires.items():
+        if not isinstance(requirement, str) or not requirement:
+            raise PackageError(f"requires: names must be non-empty strings, got {requirement!r}")
+        parse_specifier(requirement, specifier)
+    return requires
+
+
+def _with_requirement(requires, name):
+    """``requires`` plus ``name`` (any version) unless it already constrains it."""
+    requires = dict(requires or {})
+    requires.setdefault(name, "")
+    return requires
+
+
+def _check_destination_free(destination):
+    if os.path.exists(destination) and not (os.path.isdir(destination)
+                                            and not os.listdir(destination)):
+        raise PackageError(f"cannot create package at {destination}: it already exists")
+
+
+def _move_into_place(staging, destination):
+    if os.path.isdir(destination):
+        os.rmdir(destination)  # empty (checked before); rename needs it gone
+    os.rename(staging, destination)
+
+
+def _copy_file(source, target):
+    try:
+        shutil.copyfile(source, target)
+    except OSError as error:
+        raise PackageError(f"cannot copy {source}: {error}") from None
+
+
+def _copy_tree(source, target, what):
+    if not os.path.isdir(source):
+        raise PackageError(f"{what} {source!r} is not a directory")
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+
+
+def _save_torchscript(module, target):
+    try:
+        import torch
+    except ImportError:
+        raise PackageError("packaging a TorchScript module needs torch installed") from None
+    if not isinstance(module, torch.jit.ScriptModule):
+        raise PackageError(f"expected a TorchScript module (torch.jit.script or trace), got "
+                           f"{type(module).__name__}")
+    torch.jit.save(module, target)
+
+
+def _write_json(filename, data):
+    with open(filename, "w", encoding="utf-8") as file:
+        json.dump(data, file, indent=2, sort_keys=True)
+        file.write("\n")

@@ -1,0 +1,95 @@
+"""Fixtures shared by the behavioural suite.
+
+``mode`` parametrises every test that loads a model; adding "out_of_process" to MODES runs
+the same tests through the other execution mode. ``load_model`` loads in that mode and
+closes at teardown. An autouse check fails any test that leaves a shared-memory segment
+(``/dev/shm/ope-*``) or a child process behind.
+"""
+
+import os
+import time
+
+import psutil
+import pytest
+
+import ope
+
+import models  # tests/ is on sys.path: pytest puts a rootless conftest's folder there
+
+MODES = ["in_process"]
+
+
+@pytest.fixture(params=MODES)
+def mode(request):
+    return request.param
+
+
+@pytest.fixture
+def load_model(mode):
+    loaded = []
+
+    def load(path, **options):
+        model = ope.load(path, out_of_process=(mode == "out_of_process"), **options)
+        loaded.append(model)
+        return model
+
+    yield load
+    for model in loaded:
+        model.close()
+
+
+@pytest.fixture(autouse=True)
+def no_leaks():
+    segments_before = _ope_segments()
+    yield
+    leaked = _new_segments_still_there(segments_before)
+    assert not leaked, f"shared-memory segments left behind: {sorted(leaked)}"
+    children = psutil.Process().children(recursive=True)
+    assert not children, f"child processes left behind: {children}"
+
+
+def _ope_segments():
+    return {name for name in os.listdir("/dev/shm") if name.startswith("ope-")}
+
+
+def _new_segments_still_there(before, grace_s=2.0):
+    """New ope- segments that persist. /dev/shm is machine-wide: a segment another ope
+    process (a second test run) holds for a moment is not ours, so give it time to go."""
+    deadline = time.monotonic() + grace_s
+    leaked = _ope_segments() - before
+    while leaked and time.monotonic() < deadline:
+        time.sleep(0.05)
+        leaked &= _ope_segments()
+    return leaked
+
+
+# Packages are immutable once built, so one build serves the whole session.
+
+@pytest.fixture(scope="session")
+def package_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("packages")
+
+
+@pytest.fixture(scope="session")
+def affine(package_root):
+    return models.affine_package(str(package_root))
+
+
+@pytest.fixture(scope="session")
+def gated(package_root):
+    return models.torchscript_package(str(package_root))
+
+
+@pytest.fixture(scope="session")
+def eager(package_root):
+    return models.eager_torch_package(str(package_root))
+
+
+@pytest.fixture(scope="session")
+def placeholder(package_root):
+    return models.placeholder_package(str(package_root))
+
+
+@pytest.fixture(scope="session")
+def probe(package_root):
+    return models.probe_package(str(package_root))

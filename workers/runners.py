@@ -1,0 +1,264 @@
+"""Runners: the code that executes one kind of model, the same in both modes.
+
+:func:`load_runner` builds a runner once per loaded model; ``runner.run(inputs)`` is then
+called with a dict of numpy arrays that already passed ``spec.validate_inputs`` and returns
+the model's outputs by name. Torch tensors in the result are turned into numpy views; the
+caller passes the result through ``spec.validate_outputs``, which checks it and normalises
+what is left (e.g. lists of str).
+
+This module is imported inside worker processes, so it depends only on numpy and on
+ope.errors / ope.spec / ope.package, never on host-side modules; torch is imported only by
+the runners that need it. The arrays a runner receives may be read-only views on shared
+memory: they are handed to the model without a copy and never written by the runner.
+"""
+
+import contextlib
+import importlib
+import os
+import sys
+import traceback
+import warnings
+
+import numpy as np
+
+from ope.errors import ModelError, PackageError
+
+__all__ = ["Runner", "load_runner"]
+
+
+class Runner:
+    """Executes one loaded model: ``run(inputs) -> outputs``, both dicts keyed by name."""
+
+    def __init__(self, package):
+        self.package = package
+
+    def run(self, inputs):
+        raise NotImplementedError
+
+
+def load_runner(package):
+    """The runner for ``package``. PackageError if its artefact or entrypoint is unusable,
+    ModelError if the model's own code raised while loading."""
+    return _RUNNERS[package.runner](package)
+
+
+def _model_error(package, error, while_doing):
+    """ModelError for an exception raised by the model's code; the traceback starts at the
+    model's frame, not ours."""
+    frames = error.__traceback__.tb_next if error.__traceback__ else None
+    return ModelError(f"model {package.name!r} raised {type(error).__name__} {while_doing}: "
+                      f"{error}", error_type=type(error).__name__,
+                      traceback_text="".join(traceback.format_exception(type(error), error, frames)))
+
+
+def _call_model(package, model, inputs):
+    try:
+        return model(**inputs)
+    except Exception as error:
+        raise _model_error(package, error, "while running") from None
+
+
+# --- torch helpers ------------------------------------------------------------------------
+
+def _import_torch(package):
+    try:
+        import torch
+    except ImportError:
+        raise PackageError(f"package {package.name!r} needs torch, which is not "
+                           f"installed") from None
+    return torch
+
+
+def _to_tensor(torch, array):
+    """A tensor sharing memory with ``array``. Read-only arrays (shared-memory inputs) are
+    shared too: torch warns that it cannot mark them read-only, which is expected here."""
+    try:
+        if array.flags.writeable:
+            return torch.from_numpy(array)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable",
+                                    UserWarning)
+            return torch.from_numpy(array)
+    except ValueError:  # negative strides: torch cannot view them, so this one array is copied
+        return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _tensors_to_numpy(torch, outputs):
+    if not isinstance(outputs, dict):
+        return outputs  # validate_outputs reports what the model returned instead
+    return {name: _tensor_to_numpy(torch, value) for name, value in outputs.items()}
+
+
+def _tensor_to_numpy(torch, value):
+    if not isinstance(value, torch.Tensor):
+        return value
+    value = value.detach()
+    if value.device.type != "cpu":
+        value = value.cpu()
+    try:
+        return value.numpy()
+    except (TypeError, RuntimeError):
+        return value  # e.g. bfloat16: validate_outputs names the output and its dtype
+
+
+# --- the runners --------------------------------------------------------------------------
+
+class _TorchScriptRunner(Runner):
+    """Calls ``forward`` with one keyword argument per input, under inference mode. Results:
+    a dict (by name), a tuple (in output spec order) or anything else (the only output)."""
+
+    def __init__(self, package):
+        super().__init__(package)
+        self._torch = torch = _import_torch(package)
+        try:
+            self._module = torch.jit.load(package.model_file, map_location="cpu").eval()
+        except Exception as error:
+            raise PackageError(f"package {package.name!r}: cannot load TorchScript file "
+                               f"{package.model_file}: {error}") from None
+        self._check_signature()
+        self._output_names = tuple(spec.name for spec in package.outputs)
+        self._string_inputs = frozenset(s.name for s in package.inputs if s.dtype == "string")
+
+    def _check_signature(self):
+        parameters = [arg.name for arg in self._module.forward.schema.arguments[1:]]
+        expected = sorted(spec.name for spec in self.package.inputs)
+        if sorted(parameters) != expected:
+            raise PackageError(f"package {self.package.name!r}: forward({', '.join(parameters)}) "
+                               f"does not take exactly the inputs {', '.join(expected)}")
+
+    def run(self, inputs):
+        torch = self._torch
+        # TorchScript takes strings as List[str], not arrays.
+        arguments = {name: array.tolist() if name in self._string_inputs
+                     else _to_tensor(torch, array) for name, array in inputs.items()}
+        with torch.inference_mode():
+            result = _call_model(self.package, self._module, arguments)
+        return _tensors_to_numpy(torch, self._by_name(result))
+
+    def _by_name(self, result):
+        if isinstance(result, dict):
+            return result
+        if isinstance(result, tuple):
+            if len(result) != len(self._output_names):
+                return result  # validate_outputs: "returned tuple, expected a dict of ..."
+            return dict(zip(self._output_names, result))
+        if len(self._output_names) == 1:
+            return {self._output_names[0]: result}
+        return result
+
+
+class _PythonRunner(Runner):
+    """Imports the entrypoint from the package's code, calls ``factory(data_dir)`` once,
+    then calls the returned model with one keyword argument per input."""
+
+    def __init__(self, package):
+        super().__init__(package)
+        self._torch = _import_torch(package) if package.framework == "torch" else None
+        self._model = self._load_model()
+
+    def _load_model(self):
+        package = self.package
+        module_name, _, factory_name = package.entrypoint.partition(":")
+        with _private_imports(package.code_dir):
+            try:
+                module = importlib.import_module(module_name)
+            except ModuleNotFoundError as error:
+                if error.name and module_name.startswith(error.name):
+                    raise PackageError(f"package {package.name!r}: entrypoint module "
+                                       f"{module_name!r} not found in its code") from None
+                raise _model_error(package, error, "while importing its code") from None
+            except Exception as error:
+                raise _model_error(package, error, "while importing its code") from None
+        factory = getattr(module, factory_name, None)
+        if not callable(factory):
+            raise PackageError(f"package {package.name!r}: entrypoint {package.entrypoint!r} "
+                               f"is not a callable in {module_name}")
+        try:
+            model = factory(package.data_dir)
+        except Exception as error:
+            raise _model_error(package, error, "in its factory") from None
+        if not callable(model):
+            raise PackageError(f"package {package.name!r}: factory returned "
+                               f"{type(model).__name__}, expected a callable model")
+        return model
+
+    def run(self, inputs):
+        torch = self._torch
+        if torch is None:
+            return _call_model(self.package, self._model, inputs)
+        arguments = {name: array if array.dtype.kind == "U" else _to_tensor(torch, array)
+                     for name, array in inputs.items()}
+        with torch.inference_mode():
+            result = _call_model(self.package, self._model, arguments)
+        return _tensors_to_numpy(torch, result)
+
+
+class _PlaceholderRunner(Runner):
+    """Random outputs of the spec'd dtypes; symbols take their sizes from the inputs, other
+    free dims are 1."""
+
+    def __init__(self, package):
+        super().__init__(package)
+        self._random = np.random.default_rng()
+
+    def run(self, inputs):
+        sizes = {}
+        for spec in self.package.inputs:
+            for index, dim in enumerate(spec.shape):
+                if isinstance(dim, str):
+                    sizes.setdefault(dim, inputs[spec.name].shape[index])
+        return {spec.name: self._random_array(spec, sizes) for spec in self.package.outputs}
+
+    def _random_array(self, spec, sizes):
+        shape = tuple(dim if isinstance(dim, int) else sizes.get(dim, 1) for dim in spec.shape)
+        dtype = spec.numpy_dtype
+        if spec.dtype == "string":
+            return np.full(shape, "placeholder")
+        if dtype.kind == "f":
+            return self._random.standard_normal(shape).astype(dtype)
+        if dtype.kind == "b":
+            return self._random.integers(0, 2, shape).astype(bool)
+        return self._random.integers(0, 100, shape, dtype=dtype)
+
+
+_RUNNERS = {"torchscript": _TorchScriptRunner, "python": _PythonRunner,
+            "placeholder": _PlaceholderRunner}
+
+
+@contextlib.contextmanager
+def _private_imports(code_dir):
+    """Import from ``code_dir`` without seeing, or leaking into, this process's modules.
+
+    Two packages loaded in one process may both ship a top-level module named ``model``;
+    neither may get the other's. For the import, the package's top-level names leave
+    ``sys.modules`` and ``code_dir`` goes first on ``sys.path``; afterwards the modules
+    imported from it are dropped again (the model holds its own references, so model code
+    must import its modules at import time, not lazily) and the originals come back.
+    No bytecode is written: the package folder must stay exactly as its manifest says.
+    """
+    top_level = _top_level_names(code_dir)
+
+    def own(module_name):
+        return module_name.partition(".")[0] in top_level
+
+    shadowed = {name: sys.modules.pop(name) for name in list(sys.modules) if own(name)}
+    write_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True
+    sys.path.insert(0, code_dir)
+    importlib.invalidate_caches()
+    try:
+        yield
+    finally:
+        sys.path.remove(code_dir)
+        sys.dont_write_bytecode = write_bytecode
+        for name in [name for name in sys.modules if own(name)]:
+            del sys.modules[name]
+        sys.modules.update(shadowed)
+
+
+def _top_level_names(code_dir):
+    names = set()
+    for entry in os.listdir(code_dir):
+        stem = entry.partition(".")[0]
+        if os.path.isdir(os.path.join(code_dir, entry)) or entry.endswith((".py", ".so")):
+            names.add(stem)
+    return names
