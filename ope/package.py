@@ -51,14 +51,14 @@ _TEST_OUTPUTS = "test_data/outputs.npz"
 class Package:
     """Read-only view of a verified package on disk. Obtain one with :func:`read_package`."""
 
-    def __init__(self, path, config, files):
+    def __init__(self, path, config, inputs, outputs, files):
         self.path = path
-        self.config = config
+        self.config = config  # the raw config.json, already checked by _parse_specs
         self.files = files  # relative path -> sha256 hex digest, from the manifest
         self.name = config["name"]
         self.runner = config["runner"]
-        self.inputs = config["inputs"]
-        self.outputs = config["outputs"]
+        self.inputs = inputs
+        self.outputs = outputs
         self.requires = config["requires"]
 
     def __repr__(self):
@@ -118,7 +118,7 @@ def read_package(path):
     config = _read_json(path, _CONFIG)
     _check_format(path, config)
     files = _verify_manifest(path, _read_json(path, _MANIFEST))
-    return Package(path, _parse_config(path, config), files)
+    return Package(path, config, *_parse_specs(path, config), files)
 
 
 def _read_json(path, relative):
@@ -176,13 +176,13 @@ def _sha256(filename):
         return hashlib.file_digest(file, "sha256").hexdigest()
 
 
-def _parse_config(path, config):
-    """Turn the raw config into typed fields (specs as TensorSpec tuples); PackageError if a
-    field is missing or wrong."""
+def _parse_specs(path, config):
+    """Check every field of the config; return its (inputs, outputs) as TensorSpec tuples.
+    PackageError if a field is missing or wrong."""
     def fail(message):
         raise PackageError(f"package {path}: {_CONFIG}: {message}")
 
-    parsed = dict(config)
+    specs = {}
     if not isinstance(config.get("name"), str) or not config["name"]:
         fail("'name' must be a non-empty string")
     if config.get("runner") not in RUNNERS:
@@ -191,7 +191,7 @@ def _parse_config(path, config):
         for role in ("inputs", "outputs"):
             if not isinstance(config.get(role), list):
                 fail(f"'{role}' must be a list of tensor specs")
-            parsed[role] = as_specs((TensorSpec.from_dict(d) for d in config[role]), role[:-1])
+            specs[role] = as_specs((TensorSpec.from_dict(d) for d in config[role]), role[:-1])
     except SpecError as error:
         fail(str(error))
     requires = config.get("requires")
@@ -209,7 +209,7 @@ def _parse_config(path, config):
         if config.get("framework") not in FRAMEWORKS:
             fail(f"'framework' must be one of {', '.join(FRAMEWORKS)}, "
                  f"got {config.get('framework')!r}")
-    return parsed
+    return specs["inputs"], specs["outputs"]
 
 
 def _entrypoint_problem(entrypoint):

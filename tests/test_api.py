@@ -1,5 +1,8 @@
 """The Model handle through the public API: lifecycle, stats, empty/seal, mode selection."""
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 
@@ -43,11 +46,10 @@ def test_stats_count_calls_errors_and_latency(load_model, affine):
     stats = model.stats()
     assert stats["calls"] == 6 and stats["errors"] == 1
     assert 0 < stats["latency_p50_us"] <= stats["latency_p90_us"] <= stats["latency_p99_us"]
-    assert stats["bytes_copied_in"] == 0 or "bytes_copied_in" in stats
+    assert {"bytes_copied_in", "bytes_copied_out", "pid"} <= set(stats)
 
 
 def test_in_process_stats_and_health(affine):
-    import os
     with ope.load(affine.path, out_of_process=False) as model:
         assert model.stats()["pid"] == os.getpid()
         assert model.stats()["bytes_copied_out"] == 0
@@ -100,7 +102,6 @@ def test_worker_options_are_refused_in_process(affine):
 
 
 def test_model_is_usable_from_several_threads(load_model, affine):
-    from concurrent.futures import ThreadPoolExecutor
     model = load_model(affine.path)
     expected = model.infer(affine_inputs(4))["y"]
     with ThreadPoolExecutor(4) as pool:

@@ -9,6 +9,8 @@ import pytest
 from ope.cli import main
 from ope.demo import ACTIONS
 
+import models
+
 
 def test_inspect_shows_specs_requires_and_files(capsys, gated):
     assert main(["inspect", gated.path]) == 0
@@ -21,7 +23,6 @@ def test_inspect_shows_specs_requires_and_files(capsys, gated):
 
 
 def test_inspect_flags_unmet_requirements(capsys, tmp_path):
-    import models
     package = models.numpy_package(str(tmp_path), "def factory(d):\n    return dict\n",
                                    name="needy", inputs=[], outputs=[],
                                    requires={"numpy": "<1"})

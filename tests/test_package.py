@@ -1,6 +1,7 @@
 """Packages of every kind through the public API: build, self-check, load, infer; and
 every way a package can be broken, each refused with a typed error that says what is wrong."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -216,10 +217,9 @@ def copy_of(package, tmp_path):
 
 def rehash(path):
     """Rewrite the manifest to match the folder: models a hand-edited package."""
-    manifest = json.loads((path / "manifest.json").read_text())
-    from ope.package import _list_files, _sha256
-    manifest["files"] = {rel: _sha256(os.path.join(path, rel)) for rel in _list_files(str(path))}
-    (path / "manifest.json").write_text(json.dumps(manifest))
+    files = {str(file.relative_to(path)): hashlib.sha256(file.read_bytes()).hexdigest()
+             for file in path.rglob("*") if file.is_file() and file.name != "manifest.json"}
+    (path / "manifest.json").write_text(json.dumps({"algorithm": "sha256", "files": files}))
 
 
 def edit_config(path, **changes):
