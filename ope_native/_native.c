@@ -1,0 +1,862 @@
+/* ope_native: what Python cannot do for ope's shared-memory bridge.
+ *
+ * - Mapping: an mmap of a shared-memory segment whose lifetime is reference counted, so a
+ *   numpy array viewing it stays valid after its model is closed or its worker has died.
+ * - Block: a window of a Mapping exported through the buffer protocol. A Block cut from a
+ *   data ring gives its space back to the ring when the last view of it is dropped.
+ * - The data ring allocator and the message queue, whose byte layouts are described once, in
+ *   the docstrings of ope/ring.py and ope/channel.py. This file implements those layouts;
+ *   read the docstrings first.
+ * - Atomic loads/stores and futex wait/wake on shared words, with waits that spin briefly and
+ *   then block, the GIL released throughout.
+ *
+ * Every atomic operation names the operation in the other process it synchronises with.
+ * Offsets coming from Python are bounds-checked against the mapping before any access; data
+ * the other process wrote (sizes, states, lengths) is validated before it is trusted, and a
+ * violation raises ValueError (the host turns it into ope.ProtocolError), never a crash.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include <dirent.h>
+#include <errno.h>
+#include <limits.h>
+#include <poll.h>
+#include <sched.h>
+#include <pthread.h>
+#include <signal.h>
+#include <linux/futex.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define CPU_RELAX() _mm_pause()
+#elif defined(__aarch64__)
+#define CPU_RELAX() __asm__ __volatile__("yield")
+#else
+#define CPU_RELAX() ((void)0)
+#endif
+
+/* ---- layout constants (see ope/ring.py and ope/channel.py) ---------------------------- */
+
+#define LINE 64
+#define RING_MAGIC 0x31474E495245504FULL /* "OPERING1" */
+#define RING_HEADER LINE
+#define R_MAGIC 0
+#define R_AREA 8
+#define R_CURSOR 16
+#define R_USED 24
+#define R_HIGH 32
+#define R_ALLOCS 40
+#define BLOCK_HEADER LINE
+#define B_SIZE 0
+#define B_STATE 8
+#define BLOCK_FREE 0x45455246u /* "FREE" */
+#define BLOCK_USED 0x44455355u /* "USED" */
+
+#define QUEUE_MAGIC 0x3145555145504FULL /* "OPEQUE1" */
+#define Q_MAGIC 0
+#define Q_CAPACITY 8
+#define Q_HEAD 64
+#define Q_TAIL 128
+#define Q_DATA_BELL 192
+#define Q_CONSUMER_SLEEPING 196
+#define Q_SPACE_BELL 256
+#define Q_PRODUCER_SLEEPING 260
+#define Q_CLOSED 320
+#define Q_DATA 384
+#define RECORD_HEADER 8
+#define RECORD_WRAP 0xFFFFFFFFu
+
+static inline uint64_t round_up(uint64_t n, uint64_t to) { return (n + to - 1) / to * to; }
+
+static inline uint64_t *u64_at(char *base, uint64_t off) { return (uint64_t *)(base + off); }
+static inline uint32_t *u32_at(char *base, uint64_t off) { return (uint32_t *)(base + off); }
+
+static double monotonic_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* ---- futex --------------------------------------------------------------------------- */
+
+/* Shared (not PRIVATE) futex ops: the word lives in memory mapped by several processes. */
+static int futex_wait(uint32_t *word, uint32_t expected, double timeout_s) {
+    struct timespec ts, *tsp = NULL;
+    if (timeout_s >= 0) {
+        ts.tv_sec = (time_t)timeout_s;
+        ts.tv_nsec = (long)((timeout_s - (double)ts.tv_sec) * 1e9);
+        tsp = &ts;
+    }
+    return (int)syscall(SYS_futex, word, FUTEX_WAIT, expected, tsp, NULL, 0);
+}
+
+static void futex_wake(uint32_t *word) { syscall(SYS_futex, word, FUTEX_WAKE, INT_MAX, NULL, NULL, 0); }
+
+/* Rings `bell` after the caller published a change. Pairs with wait_for_change(): the
+ * seq_cst increment and the load of `sleeping` form a Dekker pair with the waiter's seq_cst
+ * store of `sleeping` and its re-check of the watched word, so a waiter either sees the change
+ * or is woken. */
+static void ring_bell(uint32_t *bell, uint32_t *sleeping) {
+    __atomic_add_fetch(bell, 1, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(sleeping, __ATOMIC_SEQ_CST))
+        futex_wake(bell);
+}
+
+enum wait_result { WAIT_CHANGED = 1, WAIT_TIMEOUT = 0, WAIT_CLOSED = -1, WAIT_ERROR = -2 };
+
+/* Waits until the u64 at `watch` differs from `expected`, `closed` becomes non-zero, or the
+ * deadline passes. Spins for `spin_s` first (a futex round trip costs tens of microseconds on
+ * a VM; spinning catches a quick answer), then sleeps on `bell`. Called with the GIL released;
+ * re-takes it only to deliver signals. Returns an enum wait_result. */
+static int wait_for_change(uint64_t *watch, uint64_t expected, uint32_t *closed, uint32_t *bell,
+                           uint32_t *sleeping, double spin_s, double timeout_s) {
+    double start = monotonic_now();
+    double deadline = timeout_s < 0 ? -1.0 : start + timeout_s;
+    double spin_until = start + spin_s;
+    unsigned n = 0;
+    for (;;) {
+        /* SYNC POINT with the producer's release store of head/tail (queue) or state. */
+        if (__atomic_load_n(watch, __ATOMIC_ACQUIRE) != expected) return WAIT_CHANGED;
+        if (__atomic_load_n(closed, __ATOMIC_ACQUIRE)) return WAIT_CLOSED;
+        CPU_RELAX();
+        if ((++n & 63) == 0) {
+            double now = monotonic_now();
+            if (deadline >= 0 && now >= deadline) return WAIT_TIMEOUT;
+            if (now >= spin_until) break;
+            /* Every ~16 µs: if the peer (or anyone) waits for this CPU, let it run. On an
+             * oversubscribed machine a plain spin would hold the CPU the answer needs. */
+            if ((n & 511) == 0) sched_yield();
+        }
+    }
+    for (;;) {
+        /* SYNC POINT with ring_bell(): seq_cst store of sleeping, then re-check. */
+        __atomic_store_n(sleeping, 1, __ATOMIC_SEQ_CST);
+        uint32_t seen = __atomic_load_n(bell, __ATOMIC_SEQ_CST);
+        int result = 2;
+        if (__atomic_load_n(watch, __ATOMIC_SEQ_CST) != expected) result = WAIT_CHANGED;
+        else if (__atomic_load_n(closed, __ATOMIC_SEQ_CST)) result = WAIT_CLOSED;
+        double remaining = -1.0;
+        if (result == 2 && deadline >= 0) {
+            remaining = deadline - monotonic_now();
+            if (remaining <= 0) result = WAIT_TIMEOUT;
+        }
+        if (result == 2 && futex_wait(bell, seen, remaining) != 0 && errno == EINTR) {
+            __atomic_store_n(sleeping, 0, __ATOMIC_SEQ_CST);
+            PyGILState_STATE g = PyGILState_Ensure();
+            int failed = PyErr_CheckSignals();
+            PyGILState_Release(g);
+            if (failed) return WAIT_ERROR;
+            continue;
+        }
+        __atomic_store_n(sleeping, 0, __ATOMIC_SEQ_CST);
+        if (result != 2) return result;
+    }
+}
+
+/* ---- Mapping ------------------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    char *base;
+    Py_ssize_t size;
+    PyObject *weakrefs;
+} MappingObject;
+
+static PyTypeObject MappingType;
+static PyTypeObject BlockType;
+
+static int mapping_init(MappingObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"fd", "size", "populate", NULL};
+    int fd, populate = 0;
+    Py_ssize_t size;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "in|p", kwlist, &fd, &size, &populate)) return -1;
+    if (self->base) {
+        PyErr_SetString(PyExc_RuntimeError, "Mapping already initialised");
+        return -1;
+    }
+    if (size <= 0) {
+        PyErr_SetString(PyExc_ValueError, "mapping size must be positive");
+        return -1;
+    }
+    int flags = MAP_SHARED | (populate ? MAP_POPULATE : 0);
+    void *p = mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE, flags, fd, 0);
+    if (p == MAP_FAILED) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    self->base = p;
+    self->size = size;
+    return 0;
+}
+
+static void mapping_dealloc(MappingObject *self) {
+    if (self->weakrefs) PyObject_ClearWeakRefs((PyObject *)self);
+    if (self->base) munmap(self->base, (size_t)self->size);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int mapping_getbuffer(MappingObject *self, Py_buffer *view, int flags) {
+    return PyBuffer_FillInfo(view, (PyObject *)self, self->base, self->size, 0, flags);
+}
+
+static PyBufferProcs mapping_as_buffer = {(getbufferproc)mapping_getbuffer, NULL};
+
+/* Checks that [off, off+len) lies inside the mapping and `off` is aligned to `align`. */
+static int check_range(MappingObject *m, long long off, long long len, int align) {
+    if (off < 0 || len < 0 || off > m->size || len > m->size - off || (off % align) != 0) {
+        PyErr_Format(PyExc_ValueError,
+                     "range [%lld, +%lld) (alignment %d) is outside the %zd-byte mapping", off, len,
+                     align, m->size);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *mapping_load32(MappingObject *self, PyObject *arg) {
+    long long off = PyLong_AsLongLong(arg);
+    if ((off == -1 && PyErr_Occurred()) || check_range(self, off, 4, 4)) return NULL;
+    /* SYNC POINT with a store32() in the other process. */
+    return PyLong_FromUnsignedLong(__atomic_load_n(u32_at(self->base, off), __ATOMIC_ACQUIRE));
+}
+
+static PyObject *mapping_store32(MappingObject *self, PyObject *args) {
+    long long off;
+    unsigned long value;
+    if (!PyArg_ParseTuple(args, "Lk", &off, &value) || check_range(self, off, 4, 4)) return NULL;
+    /* SYNC POINT with a load32() in the other process. */
+    __atomic_store_n(u32_at(self->base, off), (uint32_t)value, __ATOMIC_RELEASE);
+    Py_RETURN_NONE;
+}
+
+static PyObject *mapping_load64(MappingObject *self, PyObject *arg) {
+    long long off = PyLong_AsLongLong(arg);
+    if ((off == -1 && PyErr_Occurred()) || check_range(self, off, 8, 8)) return NULL;
+    /* SYNC POINT with a store64()/add64() in the other process. */
+    return PyLong_FromUnsignedLongLong(__atomic_load_n(u64_at(self->base, off), __ATOMIC_ACQUIRE));
+}
+
+static PyObject *mapping_store64(MappingObject *self, PyObject *args) {
+    long long off;
+    unsigned long long value;
+    if (!PyArg_ParseTuple(args, "LK", &off, &value) || check_range(self, off, 8, 8)) return NULL;
+    /* SYNC POINT with a load64() in the other process. */
+    __atomic_store_n(u64_at(self->base, off), (uint64_t)value, __ATOMIC_RELEASE);
+    Py_RETURN_NONE;
+}
+
+static PyObject *mapping_add64(MappingObject *self, PyObject *args) {
+    long long off, delta;
+    if (!PyArg_ParseTuple(args, "LL", &off, &delta) || check_range(self, off, 8, 8)) return NULL;
+    /* SYNC POINT with add64()/load64() of the same word in the other process. */
+    uint64_t v = __atomic_add_fetch(u64_at(self->base, off), (uint64_t)delta, __ATOMIC_ACQ_REL);
+    return PyLong_FromUnsignedLongLong(v);
+}
+
+static PyObject *mapping_add32(MappingObject *self, PyObject *args) {
+    long long off;
+    long delta;
+    if (!PyArg_ParseTuple(args, "Ll", &off, &delta) || check_range(self, off, 4, 4)) return NULL;
+    /* SYNC POINT with wait32() on the same word: seq_cst RMW before any wake32(). */
+    uint32_t v = __atomic_add_fetch(u32_at(self->base, off), (uint32_t)delta, __ATOMIC_SEQ_CST);
+    return PyLong_FromUnsignedLong(v);
+}
+
+static PyObject *mapping_wake32(MappingObject *self, PyObject *arg) {
+    long long off = PyLong_AsLongLong(arg);
+    if ((off == -1 && PyErr_Occurred()) || check_range(self, off, 4, 4)) return NULL;
+    futex_wake(u32_at(self->base, off));
+    Py_RETURN_NONE;
+}
+
+/* wait32(off, expected, timeout_s, spin_s=0) -> True if the word differs from `expected`
+ * on return, False on timeout. */
+static PyObject *mapping_wait32(MappingObject *self, PyObject *args) {
+    long long off;
+    unsigned long expected;
+    double timeout_s, spin_s = 0;
+    if (!PyArg_ParseTuple(args, "Lkd|d", &off, &expected, &timeout_s, &spin_s) ||
+        check_range(self, off, 4, 4))
+        return NULL;
+    uint32_t *word = u32_at(self->base, off);
+    int changed = 0, failed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    double start = monotonic_now();
+    double deadline = timeout_s < 0 ? -1 : start + timeout_s;
+    for (;;) {
+        /* SYNC POINT with add32()/store32() of the same word in the other process. */
+        if (__atomic_load_n(word, __ATOMIC_ACQUIRE) != (uint32_t)expected) { changed = 1; break; }
+        double now = monotonic_now();
+        if (now - start < spin_s) { CPU_RELAX(); continue; }
+        double remaining = deadline < 0 ? -1 : deadline - now;
+        if (deadline >= 0 && remaining <= 0) break;
+        if (futex_wait(word, (uint32_t)expected, remaining) != 0 && errno == EINTR) {
+            Py_BLOCK_THREADS
+            failed = PyErr_CheckSignals();
+            Py_UNBLOCK_THREADS
+            if (failed) break;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    if (failed) return NULL;
+    return PyBool_FromLong(changed);
+}
+
+/* ---- data ring (layout: ope/ring.py) ----------------------------------------------- */
+
+/* Checks that a ring header at `ring` is intact; returns the area size or 0 with an error. */
+static uint64_t ring_area(MappingObject *m, long long ring) {
+    if (check_range(m, ring, RING_HEADER, LINE)) return 0;
+    uint64_t area = *u64_at(m->base, ring + R_AREA);
+    if (*u64_at(m->base, ring + R_MAGIC) != RING_MAGIC || area == 0 || area % LINE ||
+        area > (uint64_t)(m->size - ring - RING_HEADER)) {
+        PyErr_Format(PyExc_ValueError, "no intact ring header at offset %lld", ring);
+        return 0;
+    }
+    return area;
+}
+
+static PyObject *mapping_ring_init(MappingObject *self, PyObject *args) {
+    long long ring, size;
+    if (!PyArg_ParseTuple(args, "LL", &ring, &size) || check_range(self, ring, size, LINE)) return NULL;
+    uint64_t area = (uint64_t)(size - RING_HEADER) / LINE * LINE;
+    if (size < RING_HEADER + 2 * BLOCK_HEADER) {
+        PyErr_SetString(PyExc_ValueError, "ring too small");
+        return NULL;
+    }
+    char *h = self->base + ring;
+    memset(h, 0, RING_HEADER);
+    *u64_at(h, R_AREA) = area;
+    char *first = h + RING_HEADER;
+    *u64_at(first, B_SIZE) = area;
+    *u32_at(first, B_STATE) = BLOCK_FREE;
+    /* SYNC POINT with ring_area()'s magic check in a process that maps the ring later. */
+    __atomic_store_n(u64_at(h, R_MAGIC), RING_MAGIC, __ATOMIC_RELEASE);
+    Py_RETURN_NONE;
+}
+
+/* Next-fit over blocks that tile the area: the ring's cursor moves forward allocating,
+ * blocks return out of order by flipping their state to FREE, and the allocator merges free
+ * neighbours as it passes them. Only the allocating process writes sizes and the cursor. */
+static long long ring_alloc(MappingObject *m, long long ring, uint64_t nbytes) {
+    uint64_t area = ring_area(m, ring);
+    if (!area) return -2;
+    char *h = m->base + ring, *a = h + RING_HEADER;
+    uint64_t need = BLOCK_HEADER + round_up(nbytes ? nbytes : 1, LINE);
+    if (need > area) return -1;
+    uint64_t pos = *u64_at(h, R_CURSOR), scanned = 0;
+    if (pos >= area || pos % LINE) pos = 0;
+    while (scanned < area + need) {
+        uint64_t size = *u64_at(a + pos, B_SIZE);
+        if (size == 0 || size % LINE || size > area - pos) {
+            PyErr_Format(PyExc_ValueError, "ring block at %llu has a corrupt size %llu",
+                         (unsigned long long)pos, (unsigned long long)size);
+            return -2;
+        }
+        /* SYNC POINT with the release store of BLOCK_FREE in ring_release() (other process). */
+        uint32_t state = __atomic_load_n(u32_at(a + pos, B_STATE), __ATOMIC_ACQUIRE);
+        if (state == BLOCK_FREE) {
+            while (size < need && pos + size < area &&
+                   __atomic_load_n(u32_at(a + pos + size, B_STATE), __ATOMIC_ACQUIRE) == BLOCK_FREE)
+                size += *u64_at(a + pos + size, B_SIZE);
+            *u64_at(a + pos, B_SIZE) = size;
+            if (size >= need) {
+                if (size - need >= 2 * BLOCK_HEADER) {
+                    *u64_at(a + pos + need, B_SIZE) = size - need;
+                    *u32_at(a + pos + need, B_STATE) = BLOCK_FREE;
+                    *u64_at(a + pos, B_SIZE) = size = need;
+                }
+                /* SYNC POINT with the acquire load of state in ring_release()'s caller. */
+                __atomic_store_n(u32_at(a + pos, B_STATE), BLOCK_USED, __ATOMIC_RELEASE);
+                /* SYNC POINT with the subtraction in ring_release(), maybe another process. */
+                uint64_t used = __atomic_add_fetch(u64_at(h, R_USED), size, __ATOMIC_ACQ_REL);
+                if (used > *u64_at(h, R_HIGH)) *u64_at(h, R_HIGH) = used;
+                *u64_at(h, R_ALLOCS) += 1;
+                *u64_at(h, R_CURSOR) = (pos + size) % area;
+                return ring + RING_HEADER + (long long)pos + BLOCK_HEADER;
+            }
+        } else if (state != BLOCK_USED) {
+            PyErr_Format(PyExc_ValueError, "ring block at %llu has a corrupt state 0x%x",
+                         (unsigned long long)pos, state);
+            return -2;
+        }
+        scanned += size;
+        pos = (pos + size) % area;
+    }
+    return -1;
+}
+
+/* Gives a block back; `payload` is the offset ring_alloc() returned. May run in either
+ * process. Validates the offset so that a lying peer cannot direct the write outside the
+ * ring; returns 0, or -1 with ValueError set. */
+static int ring_release(MappingObject *m, long long ring, long long payload) {
+    uint64_t area = ring_area(m, ring);
+    if (!area) return -1;
+    long long start = ring + RING_HEADER;
+    long long hdr = payload - BLOCK_HEADER;
+    if (hdr < start || hdr >= start + (long long)area || (hdr - start) % LINE) {
+        PyErr_Format(PyExc_ValueError, "offset %lld is not a block of the ring at %lld", payload, ring);
+        return -1;
+    }
+    char *b = m->base + hdr;
+    uint32_t expected = BLOCK_USED;
+    /* SYNC POINT with the release store of BLOCK_USED in ring_alloc(); the CAS makes a second
+     * release of the same block (a peer's bug) a detected error instead of double counting. */
+    if (!__atomic_compare_exchange_n(u32_at(b, B_STATE), &expected, BLOCK_FREE, 0,
+                                     __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+        PyErr_Format(PyExc_ValueError, "ring block at offset %lld is not in use", payload);
+        return -1;
+    }
+    uint64_t size = *u64_at(b, B_SIZE);
+    /* SYNC POINT with the addition in ring_alloc() (maybe another process). */
+    __atomic_sub_fetch(u64_at(m->base, ring + R_USED), size, __ATOMIC_ACQ_REL);
+    return 0;
+}
+
+static PyObject *mapping_ring_alloc(MappingObject *self, PyObject *args) {
+    long long ring, nbytes;
+    if (!PyArg_ParseTuple(args, "LL", &ring, &nbytes)) return NULL;
+    if (nbytes < 0) {
+        PyErr_SetString(PyExc_ValueError, "nbytes must be >= 0");
+        return NULL;
+    }
+    long long off = ring_alloc(self, ring, (uint64_t)nbytes);
+    if (off == -2) return NULL;
+    return PyLong_FromLongLong(off);
+}
+
+static PyObject *mapping_ring_release(MappingObject *self, PyObject *args) {
+    long long ring, payload;
+    if (!PyArg_ParseTuple(args, "LL", &ring, &payload) || ring_release(self, ring, payload)) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* ---- message queue (layout: ope/channel.py) --------------------------------------------- */
+
+typedef struct {
+    char *hdr, *data;
+    uint64_t capacity;
+} Queue;
+
+static int queue_open(MappingObject *m, long long q, Queue *out) {
+    if (check_range(m, q, Q_DATA, LINE)) return -1;
+    char *h = m->base + q;
+    uint64_t cap = *u64_at(h, Q_CAPACITY);
+    if (*u64_at(h, Q_MAGIC) != QUEUE_MAGIC || cap == 0 || cap % 8 ||
+        cap > (uint64_t)(m->size - q - Q_DATA)) {
+        PyErr_Format(PyExc_ValueError, "no intact queue header at offset %lld", q);
+        return -1;
+    }
+    out->hdr = h;
+    out->data = h + Q_DATA;
+    out->capacity = cap;
+    return 0;
+}
+
+static PyObject *mapping_queue_init(MappingObject *self, PyObject *args) {
+    long long q, size;
+    if (!PyArg_ParseTuple(args, "LL", &q, &size) || check_range(self, q, size, LINE)) return NULL;
+    if (size < Q_DATA + 64) {
+        PyErr_SetString(PyExc_ValueError, "queue too small");
+        return NULL;
+    }
+    char *h = self->base + q;
+    memset(h, 0, Q_DATA);
+    *u64_at(h, Q_CAPACITY) = (uint64_t)(size - Q_DATA) / 8 * 8;
+    /* SYNC POINT with queue_open()'s magic check in the process that attaches later. */
+    __atomic_store_n(u64_at(h, Q_MAGIC), QUEUE_MAGIC, __ATOMIC_RELEASE);
+    Py_RETURN_NONE;
+}
+
+/* push(q, data, timeout_s, spin_s) -> True once queued, False if the queue is closed or stayed
+ * full until the timeout. */
+static PyObject *mapping_queue_push(MappingObject *self, PyObject *args) {
+    long long q;
+    Py_buffer msg;
+    double timeout_s, spin_s;
+    if (!PyArg_ParseTuple(args, "Ly*dd", &q, &msg, &timeout_s, &spin_s)) return NULL;
+    Queue Q;
+    PyObject *result = NULL;
+    if (queue_open(self, q, &Q)) goto done;
+    uint64_t rec = RECORD_HEADER + round_up((uint64_t)msg.len, 8);
+    if ((uint64_t)msg.len >= RECORD_WRAP || rec > Q.capacity / 2) {
+        PyErr_Format(PyExc_OverflowError, "message of %zd bytes exceeds the control queue (%llu bytes)",
+                     msg.len, (unsigned long long)Q.capacity);
+        goto done;
+    }
+    uint64_t *head = u64_at(Q.hdr, Q_HEAD), *tail = u64_at(Q.hdr, Q_TAIL);
+    uint64_t h = *head; /* only this process writes head */
+    int status = WAIT_CHANGED;
+    for (;;) {
+        /* SYNC POINT with the consumer's release store of tail in queue_pop(). */
+        uint64_t t = __atomic_load_n(tail, __ATOMIC_ACQUIRE);
+        uint64_t idx = h % Q.capacity, pad = idx + rec > Q.capacity ? Q.capacity - idx : 0;
+        if (__atomic_load_n(u32_at(Q.hdr, Q_CLOSED), __ATOMIC_ACQUIRE)) { status = WAIT_CLOSED; break; }
+        if (h - t > Q.capacity) {
+            PyErr_SetString(PyExc_ValueError, "queue tail is ahead of head: corrupt queue");
+            goto done;
+        }
+        if (Q.capacity - (h - t) >= pad + rec) {
+            if (pad) {
+                *u32_at(Q.data, idx) = RECORD_WRAP;
+                h += pad;
+                idx = 0;
+            }
+            *u32_at(Q.data, idx) = (uint32_t)msg.len;
+            memcpy(Q.data + idx + RECORD_HEADER, msg.buf, (size_t)msg.len);
+            /* SYNC POINT with the acquire load of head in queue_pop()/wait_for_change(). */
+            __atomic_store_n(head, h + rec, __ATOMIC_RELEASE);
+            ring_bell(u32_at(Q.hdr, Q_DATA_BELL), u32_at(Q.hdr, Q_CONSUMER_SLEEPING));
+            break;
+        }
+        Py_BEGIN_ALLOW_THREADS
+        status = wait_for_change(tail, t, u32_at(Q.hdr, Q_CLOSED), u32_at(Q.hdr, Q_SPACE_BELL),
+                                 u32_at(Q.hdr, Q_PRODUCER_SLEEPING), spin_s, timeout_s);
+        Py_END_ALLOW_THREADS
+        if (status != WAIT_CHANGED) break;
+    }
+    if (status == WAIT_ERROR) goto done;
+    result = PyBool_FromLong(status == WAIT_CHANGED);
+done:
+    PyBuffer_Release(&msg);
+    return result;
+}
+
+/* pop(q, timeout_s, spin_s) -> bytes, or None if nothing came before the timeout or the
+ * queue was closed with nothing left in it. */
+static PyObject *mapping_queue_pop(MappingObject *self, PyObject *args) {
+    long long q;
+    double timeout_s, spin_s;
+    if (!PyArg_ParseTuple(args, "Ldd", &q, &timeout_s, &spin_s)) return NULL;
+    Queue Q;
+    if (queue_open(self, q, &Q)) return NULL;
+    uint64_t *head = u64_at(Q.hdr, Q_HEAD), *tail = u64_at(Q.hdr, Q_TAIL);
+    uint64_t t = *tail; /* only this process writes tail */
+    for (;;) {
+        /* SYNC POINT with the producer's release store of head in queue_push(). */
+        uint64_t h = __atomic_load_n(head, __ATOMIC_ACQUIRE);
+        if (h == t) {
+            int status;
+            Py_BEGIN_ALLOW_THREADS
+            status = wait_for_change(head, t, u32_at(Q.hdr, Q_CLOSED), u32_at(Q.hdr, Q_DATA_BELL),
+                                     u32_at(Q.hdr, Q_CONSUMER_SLEEPING), spin_s, timeout_s);
+            Py_END_ALLOW_THREADS
+            if (status == WAIT_ERROR) return NULL;
+            if (status != WAIT_CHANGED) Py_RETURN_NONE;
+            continue;
+        }
+        uint64_t avail = h - t, idx = t % Q.capacity;
+        if (avail > Q.capacity || avail < RECORD_HEADER) {
+            PyErr_SetString(PyExc_ValueError, "queue head/tail out of range: corrupt queue");
+            return NULL;
+        }
+        uint32_t len = *u32_at(Q.data, idx);
+        if (len == RECORD_WRAP) {
+            uint64_t skip = Q.capacity - idx;
+            if (skip > avail) {
+                PyErr_SetString(PyExc_ValueError, "queue wrap marker past head: corrupt queue");
+                return NULL;
+            }
+            t += skip;
+            continue;
+        }
+        uint64_t rec = RECORD_HEADER + round_up(len, 8);
+        if (rec > avail || idx + rec > Q.capacity) {
+            PyErr_Format(PyExc_ValueError, "queue record of %u bytes overruns the queue: corrupt queue", len);
+            return NULL;
+        }
+        PyObject *out = PyBytes_FromStringAndSize(Q.data + idx + RECORD_HEADER, len);
+        if (!out) return NULL;
+        /* SYNC POINT with the acquire load of tail in queue_push(). */
+        __atomic_store_n(tail, t + rec, __ATOMIC_RELEASE);
+        ring_bell(u32_at(Q.hdr, Q_SPACE_BELL), u32_at(Q.hdr, Q_PRODUCER_SLEEPING));
+        return out;
+    }
+}
+
+/* close(q): marks the queue closed and wakes both ends, whichever process calls it. */
+static PyObject *mapping_queue_close(MappingObject *self, PyObject *arg) {
+    long long q = PyLong_AsLongLong(arg);
+    Queue Q;
+    if ((q == -1 && PyErr_Occurred()) || queue_open(self, q, &Q)) return NULL;
+    /* SYNC POINT with the acquire loads of closed in wait_for_change() and queue_push(). */
+    __atomic_store_n(u32_at(Q.hdr, Q_CLOSED), 1, __ATOMIC_SEQ_CST);
+    ring_bell(u32_at(Q.hdr, Q_DATA_BELL), u32_at(Q.hdr, Q_CONSUMER_SLEEPING));
+    ring_bell(u32_at(Q.hdr, Q_SPACE_BELL), u32_at(Q.hdr, Q_PRODUCER_SLEEPING));
+    Py_RETURN_NONE;
+}
+
+/* ---- Block --------------------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    MappingObject *mapping;
+    Py_ssize_t offset, nbytes;
+    long long ring; /* ring header offset, or -1: the block is not returned to a ring */
+    int sealed;
+    PyObject *weakrefs;
+} BlockObject;
+
+/* mapping.block(offset, nbytes, ring=-1, release=True, sealed=False) -> Block viewing
+ * [offset, offset+nbytes). With a ring, the range must be a payload of that ring, and unless
+ * release is False the block is given back to the ring when the Block is deallocated. */
+static PyObject *mapping_block(MappingObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"offset", "nbytes", "ring", "release", "sealed", NULL};
+    long long off, nbytes, ring = -1;
+    int release = 1, sealed = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "LL|Lpp", kwlist, &off, &nbytes, &ring, &release,
+                                     &sealed) ||
+        check_range(self, off, nbytes, 1))
+        return NULL;
+    if (ring >= 0) {
+        /* The payload must be where ring_alloc() could have put one, so that giving it back
+         * touches that ring's block header and nothing else. */
+        uint64_t area = ring_area(self, ring);
+        if (!area) return NULL;
+        long long rel = off - ring - RING_HEADER - BLOCK_HEADER;
+        if (rel < 0 || rel % LINE || (uint64_t)(rel + BLOCK_HEADER + nbytes) > area) {
+            PyErr_Format(PyExc_ValueError, "[%lld, +%lld) is not a payload of the ring at %lld", off,
+                         nbytes, ring);
+            return NULL;
+        }
+    }
+    BlockObject *b = PyObject_New(BlockObject, &BlockType);
+    if (!b) return NULL;
+    Py_INCREF(self);
+    b->mapping = self;
+    b->offset = off;
+    b->nbytes = nbytes;
+    b->ring = release ? ring : -1;
+    b->sealed = sealed;
+    b->weakrefs = NULL;
+    return (PyObject *)b;
+}
+
+static void block_dealloc(BlockObject *self) {
+    if (self->weakrefs) PyObject_ClearWeakRefs((PyObject *)self);
+    if (self->ring >= 0) {
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        /* A peer that corrupted its own ring makes this fail; the space is lost, nothing else. */
+        if (ring_release(self->mapping, self->ring, self->offset)) PyErr_Clear();
+        PyErr_Restore(type, value, tb);
+    }
+    Py_DECREF(self->mapping);
+    PyObject_Free(self);
+}
+
+static int block_getbuffer(BlockObject *self, Py_buffer *view, int flags) {
+    if (self->sealed && (flags & PyBUF_WRITABLE)) {
+        PyErr_SetString(PyExc_BufferError, "block is sealed (read-only)");
+        view->obj = NULL;
+        return -1;
+    }
+    return PyBuffer_FillInfo(view, (PyObject *)self, self->mapping->base + self->offset,
+                             self->nbytes, self->sealed, flags);
+}
+
+static PyBufferProcs block_as_buffer = {(getbufferproc)block_getbuffer, NULL};
+
+static PyObject *block_seal(BlockObject *self, PyObject *unused) {
+    self->sealed = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *block_get_sealed(BlockObject *self, void *c) { return PyBool_FromLong(self->sealed); }
+static PyObject *block_get_mapping(BlockObject *self, void *c) { return Py_NewRef(self->mapping); }
+static PyObject *block_get_address(BlockObject *self, void *c) {
+    return PyLong_FromVoidPtr(self->mapping->base + self->offset);
+}
+
+static PyMemberDef block_members[] = {
+    {"offset", T_PYSSIZET, offsetof(BlockObject, offset), READONLY, "offset in the mapping"},
+    {"nbytes", T_PYSSIZET, offsetof(BlockObject, nbytes), READONLY, "size in bytes"},
+    {"ring", T_LONGLONG, offsetof(BlockObject, ring), READONLY, "owning ring header offset or -1"},
+    {NULL}};
+
+static PyGetSetDef block_getset[] = {
+    {"sealed", (getter)block_get_sealed, NULL, "True once seal() was called", NULL},
+    {"mapping", (getter)block_get_mapping, NULL, "the Mapping this block views", NULL},
+    {"address", (getter)block_get_address, NULL, "address of the first byte in this process", NULL},
+    {NULL}};
+
+static PyMethodDef block_methods[] = {
+    {"seal", (PyCFunction)block_seal, METH_NOARGS, "Refuse writable views from now on."},
+    {NULL}};
+
+static PyTypeObject BlockType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "ope_native.Block",
+    .tp_basicsize = sizeof(BlockObject),
+    .tp_dealloc = (destructor)block_dealloc,
+    .tp_as_buffer = &block_as_buffer,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A window of a Mapping; returns its space to its ring when deallocated.",
+    .tp_weaklistoffset = offsetof(BlockObject, weakrefs),
+    .tp_members = block_members,
+    .tp_getset = block_getset,
+    .tp_methods = block_methods,
+};
+
+/* ---- Mapping type ---------------------------------------------------------------------- */
+
+static PyObject *mapping_get_address(MappingObject *self, void *c) { return PyLong_FromVoidPtr(self->base); }
+
+static PyMemberDef mapping_members[] = {
+    {"size", T_PYSSIZET, offsetof(MappingObject, size), READONLY, "size in bytes"}, {NULL}};
+
+static PyGetSetDef mapping_getset[] = {
+    {"address", (getter)mapping_get_address, NULL, "base address in this process", NULL}, {NULL}};
+
+static PyMethodDef mapping_methods[] = {
+    {"load32", (PyCFunction)mapping_load32, METH_O, "load32(off): acquire load of a u32."},
+    {"store32", (PyCFunction)mapping_store32, METH_VARARGS, "store32(off, v): release store of a u32."},
+    {"load64", (PyCFunction)mapping_load64, METH_O, "load64(off): acquire load of a u64."},
+    {"store64", (PyCFunction)mapping_store64, METH_VARARGS, "store64(off, v): release store of a u64."},
+    {"add64", (PyCFunction)mapping_add64, METH_VARARGS, "add64(off, d): atomic add, returns new value."},
+    {"add32", (PyCFunction)mapping_add32, METH_VARARGS, "add32(off, d): seq_cst add, returns new value."},
+    {"wake32", (PyCFunction)mapping_wake32, METH_O, "wake32(off): futex-wake all waiters on a u32."},
+    {"wait32", (PyCFunction)mapping_wait32, METH_VARARGS,
+     "wait32(off, expected, timeout_s, spin_s=0) -> changed: spin, then futex-wait."},
+    {"ring_init", (PyCFunction)mapping_ring_init, METH_VARARGS, "ring_init(off, size)"},
+    {"ring_alloc", (PyCFunction)mapping_ring_alloc, METH_VARARGS,
+     "ring_alloc(ring, nbytes) -> payload offset, or -1 when full."},
+    {"ring_release", (PyCFunction)mapping_ring_release, METH_VARARGS, "ring_release(ring, payload)"},
+    {"queue_init", (PyCFunction)mapping_queue_init, METH_VARARGS, "queue_init(off, size)"},
+    {"queue_push", (PyCFunction)mapping_queue_push, METH_VARARGS,
+     "queue_push(q, data, timeout_s, spin_s) -> queued"},
+    {"queue_pop", (PyCFunction)mapping_queue_pop, METH_VARARGS,
+     "queue_pop(q, timeout_s, spin_s) -> bytes or None"},
+    {"queue_close", (PyCFunction)mapping_queue_close, METH_O, "queue_close(q)"},
+    {"block", (PyCFunction)(void (*)(void))mapping_block, METH_VARARGS | METH_KEYWORDS,
+     "block(offset, nbytes, ring=-1, release=True, sealed=False) -> Block"},
+    {NULL}};
+
+static PyTypeObject MappingType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "ope_native.Mapping",
+    .tp_basicsize = sizeof(MappingObject),
+    .tp_dealloc = (destructor)mapping_dealloc,
+    .tp_as_buffer = &mapping_as_buffer,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Mapping(fd, size, populate=False): a shared mapping, unmapped when unreferenced.",
+    .tp_weaklistoffset = offsetof(MappingObject, weakrefs),
+    .tp_methods = mapping_methods,
+    .tp_members = mapping_members,
+    .tp_getset = mapping_getset,
+    .tp_init = (initproc)mapping_init,
+    .tp_new = PyType_GenericNew,
+};
+
+/* ---- module ------------------------------------------------------------------------------ */
+
+/* The worker's guarantee that it never outlives its host, whatever its model is doing: a
+ * plain pthread (no GIL, so a model stuck in C code holding the GIL cannot delay it) sleeps on
+ * a pidfd of the parent; when the parent is gone it removes the host's arena segments (the
+ * host can no longer do it) and SIGKILLs its own process. getppid() is checked as well, for
+ * kernels without pidfd. PR_SET_PDEATHSIG is not used: it fires when the parent *thread*
+ * exits, and hosts start workers from whichever thread makes the call. */
+typedef struct {
+    pid_t parent;
+    char prefix[200];
+} ParentWatch;
+
+static void unlink_segments(const char *prefix) {
+    DIR *dir = opendir("/dev/shm");
+    if (!dir) return;
+    size_t n = strlen(prefix);
+    char path[512];
+    struct dirent *e;
+    while ((e = readdir(dir)) != NULL) {
+        if (strncmp(e->d_name, prefix, n) == 0 && e->d_name[n] == '-') {
+            snprintf(path, sizeof path, "/dev/shm/%s", e->d_name);
+            unlink(path);
+        }
+    }
+    closedir(dir);
+}
+
+static void *parent_watch(void *arg) {
+    ParentWatch *w = arg;
+    int pidfd = (int)syscall(SYS_pidfd_open, w->parent, 0);
+    for (;;) {
+        if (getppid() != w->parent) break;
+        if (pidfd >= 0) {
+            struct pollfd p = {pidfd, POLLIN, 0};
+            if (poll(&p, 1, 100) > 0) break;
+        } else {
+            usleep(100000);
+        }
+    }
+    if (w->prefix[0]) unlink_segments(w->prefix);
+    kill(getpid(), SIGKILL);
+    return NULL;
+}
+
+/* exit_with_parent(pid, prefix): see parent_watch(). */
+static PyObject *exit_with_parent(PyObject *m, PyObject *args) {
+    long parent;
+    const char *prefix;
+    if (!PyArg_ParseTuple(args, "ls", &parent, &prefix)) return NULL;
+    if (strlen(prefix) >= sizeof(((ParentWatch *)0)->prefix) || strncmp(prefix, "ope-", 4) != 0) {
+        PyErr_SetString(PyExc_ValueError, "prefix must start with 'ope-' and be under 200 bytes");
+        return NULL;
+    }
+    if (getppid() != (pid_t)parent) {
+        PyErr_Format(PyExc_RuntimeError, "parent %ld is already gone", parent);
+        return NULL;
+    }
+    ParentWatch *w = PyMem_RawMalloc(sizeof *w); /* lives as long as the process */
+    if (!w) return PyErr_NoMemory();
+    w->parent = (pid_t)parent;
+    strcpy(w->prefix, prefix);
+    pthread_t t;
+    int err = pthread_create(&t, NULL, parent_watch, w);
+    if (err) {
+        PyMem_RawFree(w);
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    pthread_detach(t);
+    Py_RETURN_NONE;
+}
+
+/* address_of(obj) -> address of the first byte of a contiguous buffer. numpy offers this only
+ * through __array_interface__, which builds a dict on every call (~3 µs on the call path). */
+static PyObject *address_of(PyObject *m, PyObject *obj) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(obj, &view, PyBUF_ANY_CONTIGUOUS) < 0) return NULL;
+    PyObject *result = PyLong_FromVoidPtr(view.buf);
+    PyBuffer_Release(&view);
+    return result;
+}
+
+static PyMethodDef module_methods[] = {
+    {"address_of", address_of, METH_O, "address_of(obj): address of a contiguous buffer's data."},
+    {"exit_with_parent", exit_with_parent, METH_VARARGS,
+     "exit_with_parent(pid, prefix): when parent `pid` is gone, unlink /dev/shm/<prefix>-* and SIGKILL this process."},
+    {NULL}};
+
+static struct PyModuleDef native_module = {
+    PyModuleDef_HEAD_INIT, "ope_native._native", "Native core of ope's shared-memory bridge.", -1,
+    module_methods};
+
+PyMODINIT_FUNC PyInit__native(void) {
+    if (PyType_Ready(&MappingType) < 0 || PyType_Ready(&BlockType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&native_module);
+    if (!m) return NULL;
+    if (PyModule_AddObjectRef(m, "Mapping", (PyObject *)&MappingType) ||
+        PyModule_AddObjectRef(m, "Block", (PyObject *)&BlockType) ||
+        PyModule_AddIntConstant(m, "LINE", LINE) ||
+        PyModule_AddIntConstant(m, "RING_HEADER", RING_HEADER) ||
+        PyModule_AddIntConstant(m, "BLOCK_HEADER", BLOCK_HEADER) ||
+        PyModule_AddIntConstant(m, "QUEUE_HEADER", Q_DATA)) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
