@@ -1,0 +1,303 @@
+"""A worker's shared-memory arena: the segments that carry its messages and tensors.
+
+Segments are POSIX shared memory named ``ope-<host pid>-<token>-<id>``, created exclusively and
+owner-only (0600), sized up front with fallocate so that running out of /dev/shm is a clean
+``ArenaFull`` rather than a SIGBUS on first touch. The owner pid in the name lets ``ope gc``
+(and every host's start-up) remove segments whose host died; a worker's parent watchdog
+(ope_native.exit_with_parent) removes its host's segments if the host dies first.
+
+Segment 0 is created by the host and outlives worker restarts::
+
+       0  u64 magic   "OPEARENA"
+       8  u32 layout  version of this layout
+      16  u64 size    of the segment
+      24  u64 offset of the host-to-worker queue     (layout: ope/channel.py)
+      32  u64 offset of the worker-to-host queue
+      40  u64 offset of the host-to-worker data ring (layout: ope/ring.py)
+    4096  the two queues, then the ring
+
+Every other segment holds one data ring at offset 64 after the same magic, layout and size.
+Each side allocates only from its own rings: the host from segment 0's ring and the odd ids it
+adds, the worker from the even ids it adds (``first_id`` + 2k, so a restarted worker never
+reuses an id whose blocks the caller may still hold). A side that runs out grows by a new
+segment at least as large as everything it owns, up to ``max_bytes``; past that, ArenaFull.
+
+Tensor descriptors name (segment id, payload offset, nbytes). A side maps the other side's
+segment by name when a descriptor first names it, and checks every descriptor against that
+ring's bounds before creating a view, so a lying peer can make it neither read nor write
+outside the arena.
+"""
+
+import os
+import re
+import secrets
+import struct
+
+import posix_ipc
+import psutil
+
+import ope_native
+from ope.channel import QUEUE_HEADER, Channel
+from ope.errors import ArenaFull, ProtocolError
+from ope.ring import RING_HEADER, Ring, block_size
+
+__all__ = ["Arena", "gc_segments", "segment_names", "SHM_DIR"]
+
+SHM_DIR = "/dev/shm"
+_MAGIC = 0x414E455241455045  # "OPEARENA"
+_LAYOUT = 1
+_HEADER = struct.Struct("<QI4xQQQQ")  # magic, layout, size, three offsets
+_PAGE = 4096
+_NAME = re.compile(r"^ope-(\d+)-([0-9a-f]+)-(\d+)$")
+_MIB = 1 << 20
+
+
+def _round_page(n):
+    return -(-n // _PAGE) * _PAGE
+
+
+def _create_segment(name, size):
+    """Create, size and map a new owner-only segment; on any failure nothing is left behind."""
+    try:
+        shm = posix_ipc.SharedMemory("/" + name, posix_ipc.O_CREX, mode=0o600)
+    except posix_ipc.ExistentialError as exc:
+        raise ArenaFull(f"shared-memory segment {name} already exists: {exc}") from None
+    try:
+        try:
+            os.posix_fallocate(shm.fd, 0, size)
+        except OSError as exc:
+            raise ArenaFull(f"cannot reserve {size >> 20} MiB of shared memory for {name}: {exc}") from None
+        return ope_native.Mapping(shm.fd, size, populate=True)
+    except BaseException:
+        shm.unlink()
+        raise
+    finally:
+        shm.close_fd()
+
+
+def _open_segment(name):
+    try:
+        shm = posix_ipc.SharedMemory("/" + name)
+    except posix_ipc.ExistentialError:
+        raise ProtocolError(f"peer named segment {name}, which does not exist") from None
+    try:
+        return ope_native.Mapping(shm.fd, shm.size, populate=True)
+    finally:
+        shm.close_fd()
+
+
+def _check_header(mapping, name):
+    if mapping.size < _HEADER.size:
+        raise ProtocolError(f"segment {name} is too small to be an ope segment")
+    magic, layout, size, *offsets = _HEADER.unpack_from(mapping, 0)
+    if magic != _MAGIC or layout != _LAYOUT or size != mapping.size:
+        raise ProtocolError(f"segment {name} has no valid ope header (layout {layout})")
+    return offsets
+
+
+def _worker_owned(seg_id):
+    return seg_id > 0 and seg_id % 2 == 0
+
+
+def segment_names(prefix):
+    """Names in /dev/shm that belong to the arena ``prefix``."""
+    try:
+        return sorted(n for n in os.listdir(SHM_DIR) if n.startswith(prefix + "-"))
+    except FileNotFoundError:
+        return []
+
+
+def _unlink(name):
+    try:
+        posix_ipc.unlink_shared_memory("/" + name)
+    except posix_ipc.ExistentialError:
+        pass
+
+
+def gc_segments():
+    """Remove segments whose owning host process is gone; returns the names removed."""
+    removed = []
+    for name in segment_names("ope"):
+        match = _NAME.match(name)
+        if match and not psutil.pid_exists(int(match.group(1))):
+            _unlink(name)
+            removed.append(name)
+    return removed
+
+
+class _Segment:
+    __slots__ = ("mapping", "ring")
+
+    def __init__(self, mapping, ring):
+        self.mapping = mapping
+        self.ring = ring
+
+
+class Arena:
+    """The segments of one worker's arena, as seen from one side.
+
+    ``host`` is True on the host side. Use :meth:`create` (host) and :meth:`attach` (worker).
+    """
+
+    def __init__(self, prefix, host, max_bytes, next_id):
+        self.prefix = prefix
+        self.host = host
+        self.max_bytes = max_bytes
+        self._next_id = next_id
+        self._segments = {}
+        self._ids = {}
+        self._own = []
+        self._own_bytes = 0
+        self._queues = None
+        self.channel = None
+
+    # -- set-up -------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, *, queue_bytes=256 * 1024, ring_bytes=4 * _MIB, max_bytes=4096 * _MIB):
+        """Host side: a new arena with segment 0 laid out and its channel ready."""
+        arena = cls(f"ope-{os.getpid()}-{secrets.token_hex(4)}", True, max_bytes, next_id=1)
+        queue_bytes = _round_page(queue_bytes)
+        h2w_q, w2h_q, ring = _PAGE, _PAGE + queue_bytes, _PAGE + 2 * queue_bytes
+        size = ring + _round_page(ring_bytes)
+        mapping = _create_segment(arena.name_of(0), size)
+        _HEADER.pack_into(mapping, 0, _MAGIC, _LAYOUT, size, h2w_q, w2h_q, ring)
+        arena._queues = (h2w_q, w2h_q, queue_bytes)
+        arena.reset_channel(mapping)
+        arena._add(0, mapping, Ring(mapping, ring, size - ring), own=True)
+        return arena
+
+    @classmethod
+    def attach(cls, prefix, first_id, max_bytes=4096 * _MIB):
+        """Worker side: map segment 0 of the arena ``prefix``; new segments start at ``first_id``."""
+        arena = cls(prefix, False, max_bytes, next_id=first_id)
+        mapping = _open_segment(arena.name_of(0))
+        h2w_q, w2h_q, ring = _check_header(mapping, arena.name_of(0))
+        arena.channel = Channel(mapping, out_q=w2h_q, in_q=h2w_q)
+        arena._add(0, mapping, Ring(mapping, ring))
+        return arena
+
+    def reset_channel(self, mapping=None):
+        """Host side: empty both queues (for a new worker) and return the host's channel."""
+        mapping = mapping or self._segments[0].mapping
+        h2w_q, w2h_q, size = self._queues
+        Channel.init_queue(mapping, h2w_q, size)
+        Channel.init_queue(mapping, w2h_q, size)
+        self.channel = Channel(mapping, out_q=h2w_q, in_q=w2h_q)
+        return self.channel
+
+    def name_of(self, seg_id):
+        return f"{self.prefix}-{seg_id}"
+
+    def _add(self, seg_id, mapping, ring, own=False):
+        self._segments[seg_id] = _Segment(mapping, ring)
+        self._ids[mapping] = seg_id
+        if own:
+            self._own.append(seg_id)
+            self._own_bytes += mapping.size
+
+    # -- allocation from our own rings --------------------------------------------------
+
+    def alloc(self, nbytes):
+        """(segment id, payload offset, ring) of a new block in one of our rings, growing the
+        arena if none has room. Raises ArenaFull past ``max_bytes``."""
+        for seg_id in reversed(self._own):
+            ring = self._segments[seg_id].ring
+            payload = ring.alloc(nbytes)
+            if payload is not None:
+                return seg_id, payload, ring
+        seg_id = self._grow(nbytes)
+        ring = self._segments[seg_id].ring
+        return seg_id, ring.alloc(nbytes), ring
+
+    def new_block(self, nbytes):
+        """(segment id, Block) of ``nbytes`` that returns to its ring when dropped."""
+        seg_id, payload, ring = self.alloc(nbytes)
+        return seg_id, ring.block(payload, nbytes)
+
+    def _grow(self, nbytes):
+        need = _round_page(_PAGE + RING_HEADER + block_size(nbytes))
+        size = max(need, _round_page(self._own_bytes))
+        if self._own_bytes + size > self.max_bytes:
+            size = need
+        if self._own_bytes + size > self.max_bytes:
+            raise ArenaFull(
+                f"a tensor of {nbytes} bytes does not fit: the arena holds {self._own_bytes} bytes "
+                f"and may grow to {self.max_bytes} (raise arena_max_mb, or release held outputs)")
+        seg_id = self._take_id()
+        mapping = _create_segment(self.name_of(seg_id), size)
+        _HEADER.pack_into(mapping, 0, _MAGIC, _LAYOUT, size, 0, 0, 0)
+        self._add(seg_id, mapping, Ring(mapping, _PAGE, size - _PAGE), own=True)
+        return seg_id
+
+    def _take_id(self):
+        seg_id = self._next_id
+        self._next_id += 2
+        return seg_id
+
+    # -- the peer's blocks ----------------------------------------------------------------
+
+    def segment_mapping(self, seg_id):
+        return self._segments[seg_id].mapping
+
+    def segment_id(self, mapping):
+        """Id of a segment of this arena by its Mapping, or None."""
+        return self._ids.get(mapping)
+
+    def peer_block(self, seg_id, payload, nbytes):
+        """A Block over a payload the peer allocated. The range is checked against the ring
+        (in ope_native) before the Block exists.
+
+        On the host (outputs) the Block gives the payload back to the worker's ring when the
+        caller drops it; on the worker (inputs) it is sealed and the host gives it back."""
+        segment = self._segments.get(seg_id) or self._map_peer_segment(seg_id)
+        try:
+            return segment.mapping.block(payload, nbytes, ring=segment.ring.offset,
+                                         release=self.host, sealed=not self.host)
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise ProtocolError(f"peer's descriptor for segment {seg_id}: {exc}") from None
+
+    def _map_peer_segment(self, seg_id):
+        if not isinstance(seg_id, int) or seg_id <= 0 or _worker_owned(seg_id) != self.host:
+            raise ProtocolError(f"peer named segment id {seg_id!r}, which it cannot own")
+        name = self.name_of(seg_id)
+        mapping = _open_segment(name)
+        _check_header(mapping, name)
+        self._add(seg_id, mapping, Ring(mapping, _PAGE))
+        return self._segments[seg_id]
+
+    # -- accounting and teardown --------------------------------------------------------
+
+    def used_bytes(self):
+        return sum(s.ring.used for s in self._segments.values())
+
+    def high_water_bytes(self):
+        return sum(s.ring.high_water for s in self._segments.values())
+
+    @property
+    def own_bytes(self):
+        return self._own_bytes
+
+    def forget_peer_segments(self):
+        """Host side, after its worker died: drop our references to the worker's segments
+        (views the caller holds keep their mappings alive) and unlink their names."""
+        for seg_id in [i for i in self._segments if _worker_owned(i)]:
+            del self._ids[self._segments.pop(seg_id).mapping]
+        for name in segment_names(self.prefix):
+            if _worker_owned(int(name.rsplit("-", 1)[1])):
+                _unlink(name)
+
+    def unlink_all(self):
+        """Remove every name of this arena from /dev/shm. Mappings stay valid while used."""
+        for name in segment_names(self.prefix):
+            _unlink(name)
+
+    def close(self):
+        """Unlink all names and drop our references; outputs the caller holds stay readable."""
+        if self.channel is not None:
+            self.channel.close()
+        if self.host:
+            self.unlink_all()
+        self._segments.clear()
+        self._ids.clear()
+        self.channel = None
