@@ -1,0 +1,371 @@
+"""The host side of out-of-process execution: a Model whose calls run in a worker process.
+
+A call writes each input into the arena (or, for an array from :meth:`empty`, only names where
+it already is), sends an INFER descriptor list through the channel, and waits for the RESULT,
+whose outputs come back as numpy views on the worker's blocks: no copy on the host either way.
+An output keeps its block (and the segment mapping) alive for as long as the caller holds it,
+also after close() or a worker crash; the block returns to the worker's ring when dropped.
+
+Everything the worker sends is untrusted: messages are checked against the protocol table and
+every descriptor against the arena's bounds before a view is made (ope/protocol.py,
+ope/arena.py), so a buggy worker produces a ProtocolError, not a crash of the host.
+
+Faults (ope/supervisor.py has the mechanisms): a call waits in short slices and checks the
+worker between them, so a crash raises WorkerCrashed within a slice; a call past its deadline
+raises WorkerTimeout after the worker is stopped; a worker past its memory limit is killed by
+the supervisor and the call raises MemoryLimitExceeded. Each fault discards the worker; the
+next call (or the supervisor, with ``restart="eager"``) starts a fresh one under the restart
+policy, and past its limit the model is broken (ModelBroken).
+"""
+
+import atexit
+import itertools
+import os
+import threading
+import time
+import weakref
+
+import numpy as np
+import psutil
+
+import ope_native
+from ope import protocol
+from ope.arena import Arena, gc_segments
+from ope.errors import (MemoryLimitExceeded, ModelBroken, ModelClosed, OpeError, ProtocolError,
+                        WorkerCrashed, WorkerTimeout)
+from ope.model import Model
+from ope.supervisor import (LIVENESS_SLICE_S, RestartPolicy, Supervisor, WorkerProcess,
+                            child_environment, describe_exit, private_rss)
+
+__all__ = ["OutOfProcessModel"]
+
+_MIB = 1 << 20
+_Block = ope_native.Block
+_DTYPE_NAMES = protocol.DTYPE_NAMES
+_open_models = weakref.WeakSet()
+_gc_once = threading.Lock()
+_gc_done = False
+
+
+def _collect_dead_owners_once():
+    """Remove segments of hosts that died without cleaning up, once per host process."""
+    global _gc_done
+    with _gc_once:
+        if not _gc_done:
+            gc_segments()
+            _gc_done = True
+
+
+@atexit.register
+def _close_open_models():
+    """Interpreter exit with models still open: stop their workers and unlink their arenas."""
+    for model in list(_open_models):
+        model.close()
+
+
+class OutOfProcessModel(Model):
+    """A model served by a worker process over shared memory. Create it with ``ope.load``.
+
+    Options: ``timeout_s`` (default per-call deadline), ``load_timeout_s``, ``python`` (the
+    worker's interpreter), ``env_vars`` (extra environment), ``arena_mb`` (initial ring size
+    per direction), ``arena_max_mb`` (growth limit per direction), ``memory_limit_mb``
+    (private RSS of the worker and its children), ``restart`` ("lazy" or "eager"),
+    ``max_restarts`` and ``restart_window_s``, ``stop_grace_s`` (between SIGTERM and SIGKILL).
+    """
+
+    def __init__(self, package, *, timeout_s=None, load_timeout_s=120.0, python=None,
+                 env_vars=None, arena_mb=4, arena_max_mb=4096, memory_limit_mb=None,
+                 restart="lazy", max_restarts=5, restart_window_s=60.0, stop_grace_s=1.0):
+        if restart not in ("lazy", "eager"):
+            raise ValueError(f"restart must be 'lazy' or 'eager', got {restart!r}")
+        super().__init__(package)
+        _collect_dead_owners_once()
+        self.timeout_s = timeout_s
+        self.load_timeout_s = load_timeout_s
+        self.memory_limit_mb = memory_limit_mb
+        self.restart = restart
+        self.stop_grace_s = stop_grace_s
+        self._python = python
+        self._env_vars = env_vars
+        self._policy = RestartPolicy(max_restarts, restart_window_s)
+        self._lock = threading.Lock()
+        self._call_ids = itertools.count(1)
+        self._copied_in = 0
+        self._copied_out = 0
+        self._generation = 0
+        self._worker = None
+        self._kill_reason = None
+        self._info = {}
+        self._state = "starting"
+        self._arena = Arena.create(ring_bytes=arena_mb * _MIB, max_bytes=arena_max_mb * _MIB)
+        try:
+            with self._lock:
+                self._start_worker()
+        except BaseException:
+            self._closed = True  # nothing for __del__ to close: the arena goes now
+            self._arena.close()
+            raise
+        _open_models.add(self)
+        Supervisor.get().watch(self)
+
+    # -- worker lifecycle (callers hold self._lock) ---------------------------------------
+
+    def _start_worker(self):
+        """Start a worker, check its protocol version, and load the package in it."""
+        if self._policy.broken:
+            self._state = "broken"
+            raise ModelBroken(f"model {self.name!r} failed too often and is broken; "
+                              f"history: {self._policy.describe()}")
+        time.sleep(self._policy.delay_s())
+        self._state = "starting"
+        self._generation += 1
+        channel = self._arena.reset_channel()
+        self._conversation = protocol.Conversation("host")
+        self._kill_reason = None
+        args = ["--arena", self._arena.prefix, "--first-id", str(self._generation << 20),
+                "--host-pid", str(os.getpid()), "--max-bytes", str(self._arena.max_bytes)]
+        self._worker = WorkerProcess(self.name, args, python=self._python,
+                                     env=child_environment(self._env_vars))
+        try:
+            deadline = time.monotonic() + self.load_timeout_s
+            self._check_hello(self._receive(deadline, "starting"))
+            self._send([protocol.LOAD, self.package.path, {}], channel)
+            ready = self._receive(deadline, "loading the package")
+            self._conversation.received(ready)
+            if ready[0] == protocol.ERROR:
+                raise protocol.error_from_message(ready)
+        except BaseException as exc:
+            self._fail(f"start failed: {type(exc).__name__}: {str(exc)[:200]}")
+            raise
+        self._info = ready[1]
+        self._state = "ready"
+
+    def _check_hello(self, hello):
+        if hello[0] == protocol.HELLO and hello[1] != protocol.VERSION:
+            raise ProtocolError(
+                f"worker runtime speaks protocol {hello[1]!r}, this host {protocol.VERSION}: "
+                f"install the same ope version in the worker's environment")
+        self._conversation.received(hello)
+
+    def _fail(self, reason):
+        """Discard the worker after a fault: stop it, record why, maybe restart at once."""
+        self._discard_worker(force=True)
+        self._policy.record(reason)
+        self._state = "broken" if self._policy.broken else "restarting"
+        if self.restart == "eager":
+            Supervisor.get().poke()
+
+    def _discard_worker(self, force):
+        worker, self._worker = self._worker, None
+        if worker is None:
+            return
+        if not force:
+            try:
+                self._send([protocol.SHUTDOWN], self._arena.channel, timeout_s=0.5)
+            except OpeError:
+                force = True
+        how = worker.stop(self.stop_grace_s, asked=not force)
+        if how != "exited":
+            worker.logger.warning("worker pid %d did not exit by itself: %s", worker.pid, how)
+        worker.reap()
+        self._arena.forget_peer_segments()
+
+    def _send(self, message, channel, timeout_s=-1.0):
+        self._conversation.sent(message)
+        if not channel.send(protocol.pack(message), timeout_s):
+            raise ProtocolError("the control channel to the worker is closed or full")
+
+    def _receive(self, deadline, doing):
+        """The worker's next message; raises instead of waiting on a dead or stuck worker."""
+        channel, worker = self._arena.channel, self._worker
+        while True:
+            remaining = LIVENESS_SLICE_S if deadline is None else min(
+                LIVENESS_SLICE_S, deadline - time.monotonic())
+            data = channel.receive(max(remaining, 0.0))
+            if data is not None:
+                return protocol.unpack(data)
+            if self._closed:
+                raise ModelClosed(f"model {self.name!r} was closed while {doing}")
+            if not worker.alive():
+                raise self._worker_died(worker, doing)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise self._timed_out(worker, doing)
+
+    def _worker_died(self, worker, doing):
+        how = f"worker of model {self.name!r} (pid {worker.pid}) {describe_exit(worker.returncode)}"
+        reason, tail = self._kill_reason, worker.output_tail()
+        self._fail(reason or f"crashed: {describe_exit(worker.returncode)}")
+        if reason:
+            return MemoryLimitExceeded(f"{how} while {doing}: {reason}")
+        return WorkerCrashed(f"{how} while {doing}", exitcode=worker.returncode, stderr_tail=tail)
+
+    def _timed_out(self, worker, doing):
+        self._fail(f"timed out while {doing}")
+        return WorkerTimeout(f"worker of model {self.name!r} (pid {worker.pid}) did not finish "
+                             f"{doing} in time; it was stopped and will be replaced")
+
+    # -- supervision (called by the Supervisor thread) ----------------------------------
+
+    def _supervise(self):
+        worker = self._worker
+        if worker is not None and self.memory_limit_mb is not None:
+            rss = private_rss(worker.pid)
+            if rss is not None and rss > self.memory_limit_mb * _MIB:
+                self._kill_reason = (f"memory limit exceeded: {rss / _MIB:.0f} MiB private RSS "
+                                     f"> memory_limit_mb={self.memory_limit_mb}")
+                worker.kill()
+        if self.restart == "eager" and self._worker is None and not self._closed \
+                and self._state == "restarting" and self._lock.acquire(blocking=False):
+            try:
+                self._start_worker()
+            except OpeError:
+                pass  # recorded in the policy; the next call reports it
+            finally:
+                self._lock.release()
+
+    # -- calls --------------------------------------------------------------------------
+
+    def _run(self, arrays, bindings, timeout_s):
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        with self._lock:
+            if self._closed:
+                raise ModelClosed(f"model {self.name!r} is closed")
+            if self._worker is None:
+                self._start_worker()
+            deadline = None if timeout_s is None else time.monotonic() + timeout_s
+            descriptors, scratch, sealed = self._encode_inputs(arrays)
+            self._state = "busy"
+            try:
+                self._send([protocol.INFER, next(self._call_ids), descriptors],
+                           self._arena.channel)
+                reply = self._receive(deadline, "running a call")
+                self._conversation.received(reply)
+            except ProtocolError as exc:
+                self._fail(f"protocol error: {exc}")
+                raise
+            finally:
+                for ring, payload in scratch:
+                    ring.release(payload)
+                for array in sealed:
+                    array.flags.writeable = True
+            self._state = "ready"
+            if reply[0] == protocol.ERROR:
+                raise protocol.error_from_message(reply)
+            self._copied_out += reply[3]
+            return self._decode_outputs(reply[2])
+
+    def _encode_inputs(self, arrays):
+        """Descriptors for ``arrays``; copies those not already in the arena.
+
+        Returns (descriptors, scratch blocks to release after the call, arrays sealed for the
+        duration of the call)."""
+        descriptors, scratch, sealed = [], [], []
+        for name, array in arrays.items():
+            dtype_name = _DTYPE_NAMES.get(array.dtype)
+            if dtype_name is None:
+                descriptors.append(protocol.string_descriptor(name, array))
+                continue
+            where = self._locate_in_arena(array)
+            if where is None:
+                seg_id, payload, ring = self._arena.alloc(array.nbytes)
+                scratch.append((ring, payload))
+                np.frombuffer(ring.mapping, array.dtype, array.size, payload).reshape(
+                    array.shape)[...] = array
+                self._copied_in += array.nbytes
+            else:
+                seg_id, payload = where
+                if array.flags.writeable:
+                    array.flags.writeable = False
+                    sealed.append(array)
+            descriptors.append([name, dtype_name, list(array.shape), seg_id, payload, array.nbytes])
+        return descriptors, scratch, sealed
+
+    def _locate_in_arena(self, array):
+        """(segment id, offset) of an array that lies contiguously in our arena, else None."""
+        block = array.base
+        if type(block) is not _Block or not array.flags.c_contiguous:
+            return None
+        seg_id = self._arena.segment_id(block.mapping)
+        if seg_id is None:
+            return None
+        start = ope_native.address_of(array) - block.address
+        if start < 0 or start + array.nbytes > block.nbytes:
+            return None
+        return seg_id, block.offset + start
+
+    def _decode_outputs(self, descriptors):
+        try:
+            peer_block = self._arena.peer_block
+            return dict(protocol.decode_tensor(desc, peer_block) for desc in descriptors)
+        except ProtocolError as exc:
+            self._fail(f"protocol error: {exc}")
+            raise
+
+    # -- arena buffers ------------------------------------------------------------------
+
+    def empty(self, name, shape):
+        """A writable array for input ``name`` that lives in the worker's arena: passing it to
+        infer copies nothing. Its space returns to the arena when the last view is dropped."""
+        dtype = self._empty_spec(name, shape).numpy_dtype
+        count = int(np.prod(shape, dtype=np.int64))
+        with self._lock:
+            _, block = self._arena.new_block(count * dtype.itemsize)
+        return np.frombuffer(block, dtype, count).reshape(shape)
+
+    def seal(self, array):
+        """Make ``array`` final: read-only from now on (its arena block refuses new writable
+        views too). Returns it."""
+        array.flags.writeable = False
+        if type(array.base) is _Block:
+            array.base.seal()
+        return array
+
+    # -- visibility and teardown --------------------------------------------------------
+
+    def health(self):
+        health = super().health()
+        worker = self._worker
+        health.update(mode="out_of_process", state="closed" if self._closed else self._state,
+                      pid=worker.pid if worker else None, restarts=len(self._policy.history),
+                      failures=[{"time": t, "reason": r} for t, _, r in self._policy.history])
+        if worker is not None:
+            health.update(_process_usage(worker.pid))
+        return health
+
+    def stats(self):
+        stats = super().stats()
+        worker = self._worker
+        stats.update(
+            bytes_copied_in=self._copied_in, bytes_copied_out=self._copied_out,
+            arena_bytes_in_use=self._arena.used_bytes(),
+            arena_high_water=self._arena.high_water_bytes(),
+            arena_bytes_reserved=self._arena.own_bytes,
+            pid=worker.pid if worker else None, restarts=len(self._policy.history),
+            state="closed" if self._closed else self._state, worker=dict(self._info))
+        return stats
+
+    def _close(self):
+        _open_models.discard(self)
+        Supervisor.get().unwatch(self)
+        if not self._lock.acquire(blocking=False):
+            # A call is in flight (maybe in another thread): wake it; it raises ModelClosed.
+            self._arena.channel.close()
+            self._lock.acquire()
+        try:
+            self._discard_worker(force=self._arena.channel.closed)
+        finally:
+            self._state = "closed"
+            self._arena.close()
+            self._lock.release()
+
+
+def _process_usage(pid):
+    try:
+        proc = psutil.Process(pid)
+        with proc.oneshot():
+            memory = proc.memory_info()
+            cpu = proc.cpu_times()
+        return {"rss_bytes": memory.rss, "private_rss_bytes": private_rss(pid),
+                "cpu_user_s": cpu.user, "cpu_system_s": cpu.system}
+    except psutil.Error:  # the worker may be gone by now; health reports what it can
+        return {}

@@ -1,0 +1,153 @@
+"""The worker process: serves one model to its host over a shared-memory arena.
+
+``python -m workers.worker --arena PREFIX --first-id N --host-pid PID`` attaches to the arena
+the host created, says HELLO, loads the package it is told to, then answers INFER messages in
+order until SHUTDOWN (protocol: ope/protocol.py). Inputs are read-only numpy views on the
+host's blocks; each output is written into a block of the worker's own ring once. :class:`Worker`
+holds the loop so tests can drive it without a process; :func:`main` only wires it up.
+"""
+
+import argparse
+import os
+import platform
+import sys
+import traceback
+
+import numpy as np
+
+import ope_native
+from ope import protocol
+from ope.arena import Arena
+from ope.errors import ModelError, OpeError
+from ope.package import read_package
+from ope.requirements import ensure_requirements
+from ope.spec import validate_inputs, validate_outputs
+from workers.runners import load_runner
+
+__all__ = ["Worker", "main", "runtime_info"]
+
+_DTYPE_NAMES = protocol.DTYPE_NAMES
+_TRACEBACK_LIMIT = 16_000  # characters; a traceback must fit a control message
+
+
+def runtime_info():
+    """What the host may want to know about this worker's runtime."""
+    info = {"pid": os.getpid(), "python": platform.python_version(), "numpy": np.__version__,
+            "executable": sys.executable}
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        info["torch"] = torch.__version__
+    return info
+
+
+class Worker:
+    """The request loop of one worker, over an attached :class:`ope.arena.Arena`."""
+
+    def __init__(self, arena):
+        self.arena = arena
+        self.channel = arena.channel
+        self.conversation = protocol.Conversation("worker")
+        self.package = None
+        self.runner = None
+        self._output_names = frozenset()
+        self._handlers = {protocol.LOAD: self._load, protocol.INFER: self._infer,
+                          protocol.SHUTDOWN: self._shutdown}
+        self.running = True
+
+    def serve(self):
+        """Say HELLO, then answer messages until SHUTDOWN or the channel closes."""
+        self._send([protocol.HELLO, protocol.VERSION, runtime_info()])
+        while self.running:
+            data = self.channel.receive()
+            if data is None:
+                break
+            self.handle(protocol.unpack(data))
+
+    def handle(self, message):
+        """Check and answer one decoded message."""
+        self.conversation.received(message)
+        reply = self._handlers[message[0]](message)
+        if reply is not None:
+            self._send(reply)
+
+    def _send(self, message):
+        self.conversation.sent(message)
+        if not self.channel.send(protocol.pack(message)):
+            self.running = False
+
+    def _load(self, message):
+        _, path, options = message
+        try:
+            self.package = read_package(path)
+            ensure_requirements(self.package)
+            self.runner = load_runner(self.package)
+        except Exception as exc:
+            return _error_message(None, exc)
+        self._output_names = {spec.name for spec in self.package.outputs}
+        return [protocol.READY, runtime_info()]
+
+    def _infer(self, message):
+        call_id = message[1]
+        try:
+            peer_block = self.arena.peer_block
+            arrays = dict(protocol.decode_tensor(desc, peer_block) for desc in message[2])
+            outputs = self.runner.run(arrays)
+            if not self._encodable(outputs):
+                # The host validates outputs on every call; here only what cannot be sent as is
+                # gets the in-process check, which raises the same SpecError in-process would.
+                bindings = validate_inputs(self.package.inputs, arrays)[1]
+                outputs = validate_outputs(self.package.outputs, outputs, bindings)
+            descriptors, copied = self._write_outputs(outputs)
+        except Exception as exc:
+            return _error_message(call_id, exc)
+        return [protocol.RESULT, call_id, descriptors, copied]
+
+    def _encodable(self, outputs):
+        return type(outputs) is dict and outputs.keys() == self._output_names and all(
+            type(a) is np.ndarray and (a.dtype in _DTYPE_NAMES or a.dtype.kind == "U")
+            for a in outputs.values())
+
+    def _write_outputs(self, outputs):
+        descriptors, copied = [], 0
+        for name, array in outputs.items():
+            dtype_name = _DTYPE_NAMES.get(array.dtype)
+            if dtype_name is None:
+                descriptors.append(protocol.string_descriptor(name, array))
+                continue
+            seg_id, payload, ring = self.arena.alloc(array.nbytes)
+            np.frombuffer(ring.mapping, array.dtype, array.size, payload).reshape(
+                array.shape)[...] = array
+            copied += array.nbytes
+            descriptors.append([name, dtype_name, list(array.shape), seg_id, payload, array.nbytes])
+        return descriptors, copied
+
+    def _shutdown(self, message):
+        self.running = False
+
+
+def _error_message(call_id, exc):
+    """An ERROR message for ``exc``; exceptions that are not ope's own become ModelError."""
+    if not isinstance(exc, OpeError):
+        exc = ModelError(f"{type(exc).__name__}: {exc}", error_type=type(exc).__name__,
+                         traceback_text=traceback.format_exc())
+    return [protocol.ERROR, call_id, type(exc).__name__, OpeError.__str__(exc),
+            protocol.error_fields(exc, _TRACEBACK_LIMIT)]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m workers.worker", description=__doc__)
+    parser.add_argument("--arena", required=True, help="name prefix of the host's arena")
+    parser.add_argument("--first-id", type=int, required=True, help="first id for new segments")
+    parser.add_argument("--host-pid", type=int, required=True, help="exit when this pid is gone")
+    parser.add_argument("--max-bytes", type=int, required=True, help="arena limit of this side")
+    args = parser.parse_args(argv)
+    ope_native.exit_with_parent(args.host_pid, args.arena)
+    arena = Arena.attach(args.arena, args.first_id, args.max_bytes)
+    try:
+        Worker(arena).serve()
+    finally:
+        arena.close()
+
+
+if __name__ == "__main__":
+    main()
