@@ -19,7 +19,7 @@ __all__ = ["load", "self_check", "OUT_OF_PROCESS_ENV"]
 
 OUT_OF_PROCESS_ENV = "OPE_OUT_OF_PROCESS"
 # The out-of-process host (ope.host) becomes the default once it lands.
-_DEFAULT_OUT_OF_PROCESS = False
+_DEFAULT_OUT_OF_PROCESS = True
 
 _IN_PROCESS_HINT = ("Loading it out of process, in a worker environment that satisfies them, "
                     "would run it.")

@@ -249,6 +249,7 @@ class OutOfProcessModel(Model):
                 for array in sealed:
                     array.flags.writeable = True
             self._state = "ready"
+            self._policy.in_a_row = 0
             if reply[0] == protocol.ERROR:
                 raise protocol.error_from_message(reply)
             self._copied_out += reply[3]

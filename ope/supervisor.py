@@ -149,7 +149,12 @@ def private_rss(pid):
 
 
 class RestartPolicy:
-    """Bounded restarts with exponential backoff, and the failure history for error messages."""
+    """Bounded restarts with exponential backoff, and the failure history for error messages.
+
+    The model is broken after more than ``max_restarts`` failures within ``window_s``. Each
+    start waits ``backoff_s * 2**(k-1)`` (at most ``max_backoff_s``) after the k-th failure in
+    a row; a call that succeeds ends the row, so a crash loop slows down while an occasional
+    fault in a busy model costs no delay."""
 
     def __init__(self, max_restarts=5, window_s=60.0, backoff_s=0.05, max_backoff_s=5.0):
         self.max_restarts = max_restarts
@@ -157,26 +162,24 @@ class RestartPolicy:
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         self.history = []  # (wall-clock time, monotonic time, reason)
+        self.in_a_row = 0
 
     def record(self, reason):
         self.history.append((time.time(), time.monotonic(), reason))
         del self.history[:-100]
-
-    def _recent(self):
-        since = time.monotonic() - self.window_s
-        return [h for h in self.history if h[1] >= since]
+        self.in_a_row += 1
 
     @property
     def broken(self):
-        return len(self._recent()) > self.max_restarts
+        since = time.monotonic() - self.window_s
+        return sum(1 for h in self.history if h[1] >= since) > self.max_restarts
 
     def delay_s(self):
-        """How long to wait before the next start: backoff after recent failures."""
-        recent = self._recent()
-        if not recent:
+        """How long to wait before the next start."""
+        if not self.in_a_row:
             return 0.0
-        wait = min(self.backoff_s * 2 ** (len(recent) - 1), self.max_backoff_s)
-        return max(0.0, recent[-1][1] + wait - time.monotonic())
+        wait = min(self.backoff_s * 2 ** (self.in_a_row - 1), self.max_backoff_s)
+        return max(0.0, self.history[-1][1] + wait - time.monotonic())
 
     def describe(self):
         return "; ".join(f"{time.strftime('%H:%M:%S', time.localtime(t))} {reason}"

@@ -13,10 +13,11 @@ import psutil
 import pytest
 
 import ope
+import ope.host
 
 import models  # tests/ is on sys.path: pytest puts a rootless conftest's folder there
 
-MODES = ["in_process"]
+MODES = ["in_process", "out_of_process"]
 
 
 @pytest.fixture(params=MODES)
@@ -41,15 +42,27 @@ def load_model(mode):
 @pytest.fixture(autouse=True)
 def no_leaks():
     segments_before = _ope_segments()
+    children_before = set(psutil.Process().children(recursive=True))
     yield
     leaked = _new_segments_still_there(segments_before)
     assert not leaked, f"shared-memory segments left behind: {sorted(leaked)}"
-    children = psutil.Process().children(recursive=True)
+    children = set(psutil.Process().children(recursive=True)) - children_before
     assert not children, f"child processes left behind: {children}"
 
 
 def _ope_segments():
-    return {name for name in os.listdir("/dev/shm") if name.startswith("ope-")}
+    """ope- segments in /dev/shm, less those of models still open (module-scoped fixtures)."""
+    open_arenas = tuple(model._arena.prefix + "-" for model in list(ope.host._open_models))
+    return {name for name in os.listdir("/dev/shm")
+            if name.startswith("ope-") and not name.startswith(open_arenas)}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_at_the_end():
+    before = {name for name in os.listdir("/dev/shm") if name.startswith(f"ope-{os.getpid()}-")}
+    yield
+    left = {name for name in os.listdir("/dev/shm") if name.startswith(f"ope-{os.getpid()}-")}
+    assert left <= before, f"segments of this test run left in /dev/shm: {sorted(left - before)}"
 
 
 def _new_segments_still_there(before, grace_s=2.0):

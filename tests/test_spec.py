@@ -5,7 +5,7 @@ refused call a good call must still work."""
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ope
@@ -13,6 +13,7 @@ from ope import SpecError, TensorSpec
 from ope.spec import DTYPES
 
 import models
+from conftest import MODES
 
 NUMERIC_DTYPES = [d for d in DTYPES if d != "string"]
 
@@ -194,12 +195,17 @@ def mixed_dims_path(tmp_path_factory):
     return models.echo_package(str(tmp_path_factory.mktemp("mixed")), inputs).path
 
 
-@settings(max_examples=150, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@pytest.fixture(scope="module", params=MODES)
+def mixed_dims_model(request, mixed_dims_path):
+    """One model serves every generated example: also a test of reuse after errors."""
+    with ope.load(mixed_dims_path, out_of_process=request.param == "out_of_process") as model:
+        yield model
+
+
+@settings(max_examples=150, deadline=None)
 @given(a_shape=SHAPE, b_shape=SHAPE)
-def test_generated_shapes_are_accepted_exactly_when_they_fit(load_model, mixed_dims_path,
-                                                             a_shape, b_shape):
-    model = load_model(mixed_dims_path)  # one model serves every example: also a reuse test
+def test_generated_shapes_are_accepted_exactly_when_they_fit(mixed_dims_model, a_shape, b_shape):
+    model = mixed_dims_model
     fits = (len(a_shape) == 3 and a_shape[1] == 3 and len(b_shape) == 1
             and b_shape[0] == a_shape[0])
     inputs = {"a": np.zeros(a_shape, np.float32), "b": np.zeros(b_shape, np.int64)}

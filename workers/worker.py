@@ -8,6 +8,7 @@ holds the loop so tests can drive it without a process; :func:`main` only wires 
 """
 
 import argparse
+import faulthandler
 import os
 import platform
 import sys
@@ -141,12 +142,18 @@ def main(argv=None):
     parser.add_argument("--host-pid", type=int, required=True, help="exit when this pid is gone")
     parser.add_argument("--max-bytes", type=int, required=True, help="arena limit of this side")
     args = parser.parse_args(argv)
+    faulthandler.enable()  # a crashing model leaves its stack in the output the host keeps
     ope_native.exit_with_parent(args.host_pid, args.arena)
     arena = Arena.attach(args.arena, args.first_id, args.max_bytes)
     try:
         Worker(arena).serve()
     finally:
         arena.close()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    # Skip interpreter teardown: frameworks (torch) take most of a second to unwind, and the
+    # host is waiting for this process to exit.
+    os._exit(0)
 
 
 if __name__ == "__main__":

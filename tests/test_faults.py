@@ -1,0 +1,350 @@
+"""Fault injection with real processes and real signals: every fault the supervisor claims to
+handle surfaces as its typed error, the host and other models go on, and nothing leaks.
+
+The bounds asserted here carry slack for a loaded CI machine; bench/bench_faults.py measures
+the real detection latencies.
+"""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+
+import ope
+from faults import fault_inputs, fault_package
+
+SLACK_S = 1.0
+
+
+@pytest.fixture(scope="session")
+def faulty(package_root):
+    return fault_package(str(package_root))
+
+
+@pytest.fixture
+def open_model(faulty):
+    models = []
+
+    def open_(path=faulty, **options):
+        options.setdefault("timeout_s", 10.0)
+        options.setdefault("stop_grace_s", 0.5)
+        model = ope.load(path, out_of_process=True, **options)
+        models.append(model)
+        return model
+
+    yield open_
+    for model in models:
+        model.close()
+
+
+def assert_works(model):
+    out = model.infer(fault_inputs("ok", x=(1.0, 2.0)))
+    np.testing.assert_array_equal(out["y"], [2.0, 3.0])
+
+
+@pytest.mark.parametrize("fault, how", [("segfault", "SIGSEGV"), ("exit3", "exited with code 3"),
+                                        ("sigkill", "SIGKILL")])
+def test_a_crash_raises_worker_crashed_and_the_next_call_gets_a_fresh_worker(open_model, fault, how):
+    model = open_model()
+    first_pid = model.stats()["pid"]
+    start = time.monotonic()
+    with pytest.raises(ope.WorkerCrashed) as caught:
+        model.infer(fault_inputs(fault))
+    assert time.monotonic() - start < 0.1 + SLACK_S
+    assert how in str(caught.value)
+    assert not psutil.pid_exists(first_pid) or psutil.Process(first_pid).status() == "zombie"
+    assert_works(model)
+    assert model.stats()["pid"] != first_pid
+
+
+def test_worker_crashed_carries_exit_code_and_the_last_output_lines(open_model):
+    model = open_model()
+    with pytest.raises(ope.WorkerCrashed) as caught:
+        model.infer(fault_inputs("exit3"))
+    assert caught.value.exitcode == 3
+    assert "fault: exiting with code 3" in caught.value.stderr_tail
+    assert "fault: exiting with code 3" in str(caught.value)
+
+
+def test_a_segfault_leaves_the_native_stack_in_the_error(open_model):
+    model = open_model()
+    with pytest.raises(ope.WorkerCrashed) as caught:
+        model.infer(fault_inputs("segfault"))
+    assert "Segmentation fault" in caught.value.stderr_tail
+
+
+def test_worker_output_goes_to_the_worker_logger(open_model, caplog):
+    model = open_model()
+    with caplog.at_level("INFO", logger="ope.worker.faults"):
+        with pytest.raises(ope.WorkerCrashed):
+            model.infer(fault_inputs("exit3"))
+    assert any(r.name == "ope.worker.faults" and "exiting with code 3" in r.getMessage()
+               for r in caplog.records)
+
+
+@pytest.mark.parametrize("fault", ["spin", "sleep"])
+def test_a_call_past_its_deadline_raises_worker_timeout(open_model, fault):
+    model = open_model(timeout_s=0.3)
+    pid = model.stats()["pid"]
+    start = time.monotonic()
+    with pytest.raises(ope.WorkerTimeout):
+        model.infer(fault_inputs(fault, x=(30.0,)))
+    assert time.monotonic() - start < 0.3 + 0.5 + SLACK_S  # deadline + SIGTERM grace
+    assert not psutil.pid_exists(pid)
+    assert_works(model)
+
+
+def test_a_per_call_timeout_overrides_the_models(open_model):
+    model = open_model(timeout_s=None)
+    with pytest.raises(ope.WorkerTimeout):
+        model.infer(fault_inputs("sleep", x=(30.0,)), timeout_s=0.2)
+    assert_works(model)
+
+
+def test_a_worker_that_ignores_sigterm_is_killed(open_model):
+    model = open_model(timeout_s=0.2, stop_grace_s=0.3)
+    with pytest.raises(ope.WorkerTimeout):
+        model.infer(fault_inputs("ignore_sigterm_spin"))
+    assert_works(model)
+
+
+def test_crossing_the_memory_limit_kills_the_worker_and_raises(open_model):
+    model = open_model(memory_limit_mb=150)
+    pid = model.stats()["pid"]
+    with pytest.raises(ope.MemoryLimitExceeded) as caught:
+        model.infer(fault_inputs("balloon"))
+    assert "memory_limit_mb=150" in str(caught.value)
+    assert_works(model)
+    assert model.stats()["pid"] != pid
+    assert "memory limit" in model.health()["failures"][-1]["reason"]
+
+
+def test_garbage_in_shared_memory_is_a_protocol_error_not_a_host_crash(open_model):
+    model = open_model()
+    with pytest.raises(ope.ProtocolError):
+        model.infer(fault_inputs("garbage"))
+    assert_works(model)
+
+
+def test_a_model_exception_keeps_the_same_worker(open_model):
+    model = open_model()
+    pid = model.stats()["pid"]
+    with pytest.raises(ope.ModelError, match="the model says no"):
+        model.infer(fault_inputs("raise"))
+    assert_works(model)
+    assert model.stats()["pid"] == pid
+
+
+def test_a_crash_on_the_nth_call_restarts_and_serving_goes_on(open_model, package_root):
+    model = open_model(fault_package(str(package_root), name="crash3", crash_on_call=3))
+    for cycle in range(3):  # each fresh worker counts its calls from one again
+        assert_works(model)
+        assert_works(model)
+        with pytest.raises(ope.WorkerCrashed, match="code 9"):
+            assert_works(model)
+    assert model.health()["restarts"] == 3
+
+
+@pytest.mark.parametrize("load, error, text", [
+    ("crash", ope.WorkerCrashed, "exited with code 7"),
+    ("raise", ope.ModelError, "weights are corrupt"),
+])
+def test_a_load_failure_in_the_worker_raises_with_its_cause(package_root, load, error, text):
+    path = fault_package(str(package_root), name=f"load_{load}", load=load)
+    with pytest.raises(error) as caught:
+        ope.load(path, out_of_process=True)
+    assert text in str(caught.value)
+
+
+def test_a_model_that_hangs_while_loading_times_out(package_root):
+    path = fault_package(str(package_root), name="load_hang", load="hang")
+    with pytest.raises(ope.WorkerTimeout, match="did not finish .* in time"):
+        ope.load(path, out_of_process=True, load_timeout_s=3.0, stop_grace_s=0.2)
+
+
+def test_too_many_failures_break_the_model_and_calls_fail_at_once(open_model):
+    model = open_model(max_restarts=2, restart_window_s=60.0)
+    for _ in range(3):
+        with pytest.raises(ope.WorkerCrashed):
+            model.infer(fault_inputs("exit3"))
+    start = time.monotonic()
+    with pytest.raises(ope.ModelBroken) as caught:
+        model.infer(fault_inputs("ok"))
+    assert time.monotonic() - start < SLACK_S
+    assert str(caught.value).count("crashed: exited with code 3") == 3
+    assert model.health()["state"] == "broken"
+
+
+def test_an_eager_restart_replaces_the_worker_without_a_call(open_model):
+    model = open_model(restart="eager")
+    pid = model.stats()["pid"]
+    with pytest.raises(ope.WorkerCrashed):
+        model.infer(fault_inputs("sigkill"))
+    deadline = time.monotonic() + 30
+    while model.health()["state"] != "ready" and time.monotonic() < deadline:
+        time.sleep(0.02)  # polling a state another thread changes; not synchronising work
+    health = model.health()
+    assert health["state"] == "ready" and health["pid"] not in (None, pid)
+    assert_works(model)
+
+
+def test_one_models_crash_does_not_touch_another(open_model):
+    victim, bystander = open_model(), open_model()
+    pid = bystander.stats()["pid"]
+    with pytest.raises(ope.WorkerCrashed):
+        victim.infer(fault_inputs("segfault"))
+    assert_works(bystander)
+    assert bystander.stats()["pid"] == pid and bystander.health()["restarts"] == 0
+
+
+def test_outputs_stay_readable_after_the_worker_crashes(open_model):
+    model = open_model()
+    kept = model.infer(fault_inputs("ok", x=np.arange(1000)))["y"]
+    with pytest.raises(ope.WorkerCrashed):
+        model.infer(fault_inputs("sigkill"))
+    np.testing.assert_array_equal(kept, np.arange(1000) + 1)
+
+
+def test_close_from_another_thread_interrupts_a_call_in_flight(open_model):
+    model = open_model()
+    raised = []
+    started = threading.Event()
+
+    def call():
+        started.set()
+        try:
+            model.infer(fault_inputs("sleep", x=(30.0,)))
+        except ope.OpeError as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    started.wait()
+    model.close()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert raised and isinstance(raised[0], ope.ModelClosed)
+    model.close()  # idempotent
+
+
+def test_health_reports_state_pid_memory_and_cpu(open_model):
+    model = open_model()
+    health = model.health()
+    assert health["state"] == "ready" and health["pid"] == model.stats()["pid"]
+    assert health["rss_bytes"] > 0 and health["cpu_user_s"] >= 0
+    model.close()
+    assert model.health()["state"] == "closed"
+
+
+_HOST_SCRIPT = textwrap.dedent('''
+    import logging, sys
+    import numpy as np
+    import ope
+    sys.path.insert(0, {tests!r})
+    from faults import fault_inputs
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+    model = ope.load({path!r}, out_of_process=True)
+    print("worker", model.stats()["pid"], flush=True)
+    if {mid_call!r}:
+        model.infer(fault_inputs("sleep", x=(60.0,)))
+''')
+
+
+def _run_host(faulty, mid_call):
+    script = _HOST_SCRIPT.format(tests=os.path.dirname(__file__), path=faulty, mid_call=mid_call)
+    return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+
+
+def _wait_gone(pid, timeout_s):
+    try:
+        psutil.Process(pid).wait(timeout_s)
+    except psutil.NoSuchProcess:
+        pass
+    except psutil.TimeoutExpired:
+        return False
+    return True
+
+
+def _segments_of(pid):
+    return [n for n in os.listdir("/dev/shm") if n.startswith(f"ope-{pid}-")]
+
+
+def test_a_host_killed_mid_call_takes_its_worker_and_segments_with_it(faulty):
+    host = _run_host(faulty, mid_call=True)
+    worker_pid = int(host.stdout.readline().split()[1])
+    for line in host.stdout:  # the worker's own output, relayed by the host's logger
+        if "fault: sleeping" in line:
+            break
+    assert _segments_of(host.pid)
+    host.kill()
+    host.wait()
+    start = time.monotonic()
+    assert _wait_gone(worker_pid, 1.0 + SLACK_S)
+    assert time.monotonic() - start < 1.0 + SLACK_S
+    assert _segments_of(host.pid) == []
+    host.stdout.close()
+
+
+def test_interpreter_exit_with_a_model_open_leaves_nothing_behind(faulty):
+    host = _run_host(faulty, mid_call=False)
+    worker_pid = int(host.stdout.readline().split()[1])
+    assert host.wait(60) == 0
+    assert _wait_gone(worker_pid, SLACK_S)
+    assert _segments_of(host.pid) == []
+    host.stdout.close()
+
+
+def test_gc_removes_segments_of_dead_hosts(faulty):
+    host = _run_host(faulty, mid_call=True)
+    host.stdout.readline()
+    host.send_signal(signal.SIGSTOP)  # the worker sees its host alive; nothing cleans up yet
+    try:
+        assert _segments_of(host.pid)
+    finally:
+        host.kill()
+        host.wait()
+        host.stdout.close()
+    from ope.arena import gc_segments
+    gc_segments()
+    assert _segments_of(host.pid) == []
+
+
+def _stress(model, calls, seed):
+    rng = random.Random(seed)
+    faults = ["ok"] * 12 + ["segfault", "exit3", "sigkill", "raise", "garbage"]
+    expected_errors = (ope.WorkerCrashed, ope.ModelError, ope.ProtocolError)
+    outcomes = {"ok": 0, "error": 0}
+    for i in range(calls):
+        fault = rng.choice(faults)
+        x = np.full(rng.randint(1, 5000), float(i), np.float32)
+        try:
+            out = model.infer(fault_inputs(fault, x=x))
+        except expected_errors:
+            assert fault != "ok"
+            outcomes["error"] += 1
+        else:
+            assert fault in ("ok",), f"call {i} with fault {fault} returned"
+            np.testing.assert_array_equal(out["y"], x + 1)
+            outcomes["ok"] += 1
+    return outcomes
+
+
+def test_calls_with_random_faults_are_each_correct_or_a_typed_error(open_model):
+    model = open_model(max_restarts=10_000)
+    outcomes = _stress(model, 300, seed=1)
+    assert outcomes["ok"] > 150 and outcomes["error"] > 10
+
+
+@pytest.mark.slow
+def test_soak_thousands_of_calls_with_random_faults(open_model):
+    model = open_model(max_restarts=100_000)
+    outcomes = _stress(model, 5000, seed=2)
+    assert outcomes["ok"] + outcomes["error"] == 5000
