@@ -42,6 +42,7 @@ __all__ = ["OutOfProcessModel"]
 _MIB = 1 << 20
 _Block = ope_native.Block
 _DTYPE_NAMES = protocol.DTYPE_NAMES
+_THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 _open_models = weakref.WeakSet()
 _gc_once = threading.Lock()
 _gc_done = False
@@ -67,14 +68,15 @@ class OutOfProcessModel(Model):
     """A model served by a worker process over shared memory. Create it with ``ope.load``.
 
     Options: ``timeout_s`` (default per-call deadline), ``load_timeout_s``, ``python`` (the
-    worker's interpreter), ``env_vars`` (extra environment), ``arena_mb`` (initial ring size
+    worker's interpreter), ``env_vars`` (extra environment), ``cpus`` (CPU affinity of the
+    worker), ``threads`` (intra-op threads: OMP/MKL/OpenBLAS and torch), ``arena_mb`` (initial ring size
     per direction), ``arena_max_mb`` (growth limit per direction), ``memory_limit_mb``
     (private RSS of the worker and its children), ``restart`` ("lazy" or "eager"),
     ``max_restarts`` and ``restart_window_s``, ``stop_grace_s`` (between SIGTERM and SIGKILL).
     """
 
     def __init__(self, package, *, timeout_s=None, load_timeout_s=120.0, python=None,
-                 env_vars=None, arena_mb=4, arena_max_mb=4096, memory_limit_mb=None,
+                 env_vars=None, cpus=None, threads=None, arena_mb=4, arena_max_mb=4096, memory_limit_mb=None,
                  restart="lazy", max_restarts=5, restart_window_s=60.0, stop_grace_s=1.0):
         if restart not in ("lazy", "eager"):
             raise ValueError(f"restart must be 'lazy' or 'eager', got {restart!r}")
@@ -86,7 +88,11 @@ class OutOfProcessModel(Model):
         self.restart = restart
         self.stop_grace_s = stop_grace_s
         self._python = python
-        self._env_vars = env_vars
+        self._env_vars = dict(env_vars or {})
+        if threads is not None:
+            for var in _THREAD_VARIABLES:
+                self._env_vars.setdefault(var, str(threads))
+        self._load_options = {"cpus": sorted(cpus) if cpus else None, "threads": threads}
         self._policy = RestartPolicy(max_restarts, restart_window_s)
         self._lock = threading.Lock()
         self._call_ids = itertools.count(1)
@@ -129,7 +135,7 @@ class OutOfProcessModel(Model):
         try:
             deadline = time.monotonic() + self.load_timeout_s
             self._check_hello(self._receive(deadline, "starting"))
-            self._send([protocol.LOAD, self.package.path, {}], channel)
+            self._send([protocol.LOAD, self.package.path, self._load_options], channel)
             ready = self._receive(deadline, "loading the package")
             self._conversation.received(ready)
             if ready[0] == protocol.ERROR:

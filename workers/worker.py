@@ -35,9 +35,11 @@ def runtime_info():
     """What the host may want to know about this worker's runtime."""
     info = {"pid": os.getpid(), "python": platform.python_version(), "numpy": np.__version__,
             "executable": sys.executable}
+    info["cpus"] = sorted(os.sched_getaffinity(0))
     torch = sys.modules.get("torch")
     if torch is not None:
         info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
     return info
 
 
@@ -79,9 +81,13 @@ class Worker:
     def _load(self, message):
         _, path, options = message
         try:
+            if options.get("cpus"):
+                os.sched_setaffinity(0, options["cpus"])
             self.package = read_package(path)
             ensure_requirements(self.package)
             self.runner = load_runner(self.package)
+            if options.get("threads") and "torch" in sys.modules:
+                sys.modules["torch"].set_num_threads(options["threads"])
         except Exception as exc:
             return _error_message(None, exc)
         self._output_names = {spec.name for spec in self.package.outputs}
