@@ -19,6 +19,8 @@ policy, and past its limit the model is broken (ModelBroken).
 """
 
 import atexit
+import collections
+import concurrent.futures
 import itertools
 import os
 import threading
@@ -34,6 +36,7 @@ from ope.arena import Arena, gc_segments
 from ope.errors import (MemoryLimitExceeded, ModelBroken, ModelClosed, OpeError, ProtocolError,
                         WorkerCrashed, WorkerTimeout)
 from ope.model import Model
+from ope.spec import validate_outputs
 from ope.supervisor import (LIVENESS_SLICE_S, RestartPolicy, Supervisor, WorkerProcess,
                             child_environment, describe_exit, private_rss)
 
@@ -94,7 +97,10 @@ class OutOfProcessModel(Model):
                 self._env_vars.setdefault(var, str(threads))
         self._load_options = {"cpus": sorted(cpus) if cpus else None, "threads": threads}
         self._policy = RestartPolicy(max_restarts, restart_window_s)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entered by _collect from _close and _fail paths
+        self._has_pending = threading.Condition(self._lock)
+        self._pending = collections.deque()
+        self._collector = None
         self._call_ids = itertools.count(1)
         self._copied_in = 0
         self._copied_out = 0
@@ -230,36 +236,109 @@ class OutOfProcessModel(Model):
                 self._lock.release()
 
     # -- calls --------------------------------------------------------------------------
+    #
+    # A call is sent at once (INFER) and joins the pending queue; replies come in the order
+    # calls were sent, and whoever needs a result (the caller of infer, a future's result(),
+    # or the collector thread that completes futures nobody waits on) collects replies
+    # under the lock until its call is done. A fault fails the call at the head of the
+    # queue with its error and every call behind it, whose requests died with the worker.
 
     def _run(self, arrays, bindings, timeout_s):
+        return self._collect(self._send_call(arrays, bindings, timeout_s, None))
+
+    def _submit(self, arrays, bindings, timeout_s):
+        future = _CallFuture(self)
+        future.call = self._send_call(arrays, bindings, timeout_s, future)
+        self._wake_collector()
+        return future
+
+    def _send_call(self, arrays, bindings, timeout_s, future):
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         with self._lock:
             if self._closed:
                 raise ModelClosed(f"model {self.name!r} is closed")
             if self._worker is None:
                 self._start_worker()
-            deadline = None if timeout_s is None else time.monotonic() + timeout_s
             descriptors, scratch, sealed = self._encode_inputs(arrays)
-            self._state = "busy"
+            call = _Call(None if timeout_s is None else time.monotonic() + timeout_s,
+                         scratch, sealed, bindings, future)
             try:
                 self._send([protocol.INFER, next(self._call_ids), descriptors],
                            self._arena.channel)
-                reply = self._receive(deadline, "running a call")
-                self._conversation.received(reply)
-            except ProtocolError as exc:
-                self._fail(f"protocol error: {exc}")
+            except OpeError:
+                call.release_inputs()
                 raise
-            finally:
-                for ring, payload in scratch:
-                    ring.release(payload)
-                for array in sealed:
-                    array.flags.writeable = True
-            self._state = "ready"
-            self._policy.in_a_row = 0
-            if reply[0] == protocol.ERROR:
-                raise protocol.error_from_message(reply)
-            self._copied_out += reply[3]
-            return self._decode_outputs(reply[2])
+            self._pending.append(call)
+            self._state = "busy"
+        return call
+
+    def _collect(self, call):
+        """Collect replies until ``call`` is done; returns its raw outputs or raises its error."""
+        with self._lock:
+            while not call.done:
+                head = self._pending[0]
+                try:
+                    reply = self._receive(head.deadline, "running a call")
+                    self._conversation.received(reply)
+                    self._complete(head, reply)
+                    self._pending.popleft()
+                except OpeError as exc:
+                    self._fail_pending(exc)
+            if not self._pending and self._state == "busy":
+                self._state = "ready"
+        if call.error is not None:
+            raise call.error
+        return call.outputs
+
+    def _complete(self, call, reply):
+        call.release_inputs()
+        self._policy.in_a_row = 0
+        if reply[0] == protocol.ERROR:
+            call.finish(error=protocol.error_from_message(reply))
+            return
+        self._copied_out += reply[3]
+        outputs = self._decode_outputs(reply[2])
+        if call.future is not None:  # infer() validates in Model.infer; a future here
+            try:
+                outputs = validate_outputs(self.outputs, outputs, call.bindings)
+            except OpeError as exc:
+                call.finish(error=exc)
+                return
+        call.finish(outputs=outputs)
+
+    def _fail_pending(self, exc):
+        """Fail the head call with ``exc`` and the calls queued behind it as lost with it."""
+        if isinstance(exc, ProtocolError) and self._worker is not None:
+            self._fail(f"protocol error: {exc}")
+        head = True
+        while self._pending:
+            call = self._pending.popleft()
+            call.release_inputs()
+            call.finish(error=exc if head else type(exc)(
+                f"call lost: it was queued behind a call that failed with {exc}"))
+            head = False
+
+    def _wake_collector(self):
+        with self._lock:
+            if self._collector is None:
+                self._collector = threading.Thread(target=self._collect_forever, daemon=True,
+                                                   name=f"ope-collector-{self.name}")
+                self._collector.start()
+            self._has_pending.notify()
+
+    def _collect_forever(self):
+        """Complete futures that nobody waits on (asyncio, callbacks, futures.wait)."""
+        while True:
+            with self._lock:
+                while not self._pending and not self._closed:
+                    self._has_pending.wait()
+                if self._closed and not self._pending:
+                    return
+                head = self._pending[0]
+            try:
+                self._collect(head)
+            except OpeError:
+                pass  # delivered through the call's future
 
     def _encode_inputs(self, arrays):
         """Descriptors for ``arrays``; copies those not already in the arena.
@@ -301,12 +380,8 @@ class OutOfProcessModel(Model):
         return seg_id, block.offset + start
 
     def _decode_outputs(self, descriptors):
-        try:
-            peer_block = self._arena.peer_block
-            return dict(protocol.decode_tensor(desc, peer_block) for desc in descriptors)
-        except ProtocolError as exc:
-            self._fail(f"protocol error: {exc}")
-            raise
+        peer_block = self._arena.peer_block
+        return dict(protocol.decode_tensor(desc, peer_block) for desc in descriptors)
 
     # -- arena buffers ------------------------------------------------------------------
 
@@ -359,11 +434,62 @@ class OutOfProcessModel(Model):
             self._arena.channel.close()
             self._lock.acquire()
         try:
+            self._fail_pending(ModelClosed(f"model {self.name!r} was closed"))
+            self._has_pending.notify_all()
             self._discard_worker(force=self._arena.channel.closed)
         finally:
             self._state = "closed"
             self._arena.close()
             self._lock.release()
+
+
+class _Call:
+    """One call in flight: what to release when it is done, and how it ended."""
+
+    __slots__ = ("deadline", "scratch", "sealed", "bindings", "future", "done", "outputs", "error")
+
+    def __init__(self, deadline, scratch, sealed, bindings, future):
+        self.deadline = deadline
+        self.scratch = scratch
+        self.sealed = sealed
+        self.bindings = bindings
+        self.future = future
+        self.done = False
+        self.outputs = None
+        self.error = None
+
+    def release_inputs(self):
+        """Give back the arena copies of the inputs and unseal the caller's arena arrays."""
+        for ring, payload in self.scratch:
+            ring.release(payload)
+        for array in self.sealed:
+            array.flags.writeable = True
+        self.scratch = self.sealed = ()
+
+    def finish(self, outputs=None, error=None):
+        self.done, self.outputs, self.error = True, outputs, error
+        if self.future is not None:
+            if error is None:
+                self.future.set_result(outputs)
+            else:
+                self.future.set_exception(error)
+
+
+class _CallFuture(concurrent.futures.Future):
+    """A Future whose result() collects the reply itself instead of waiting for a thread."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.call = None
+
+    def result(self, timeout=None):
+        if timeout is None and not self.done():
+            try:
+                self.model._collect(self.call)
+            except OpeError:
+                pass  # set on this future too; raised below
+        return super().result(timeout)
 
 
 def _process_usage(pid):

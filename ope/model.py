@@ -9,7 +9,9 @@ nothing in ``infer`` holds state across the failure.
 """
 
 import abc
+import asyncio
 import collections
+import concurrent.futures
 import logging
 import os
 import threading
@@ -17,7 +19,7 @@ import time
 
 import numpy as np
 
-from ope.errors import ModelClosed, SpecError
+from ope.errors import ModelClosed, OpeError, SpecError
 from ope.spec import check_shape, validate_inputs, validate_outputs
 from workers.runners import load_runner
 
@@ -51,23 +53,59 @@ class Model(abc.ABC):
         """Run the model on ``inputs`` (name -> numpy array, CPU torch tensor, or list of str
         for string tensors); returns outputs by name as numpy arrays. SpecError before
         running if an input does not match the spec, ModelError if the model raised."""
-        if self._closed:
-            raise ModelClosed(f"model {self.name!r} is closed")
         start = time.perf_counter_ns()
         try:
-            arrays, bindings = validate_inputs(self.inputs, inputs)
+            arrays, bindings = self._validate_inputs(inputs)
             outputs = validate_outputs(self.outputs, self._run(arrays, bindings, timeout_s),
                                        bindings)
         except BaseException:
-            with self._stats_lock:
-                self._calls += 1
-                self._errors += 1
+            self._record(start, failed=True)
             raise
-        elapsed = time.perf_counter_ns() - start
+        self._record(start, failed=False)
+        return outputs
+
+    def submit(self, inputs, *, timeout_s=None):
+        """Start a call and return a ``concurrent.futures.Future`` of its outputs. Inputs are
+        checked here (SpecError raises at once); the call's own errors come from the future.
+        Calls to one model complete in the order they were submitted; out of process, calls
+        to different models run in parallel."""
+        start = time.perf_counter_ns()
+        try:
+            arrays, bindings = self._validate_inputs(inputs)
+            future = self._submit(arrays, bindings, timeout_s)
+        except BaseException:
+            self._record(start, failed=True)
+            raise
+        future.add_done_callback(lambda done: self._record(start, done.exception() is not None))
+        return future
+
+    async def infer_async(self, inputs, *, timeout_s=None):
+        """``await``-able infer: the event loop keeps running while the model does."""
+        return await asyncio.wrap_future(self.submit(inputs, timeout_s=timeout_s))
+
+    def _validate_inputs(self, inputs):
+        if self._closed:
+            raise ModelClosed(f"model {self.name!r} is closed")
+        return validate_inputs(self.inputs, inputs)
+
+    def _record(self, start_ns, failed):
+        elapsed = time.perf_counter_ns() - start_ns
         with self._stats_lock:
             self._calls += 1
-            self._latencies_ns.append(elapsed)
-        return outputs
+            if failed:
+                self._errors += 1
+            else:
+                self._latencies_ns.append(elapsed)
+
+    def _submit(self, arrays, bindings, timeout_s):
+        """A future of the validated outputs. By default the call runs now, in this thread."""
+        future = concurrent.futures.Future()
+        try:
+            future.set_result(validate_outputs(self.outputs, self._run(arrays, bindings, timeout_s),
+                                               bindings))
+        except OpeError as exc:
+            future.set_exception(exc)
+        return future
 
     @abc.abstractmethod
     def _run(self, arrays, bindings, timeout_s):
