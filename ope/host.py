@@ -252,6 +252,11 @@ class OutOfProcessModel(Model):
         self._wake_collector()
         return future
 
+    @property
+    def outstanding(self):
+        """Calls sent to the worker and not yet collected (for load balancing replicas)."""
+        return len(self._pending)
+
     def _send_call(self, arrays, bindings, timeout_s, future):
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         with self._lock:
