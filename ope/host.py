@@ -373,8 +373,8 @@ class OutOfProcessModel(Model):
 
     def _locate_in_arena(self, array):
         """(segment id, offset) of an array that lies contiguously in our arena, else None."""
-        block = array.base
-        if type(block) is not _Block or not array.flags.c_contiguous:
+        block = _arena_block(array)
+        if block is None or not array.flags.c_contiguous:
             return None
         seg_id = self._arena.segment_id(block.mapping)
         if seg_id is None:
@@ -394,17 +394,18 @@ class OutOfProcessModel(Model):
         """A writable array for input ``name`` that lives in the worker's arena: passing it to
         infer copies nothing. Its space returns to the arena when the last view is dropped."""
         dtype = self._empty_spec(name, shape).numpy_dtype
-        count = int(np.prod(shape, dtype=np.int64))
+        shape = tuple(shape)
         with self._lock:
-            _, block = self._arena.new_block(count * dtype.itemsize)
-        return np.frombuffer(block, dtype, count).reshape(shape)
+            _, block = self._arena.new_block(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
+        return np.ndarray(shape, dtype, block)
 
     def seal(self, array):
         """Make ``array`` final: read-only from now on (its arena block refuses new writable
         views too). Returns it."""
         array.flags.writeable = False
-        if type(array.base) is _Block:
-            array.base.seal()
+        block = _arena_block(array)
+        if block is not None:
+            block.seal()
         return array
 
     # -- visibility and teardown --------------------------------------------------------
@@ -495,6 +496,14 @@ class _CallFuture(concurrent.futures.Future):
             except OpeError:
                 pass  # set on this future too; raised below
         return super().result(timeout)
+
+
+def _arena_block(array):
+    """The ope_native.Block under ``array`` (through any chain of views), or None."""
+    base = array.base
+    while type(base) is np.ndarray:
+        base = base.base
+    return base if type(base) is _Block else None
 
 
 def _process_usage(pid):

@@ -615,12 +615,14 @@ static PyObject *mapping_block(MappingObject *self, PyObject *args, PyObject *kw
         check_range(self, off, nbytes, 1))
         return NULL;
     if (ring >= 0) {
-        /* The payload must be where ring_alloc() could have put one, so that giving it back
-         * touches that ring's block header and nothing else. */
+        /* The range must lie in the ring's area; a block that will be given back must also
+         * start where ring_alloc() could have put a payload, so that releasing it touches that
+         * ring's block header and nothing else. A view that is not released may start inside
+         * a block (a slice of an arena array). */
         uint64_t area = ring_area(self, ring);
         if (!area) return NULL;
         long long rel = off - ring - RING_HEADER - BLOCK_HEADER;
-        if (rel < 0 || rel % LINE || (uint64_t)(rel + BLOCK_HEADER + nbytes) > area) {
+        if (rel < 0 || (release && rel % LINE) || (uint64_t)(rel + BLOCK_HEADER + nbytes) > area) {
             PyErr_Format(PyExc_ValueError, "[%lld, +%lld) is not a payload of the ring at %lld", off,
                          nbytes, ring);
             return NULL;

@@ -1,0 +1,390 @@
+"""Round trip of an add-one model: ope against the in-process call and the peers, side by side.
+
+    python bench/bench_roundtrip.py [--quick] [--sizes 16,65536,...]
+
+Every mechanism sends a float32 array to another process (or calls in-process), has 1 added,
+and gets the result back as an array. All run in one process tree, one after another per size,
+so the ratios compare like with like on a noisy machine. Also measured: the machine's limits
+(busy-poll and futex ping-pong on a shared word, memcpy bandwidth) and the CPU an idle worker
+uses. The targets of issue 3 are checked at the end.
+"""
+
+import argparse
+import multiprocessing
+import os
+import pickle
+import statistics
+import sys
+import tempfile
+import time
+
+import msgpack
+import numpy as np
+import posix_ipc
+import psutil
+
+import ope
+import ope_native
+
+SIZES = [16, 64 << 10, 1 << 20, 16 << 20, 64 << 20]
+_CTX = multiprocessing.get_context("fork")
+
+_ADD_ONE = '''
+def factory(data_dir):
+    def add_one(x):
+        return {"y": x + 1}
+    return add_one
+'''
+
+
+def _iterations(nbytes, quick):
+    n = 3000 if nbytes <= 64 << 10 else 300 if nbytes <= 1 << 20 else 30 if nbytes <= 16 << 20 else 10
+    return max(3, n // 5) if quick else n
+
+
+def _measure(call, iterations, warmup=None):
+    for _ in range(warmup if warmup is not None else max(2, iterations // 10)):
+        call()
+    times = []
+    for _ in range(iterations):
+        start = time.perf_counter_ns()
+        call()
+        times.append(time.perf_counter_ns() - start)
+    times.sort()
+    return times[len(times) // 2] / 1e3, times[min(len(times) - 1, int(len(times) * 0.99))] / 1e3
+
+
+# -- peers --------------------------------------------------------------------------------
+
+def _pipe_pickle_child(conn):
+    while (x := conn.recv()) is not None:
+        conn.send_bytes(pickle.dumps(x + 1, protocol=5))
+
+
+def _pipe_msgpack_child(conn):
+    while (data := conn.recv_bytes()) != b"":
+        shape, raw = msgpack.unpackb(data)
+        y = np.frombuffer(raw, np.float32).reshape(shape) + 1
+        conn.send_bytes(msgpack.packb([list(y.shape), y.tobytes()]))
+
+
+def _queue_child(inbox, outbox):
+    while (x := inbox.get()) is not None:
+        outbox.put(x + 1)
+
+
+def _torch_child(inbox, outbox):
+    while (x := inbox.get()) is not None:
+        y = x + 1
+        y.share_memory_()
+        outbox.put(y)
+
+
+def _shm_child(name, nbytes, sem_in, sem_out):
+    from multiprocessing import shared_memory
+    shm = shared_memory.SharedMemory(name)
+    request, reply = posix_ipc.Semaphore(sem_in), posix_ipc.Semaphore(sem_out)
+    count = nbytes // 4
+    x = np.ndarray(count, np.float32, shm.buf, 0)
+    y = np.ndarray(count, np.float32, shm.buf, nbytes)
+    while True:
+        request.acquire()
+        if shm.buf[2 * nbytes] == 1:
+            break
+        np.add(x, 1, out=y)
+        reply.release()
+    del x, y
+    shm.close()
+
+
+class Peer:
+    """A child process and the round-trip call into it; ``close()`` ends it."""
+
+    def __init__(self, call, close):
+        self.call, self.close = call, close
+
+
+def pipe_pickle_peer(nbytes):
+    host, child = _CTX.Pipe()
+    proc = _CTX.Process(target=_pipe_pickle_child, args=(child,))
+    proc.start()
+    x = np.zeros(nbytes // 4, np.float32)
+
+    def call():
+        host.send_bytes(pickle.dumps(x, protocol=5))
+        return pickle.loads(host.recv_bytes())
+    return Peer(call, lambda: (host.send(None), proc.join()))
+
+
+def pipe_msgpack_peer(nbytes):
+    host, child = _CTX.Pipe()
+    proc = _CTX.Process(target=_pipe_msgpack_child, args=(child,))
+    proc.start()
+    x = np.zeros(nbytes // 4, np.float32)
+
+    def call():
+        host.send_bytes(msgpack.packb([list(x.shape), x.tobytes()]))
+        shape, raw = msgpack.unpackb(host.recv_bytes())
+        return np.frombuffer(raw, np.float32).reshape(shape)
+    return Peer(call, lambda: (host.send_bytes(b""), proc.join()))
+
+
+def queue_peer(nbytes):
+    inbox, outbox = _CTX.Queue(), _CTX.Queue()
+    proc = _CTX.Process(target=_queue_child, args=(inbox, outbox))
+    proc.start()
+    x = np.zeros(nbytes // 4, np.float32)
+
+    def call():
+        inbox.put(x)
+        return outbox.get()
+    return Peer(call, lambda: (inbox.put(None), proc.join()))
+
+
+def torch_queue_peer(nbytes):
+    import torch
+    import torch.multiprocessing as tmp
+    ctx = tmp.get_context("fork")
+    inbox, outbox = ctx.Queue(), ctx.Queue()
+    proc = ctx.Process(target=_torch_child, args=(inbox, outbox))
+    proc.start()
+    x = torch.zeros(nbytes // 4, dtype=torch.float32).share_memory_()
+
+    def call():
+        inbox.put(x)
+        return outbox.get().numpy()
+    return Peer(call, lambda: (inbox.put(None), proc.join()))
+
+
+def shm_semaphore_peer(nbytes):
+    from multiprocessing import shared_memory
+    shm = shared_memory.SharedMemory(create=True, size=2 * nbytes + 1)
+    shm.buf[2 * nbytes] = 0
+    tag = f"/bench-{os.getpid()}-{nbytes}"
+    request = posix_ipc.Semaphore(tag + "-in", posix_ipc.O_CREX)
+    reply = posix_ipc.Semaphore(tag + "-out", posix_ipc.O_CREX)
+    proc = _CTX.Process(target=_shm_child, args=(shm.name, nbytes, request.name, reply.name))
+    proc.start()
+    count = nbytes // 4
+    x_in = np.ndarray(count, np.float32, shm.buf, 0)
+    y_out = np.ndarray(count, np.float32, shm.buf, nbytes)
+    x = np.zeros(count, np.float32)
+
+    def call():
+        x_in[...] = x            # copy in
+        request.release()
+        reply.acquire()
+        return y_out.copy()      # copy out: the next call reuses the segment
+
+    def close():
+        nonlocal x_in, y_out
+        shm.buf[2 * nbytes] = 1
+        request.release()
+        proc.join()
+        del x_in, y_out
+        shm.close()
+        shm.unlink()
+        for sem in (request, reply):
+            sem.unlink()
+    return Peer(call, close)
+
+
+# -- ope ----------------------------------------------------------------------------------
+
+def ope_peers(package, nbytes):
+    inproc = ope.load(package, out_of_process=False)
+    oop = ope.load(package, out_of_process=True, arena_mb=max(4, 3 * nbytes >> 20))
+    x = np.zeros(nbytes // 4, np.float32)
+    arena_x = oop.empty("x", x.shape)
+    arena_x[...] = 0
+    return {
+        "ope in-process": Peer(lambda: inproc.infer({"x": x}), inproc.close),
+        "ope out-of-process, model.empty input": Peer(lambda: oop.infer({"x": arena_x}), lambda: None),
+        "ope out-of-process, ordinary array": Peer(lambda: oop.infer({"x": x}), oop.close),
+    }
+
+
+def build_package(root):
+    code = os.path.join(root, "code")
+    os.makedirs(code)
+    with open(os.path.join(code, "add_one.py"), "w") as f:
+        f.write(_ADD_ONE)
+    spec = [ope.TensorSpec("x", "float32", ("n",))]
+    return ope.package_python(os.path.join(root, "add_one"), name="add_one", code_dir=code,
+                              entrypoint="add_one:factory", inputs=spec,
+                              outputs=[ope.TensorSpec("y", "float32", ("n",))]).path
+
+
+PEERS = {
+    "multiprocessing.Pipe + msgpack": pipe_msgpack_peer,
+    "multiprocessing.Pipe, pickle 5": pipe_pickle_peer,
+    "multiprocessing.Queue": queue_peer,
+    "torch.multiprocessing Queue (shared tensors)": torch_queue_peer,
+    "shared_memory + posix_ipc semaphores": shm_semaphore_peer,
+}
+
+
+# -- machine limits -----------------------------------------------------------------------
+
+def _word_mapping():
+    fd = os.memfd_create("bench-word")
+    os.ftruncate(fd, 4096)
+    mapping = ope_native.Mapping(fd, 4096)
+    os.close(fd)
+    return mapping
+
+
+def pingpong_us(rounds, futex):
+    """Round trip of a shared word flipped between two processes: busy-polling from Python,
+    or sleeping on a futex (ope_native.wait32 with no spin)."""
+    mapping = _word_mapping()
+    pid = os.fork()
+    if pid == 0:
+        for i in range(rounds):
+            _await(mapping, 2 * i + 1, futex)
+            mapping.store32(0, 2 * i + 2)
+            if futex:
+                mapping.wake32(0)
+        os._exit(0)
+    start = time.perf_counter_ns()
+    for i in range(rounds):
+        mapping.store32(0, 2 * i + 1)
+        if futex:
+            mapping.wake32(0)
+        _await(mapping, 2 * i + 2, futex)
+    elapsed = time.perf_counter_ns() - start
+    os.waitpid(pid, 0)
+    return elapsed / rounds / 1e3
+
+
+def _await(mapping, value, futex):
+    while mapping.load32(0) != value:
+        if futex:
+            mapping.wait32(0, value - 1, 1.0)
+
+
+def memcpy_gbps(nbytes):
+    src, dst = np.ones(nbytes // 4, np.float32), np.empty(nbytes // 4, np.float32)
+    median, _ = _measure(lambda: np.copyto(dst, src), 20 if nbytes >= 16 << 20 else 200)
+    return nbytes / (median * 1e3), median
+
+
+def idle_worker_cpu_percent(package, seconds):
+    with ope.load(package, out_of_process=True) as model:
+        model.infer({"x": np.zeros(4, np.float32)})
+        proc = psutil.Process(model.stats()["pid"])
+        before = sum(proc.cpu_times()[:2])
+        time.sleep(seconds)
+        return 100.0 * (sum(proc.cpu_times()[:2]) - before) / seconds
+
+
+# -- report -------------------------------------------------------------------------------
+
+def run(sizes, quick):
+    results = {}
+    with tempfile.TemporaryDirectory() as root:
+        package = build_package(root)
+        for nbytes in sizes:
+            iterations = _iterations(nbytes, quick)
+            floor_x = np.zeros(nbytes // 4, np.float32)
+            results[("in-process call x + 1 (floor)", nbytes)] = _measure(lambda: floor_x + 1, iterations)
+            ope_set = ope_peers(package, nbytes)
+            peers = dict(ope_set)
+            for name, make in PEERS.items():
+                peers[name] = make(nbytes)
+            try:
+                for name, peer in peers.items():
+                    results[(name, nbytes)] = _measure(peer.call, iterations)
+                    print(f"  {name:48s} {nbytes:>9d} B  median {results[(name, nbytes)][0]:10.1f} us",
+                          file=sys.stderr)
+            finally:
+                for peer in peers.values():
+                    peer.close()
+        idle = idle_worker_cpu_percent(package, 3 if quick else 10)
+    return results, idle
+
+
+def print_table(results, sizes, limits, idle):
+    names = [n for n, s in results if s == sizes[0]]
+    label = lambda n: f"{n} B" if n < 1024 else f"{n >> 10} KiB" if n < 1 << 20 else f"{n >> 20} MiB"
+    print("\nRound trip of an add-one model, float32; median us (p99 us) [ratio to ope in-process]\n")
+    print("| mechanism | " + " | ".join(label(s) for s in sizes) + " |")
+    print("|---|" + "---:|" * len(sizes))
+    for name in names:
+        cells = []
+        for s in sizes:
+            median, p99 = results[(name, s)]
+            ratio = median / results[("ope in-process", s)][0]
+            cells.append(f"{median:,.1f} ({p99:,.0f}) [{ratio:.2f}x]")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print("\nMachine limits:")
+    for key, value in limits.items():
+        print(f"  {key}: {value}")
+    print(f"  idle worker CPU: {idle:.2f}% of one core")
+
+
+def check_targets(results, sizes, limits, idle):
+    print("\nIssue 3 targets:")
+    if 16 in sizes:
+        rt = results[("ope out-of-process, ordinary array", 16)][0]
+        rt_empty = results[("ope out-of-process, model.empty input", 16)][0]
+        poll = limits["busy-poll ping-pong (us)"]
+        msgpack_pipe = results[("multiprocessing.Pipe + msgpack", 16)][0]
+        print(f"  16 B round trip {rt:.1f} us (empty input {rt_empty:.1f} us) = "
+              f"{rt / poll:.1f}x busy-poll ping-pong {poll:.2f} us (target <= 12x): "
+              f"{'OK' if rt <= 12 * poll else 'MISSED'}")
+        print(f"  16 B round trip vs Pipe + msgpack {msgpack_pipe:.1f} us: {rt / msgpack_pipe:.2f} "
+              f"(target <= 0.20): {'OK' if rt <= msgpack_pipe / 5 else 'MISSED'}")
+    big = max(sizes)
+    if big >= 16 << 20:
+        ope_big = results[("ope out-of-process, model.empty input", big)][0]
+        inproc = results[("ope in-process", big)][0]
+        copy_us = limits[f"memcpy {big >> 20} MiB (us)"]
+        bound = (inproc + copy_us) * 1.10
+        print(f"  {big >> 20} MiB with model.empty input {ope_big:,.0f} us vs in-process {inproc:,.0f} "
+              f"+ memcpy {copy_us:,.0f} + 10% = {bound:,.0f} us: {'OK' if ope_big <= bound else 'MISSED'}")
+    print(f"  idle worker CPU {idle:.2f}% (target < 1%): {'OK' if idle < 1 else 'MISSED'}")
+
+
+def zero_copy_proof(package_sizes):
+    """bytes_copied_in stays 0 for arena inputs: read from the model's own counters."""
+    with tempfile.TemporaryDirectory() as root:
+        package = build_package(root)
+        with ope.load(package, out_of_process=True) as model:
+            for nbytes in package_sizes:
+                x = model.empty("x", (nbytes // 4,))
+                x[...] = 1
+                for _ in range(3):
+                    model.infer({"x": x})
+                del x
+            stats = model.stats()
+    print(f"  model.empty inputs: bytes_copied_in = {stats['bytes_copied_in']} over "
+          f"{stats['calls']} calls (target 0): {'OK' if stats['bytes_copied_in'] == 0 else 'MISSED'}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer iterations, shorter idle check")
+    parser.add_argument("--sizes", default=",".join(map(str, SIZES)),
+                        help="comma-separated sizes in bytes")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    print(f"load average before: {os.getloadavg()}", file=sys.stderr)
+    limits = {
+        "busy-poll ping-pong (us)": round(pingpong_us(20000, futex=False), 2),
+        "futex ping-pong (us)": round(pingpong_us(2000, futex=True), 1),
+    }
+    for nbytes in sizes:
+        if nbytes >= 1 << 20:
+            gbps, us = memcpy_gbps(nbytes)
+            limits[f"memcpy {nbytes >> 20} MiB (us)"] = round(us, 1)
+            limits[f"memcpy {nbytes >> 20} MiB (GB/s)"] = round(gbps, 1)
+    results, idle = run(sizes, args.quick)
+    print_table(results, sizes, limits, idle)
+    check_targets(results, sizes, limits, idle)
+    zero_copy_proof([s for s in sizes if s <= 16 << 20])
+    print(f"\nload average after: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
