@@ -177,8 +177,8 @@ class OutOfProcessModel(Model):
             except OpeError:
                 force = True
         how = worker.stop(self.stop_grace_s, asked=not force)
-        if how != "exited":
-            worker.logger.warning("worker pid %d did not exit by itself: %s", worker.pid, how)
+        if how != "exited" and not force:
+            worker.logger.warning("worker pid %d did not shut down when asked: %s", worker.pid, how)
         worker.reap()
         self._arena.forget_peer_segments()
 
@@ -360,8 +360,7 @@ class OutOfProcessModel(Model):
             if where is None:
                 seg_id, payload, ring = self._arena.alloc(array.nbytes)
                 scratch.append((ring, payload))
-                np.frombuffer(ring.mapping, array.dtype, array.size, payload).reshape(
-                    array.shape)[...] = array
+                np.ndarray(array.shape, array.dtype, ring.mapping, payload)[...] = array
                 self._copied_in += array.nbytes
             else:
                 seg_id, payload = where

@@ -87,14 +87,22 @@ def unpack(data):
     return message
 
 
+# sender -> state -> {message type: next state}: the table above, indexed for a lookup per message.
+_NEXT = {}
+for (_state, _sender, _kind), _after in TRANSITIONS.items():
+    _NEXT.setdefault(_sender, {}).setdefault(_state, {})[_kind] = _after
+_NOTHING = {}
+
+
 class Conversation:
     """One side's view of the conversation: checks each message against TRANSITIONS and
     tracks the calls in flight (oldest first)."""
 
-    __slots__ = ("side", "state", "pending")
+    __slots__ = ("side", "peer", "state", "pending")
 
     def __init__(self, side):
         self.side = side
+        self.peer = "worker" if side == "host" else "host"
         self.state = "start"
         self.pending = collections.deque()
 
@@ -102,13 +110,13 @@ class Conversation:
         self._advance(self.side, message)
 
     def received(self, message):
-        self._advance("worker" if self.side == "host" else "host", message)
+        self._advance(self.peer, message)
 
     def _advance(self, sender, message):
         kind = message[0]
-        after = TRANSITIONS.get((self.state, sender, kind))
+        after = _NEXT[sender].get(self.state, _NOTHING).get(kind)
         if after is None:
-            raise ProtocolError(f"{sender} sent {_NAMES.get(kind, kind)} in state {self.state!r}")
+            raise ProtocolError(f"{sender} sent {_NAMES.get(kind, kind)!s:.20} in state {self.state!r}")
         if kind == INFER:
             self.pending.append(message[1])
         elif kind in _ANSWERS and self.state != "loading":
@@ -144,7 +152,9 @@ def decode_tensor(desc, peer_block):
             array = np.array(strings, dtype=str).reshape(shape)
         else:
             name, dtype, shape, seg_id, payload, nbytes = desc
-            array = np.frombuffer(peer_block(seg_id, payload, nbytes), NUMERIC_DTYPES[dtype]).reshape(shape)
+            array = np.ndarray(shape, NUMERIC_DTYPES[dtype], peer_block(seg_id, payload, nbytes))
+            if array.nbytes != nbytes:
+                raise ValueError(f"{nbytes} bytes do not hold shape {shape} of {dtype}")
         if type(name) is not str:
             raise TypeError("tensor name is not a str")
     except ProtocolError:

@@ -264,13 +264,17 @@ def _run_host(faulty, mid_call):
 
 
 def _wait_gone(pid, timeout_s):
-    try:
-        psutil.Process(pid).wait(timeout_s)
-    except psutil.NoSuchProcess:
-        pass
-    except psutil.TimeoutExpired:
-        return False
-    return True
+    """Whether ``pid`` exits within the time. An orphan stays a zombie until this machine's
+    init reaps it; a zombie runs nothing, so it counts as gone."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.005)  # polling another process's state; nothing to synchronise with
+    return False
 
 
 def _segments_of(pid):

@@ -122,8 +122,7 @@ class Worker:
                 descriptors.append(protocol.string_descriptor(name, array))
                 continue
             seg_id, payload, ring = self.arena.alloc(array.nbytes)
-            np.frombuffer(ring.mapping, array.dtype, array.size, payload).reshape(
-                array.shape)[...] = array
+            np.ndarray(array.shape, array.dtype, ring.mapping, payload)[...] = array
             copied += array.nbytes
             descriptors.append([name, dtype_name, list(array.shape), seg_id, payload, array.nbytes])
         return descriptors, copied
