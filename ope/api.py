@@ -4,12 +4,18 @@ Design idea: the mode is a decision of ``load`` alone. The same package, specs a
 code serve both modes; ``load`` picks in-process or out-of-process from its argument, else
 from ``OPE_OUT_OF_PROCESS`` (so a whole job can switch without code changes), else from the
 default.
+
+Out of process, ``load`` also decides where the worker runs: which interpreter (the host's own
+or a worker environment whose recorded versions satisfy the package's ``requires``, see
+ope/envs.py) and on which device. The host side only receives the result as its ``python``
+and ``env_vars`` options.
 """
 
 import os
 
 import numpy as np
 
+from ope import envs
 from ope.errors import OpeError, PackageError
 from ope.model import InProcessModel
 from ope.package import read_package
@@ -21,25 +27,60 @@ OUT_OF_PROCESS_ENV = "OPE_OUT_OF_PROCESS"
 # The out-of-process host (ope.host) becomes the default once it lands.
 _DEFAULT_OUT_OF_PROCESS = True
 
-_IN_PROCESS_HINT = ("Loading it out of process, in a worker environment that satisfies them, "
-                    "would run it.")
+_IN_PROCESS_HINT = ("Loading it out of process (ope.load(path, env='auto')), in a worker "
+                    "environment that satisfies them (ope env create NAME --python X.Y "
+                    "--require ...), would run it.")
 
 
-def load(path, *, out_of_process=None, timeout_s=None, **worker_options):
+def load(path, *, out_of_process=None, timeout_s=None, env=None, device=None,
+         **worker_options):
     """Open the package at ``path`` and return a ready :class:`~ope.model.Model`.
 
     ``out_of_process``: True runs the model in a worker process, False in this process,
-    None follows ``OPE_OUT_OF_PROCESS`` ("0"/"1") or the default. ``timeout_s`` (default
-    per-call deadline) and ``worker_options`` apply to the out-of-process mode.
+    None follows ``OPE_OUT_OF_PROCESS`` ("0"/"1") or the default. The other options apply to
+    the out-of-process mode: ``timeout_s`` (default per-call deadline); ``env``: the worker's
+    environment, "auto" (the default: this host's interpreter if it satisfies the package's
+    ``requires``, else a registered environment that does), a name (``ope env list``) or the
+    path of an interpreter or venv; ``device``: "cpu" or "cuda:N"; ``worker_options``: those
+    of :class:`~ope.host.OutOfProcessModel` (``cpus``, ``threads``, ``env_vars``, ...; an
+    explicit ``python`` bypasses ``env``).
     """
     package = read_package(path)
     if _resolve_out_of_process(out_of_process):
         from ope.host import OutOfProcessModel  # the host side is only needed in this mode
-        return OutOfProcessModel(package, timeout_s=timeout_s, **worker_options)
-    if worker_options:
-        raise TypeError(f"options {', '.join(sorted(worker_options))} apply only out of process")
+        options = _placed(package, env, device, worker_options)
+        return OutOfProcessModel(package, timeout_s=timeout_s, **options)
+    given = [name for name, value in (("env", env), ("device", device)) if value is not None]
+    if worker_options or given:
+        raise TypeError(f"options {', '.join(sorted([*worker_options, *given]))} apply only "
+                        f"out of process")
     ensure_requirements(package, hint=_IN_PROCESS_HINT)
     return InProcessModel(package)
+
+
+def _placed(package, env, device, worker_options):
+    """``worker_options`` with the interpreter and device variables ``env``/``device`` ask
+    for: the host side only sees ``python`` and ``env_vars``."""
+    options = dict(worker_options)
+    env_vars = dict(options.get("env_vars") or {})
+    if device is not None:
+        device_vars = envs.device_env_vars(device)
+        clash = sorted(set(device_vars) & set(env_vars))
+        if clash:
+            raise ValueError(f"device={device!r} sets {', '.join(clash)}; do not pass "
+                             f"{'it' if len(clash) == 1 else 'them'} in env_vars as well")
+        env_vars.update(device_vars)
+    if options.get("python") is not None:
+        if env is not None:
+            raise TypeError("pass env= or python=, not both: python= names the interpreter")
+    else:
+        python = envs.select(package, "auto" if env is None else env)
+        if python is not None:
+            options["python"], launch_vars = envs.worker_launch(python)
+            env_vars.update(launch_vars)
+    if env_vars:
+        options["env_vars"] = env_vars
+    return options
 
 
 def _resolve_out_of_process(out_of_process):
