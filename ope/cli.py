@@ -1,4 +1,5 @@
-"""The ``ope`` command: inspect a package, check it against its test data, run the demo.
+"""The ``ope`` command: inspect a package, check it against its test data, run the demo,
+manage worker environments (``ope env create|list|remove|register``).
 
 Every command reports an OpeError as one line ``ope: error: ...`` and exit status 1, so
 scripts can rely on the status and people can read the reason.
@@ -7,6 +8,10 @@ scripts can rely on the status and people can read the reason.
 import argparse
 import sys
 
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from ope import envs
 from ope.api import self_check
 from ope.errors import OpeError
 from ope.package import read_package
@@ -38,7 +43,28 @@ def _parser():
     check.set_defaults(command=_check)
     demo = commands.add_parser("demo", help="package two models, self-check and run them")
     demo.set_defaults(command=_demo)
+    _add_env_commands(commands)
     return parser
+
+
+def _add_env_commands(commands):
+    env = commands.add_parser("env", help="manage worker environments (under $OPE_HOME/envs)")
+    actions = env.add_subparsers(required=True, metavar="ACTION")
+    create = actions.add_parser("create", help="create a venv with ope and the requirements")
+    create.add_argument("name")
+    create.add_argument("--python", help="version (3.12) or interpreter path; default: this one")
+    create.add_argument("--require", action="append", default=[], metavar="SPEC",
+                        help="a PEP 508 requirement such as 'numpy<2' (repeatable)")
+    create.set_defaults(command=_env_create)
+    listing = actions.add_parser("list", help="environments, Python and key package versions")
+    listing.set_defaults(command=_env_list)
+    remove = actions.add_parser("remove", help="delete an environment")
+    remove.add_argument("name")
+    remove.set_defaults(command=_env_remove)
+    register = actions.add_parser("register", help="record an existing interpreter or venv")
+    register.add_argument("name")
+    register.add_argument("path", help="interpreter or venv folder (with ope installed)")
+    register.set_defaults(command=_env_register)
 
 
 def _inspect(args):
@@ -84,6 +110,45 @@ def _check(args):
     for name, array in outputs.items():
         print(f"  output {name!r}: {array.dtype} {list(array.shape)} matches the test data")
     print(f"package {package.name!r}: self-check passed")
+    return 0
+
+
+def _env_create(args):
+    env = envs.create(args.name, python=args.python, requires=args.require)
+    print(f"created environment {env.name!r}: Python {env.python_version}, "
+          f"{_key_packages(env)}")
+    return 0
+
+
+def _env_register(args):
+    env = envs.register(args.name, args.path)
+    print(f"registered environment {env.name!r}: Python {env.python_version} at {env.python}, "
+          f"{_key_packages(env)}")
+    return 0
+
+
+def _env_list(args):
+    print(f"environments in {envs.ope_home()}/envs")
+    for env in envs.list_envs():
+        stale = "   [built from other ope source]" if env.stale else ""
+        print(f"  {env.name:<16} {env.kind:<10} Python {env.python_version:<8} "
+              f"{_key_packages(env)}{stale}")
+    return 0
+
+
+# Shown by `ope env list` besides what the environment was asked for.
+_KEY_PACKAGES = ("ope", "numpy", "torch", "tensorflow", "jax")
+
+
+def _key_packages(env):
+    asked = [Requirement(text).name for text in env.requires]
+    names = dict.fromkeys(canonicalize_name(name) for name in (*_KEY_PACKAGES, *asked))
+    return ", ".join(f"{name} {env.packages[name]}" for name in names if name in env.packages)
+
+
+def _env_remove(args):
+    envs.remove(args.name)
+    print(f"removed environment {args.name!r}")
     return 0
 
 
