@@ -51,10 +51,21 @@ def no_leaks():
 
 
 def _ope_segments():
-    """ope- segments in /dev/shm, less those of models still open (module-scoped fixtures)."""
+    """ope- segments this test run could have left: those of this process, less those of
+    models still open (module-scoped fixtures), and those whose owner is dead (a host process
+    a test started and killed). Live owners elsewhere are other runs on this machine."""
     open_arenas = tuple(model._arena.prefix + "-" for model in list(ope.host._open_models))
+    mine = f"ope-{os.getpid()}-"
     return {name for name in os.listdir("/dev/shm")
-            if name.startswith("ope-") and not name.startswith(open_arenas)}
+            if name.startswith("ope-") and not name.startswith(open_arenas)
+            and (name.startswith(mine) or not _owner_alive(name))}
+
+
+def _owner_alive(name):
+    try:
+        return psutil.pid_exists(int(name.split("-")[1]))
+    except (IndexError, ValueError):
+        return False
 
 
 @pytest.fixture(scope="session", autouse=True)
