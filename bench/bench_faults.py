@@ -61,46 +61,35 @@ def crash_while_blocked(path, rounds):
     return samples
 
 
-def crash_in_call(path, rounds):
+def _time_to_error(path, rounds, fault, error, **options):
+    """Per round: a healthy call (its time is the baseline), then the faulty call; returns the
+    faulty call's time to ``error`` less the baseline, in ms."""
     samples = []
-    with ope.load(path, out_of_process=True, max_restarts=10_000) as model:
+    with ope.load(path, out_of_process=True, max_restarts=10_000, **options) as model:
         for _ in range(rounds):
-            model.infer(fault_inputs("ok"))  # the first call after a crash starts a worker
+            model.infer(fault_inputs("ok"))  # the first call after a fault starts a worker
             start = time.perf_counter()
             model.infer(fault_inputs("ok"))
-            healthy = time.perf_counter() - start
+            baseline = time.perf_counter() - start
             start = time.perf_counter()
             try:
-                model.infer(fault_inputs("exit3"))
-            except ope.WorkerCrashed:
-                samples.append((time.perf_counter() - start - healthy) * 1e3)
+                model.infer(fault_inputs(fault))
+            except error:
+                samples.append((time.perf_counter() - start - baseline) * 1e3)
     return samples
+
+
+def crash_in_call(path, rounds):
+    return _time_to_error(path, rounds, "exit3", ope.WorkerCrashed)
 
 
 def deadline_overshoot(path, rounds, timeout_s=0.2):
-    samples = []
-    with ope.load(path, out_of_process=True, timeout_s=timeout_s, max_restarts=10_000) as model:
-        for _ in range(rounds):
-            model.infer(fault_inputs("ok"))
-            start = time.perf_counter()
-            try:
-                model.infer(fault_inputs("spin"))
-            except ope.WorkerTimeout:
-                samples.append((time.perf_counter() - start - timeout_s) * 1e3)
-    return samples
+    samples = _time_to_error(path, rounds, "spin", ope.WorkerTimeout, timeout_s=timeout_s)
+    return [ms - timeout_s * 1e3 for ms in samples]
 
 
 def memory_limit(path, rounds, limit_mb=200):
-    samples = []
-    with ope.load(path, out_of_process=True, memory_limit_mb=limit_mb, max_restarts=10_000) as model:
-        for _ in range(rounds):
-            model.infer(fault_inputs("ok"))
-            start = time.perf_counter()
-            try:
-                model.infer(fault_inputs("balloon"))
-            except ope.MemoryLimitExceeded:
-                samples.append((time.perf_counter() - start) * 1e3)
-    return samples
+    return _time_to_error(path, rounds, "balloon", ope.MemoryLimitExceeded, memory_limit_mb=limit_mb)
 
 
 def restart_cost(path, rounds):
