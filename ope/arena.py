@@ -250,6 +250,8 @@ class Arena:
 
         On the host (outputs) the Block gives the payload back to the worker's ring when the
         caller drops it; on the worker (inputs) it is sealed and the host gives it back."""
+        if type(seg_id) is not int or _worker_owned(seg_id) != self.host:
+            raise ProtocolError(f"peer named segment id {seg_id!r:.40}, which it does not own")
         segment = self._segments.get(seg_id) or self._map_peer_segment(seg_id)
         try:
             return segment.mapping.block(payload, nbytes, ring=segment.ring.offset,
@@ -258,8 +260,6 @@ class Arena:
             raise ProtocolError(f"peer's descriptor for segment {seg_id}: {exc}") from None
 
     def _map_peer_segment(self, seg_id):
-        if not isinstance(seg_id, int) or seg_id <= 0 or _worker_owned(seg_id) != self.host:
-            raise ProtocolError(f"peer named segment id {seg_id!r}, which it cannot own")
         name = self.name_of(seg_id)
         mapping = _open_segment(name)
         _check_header(mapping, name)

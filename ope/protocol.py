@@ -80,7 +80,8 @@ def unpack(data):
         message = msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types for garbage
         raise ProtocolError(f"undecodable message ({len(data)} bytes): {exc}") from None
-    if not isinstance(message, list) or not message or message[0] not in _LENGTHS:
+    if not isinstance(message, list) or not message or type(message[0]) is not int \
+            or message[0] not in _LENGTHS:
         raise ProtocolError(f"not an ope message: {message!r:.200}")
     if len(message) != _LENGTHS[message[0]]:
         raise ProtocolError(f"{_NAMES[message[0]]} message with {len(message)} fields: {message!r:.200}")
@@ -179,7 +180,7 @@ def error_fields(exc, limit):
 def error_from_message(message):
     """The exception an ERROR message describes, ready to raise."""
     _, _, type_name, text, fields = message
-    cls = _WIRE_ERRORS.get(type_name)
+    cls = _WIRE_ERRORS.get(type_name) if isinstance(type_name, str) else None
     if cls is None or not isinstance(text, str) or not isinstance(fields, dict):
         return errors.ModelError(f"worker reported {type_name!r:.100}: {text!r:.2000}")
     if cls is errors.ModelError:

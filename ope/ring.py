@@ -23,7 +23,9 @@ Layout (little-endian; the ring starts 64-byte aligned in its segment)::
        8  u32 state    FREE 0x45455246 ("FREE") or USED 0x44455355 ("USED")
 
 Allocation is next-fit from the cursor: a USED block is stepped over; a FREE block absorbs
-the FREE blocks after it until the request fits, and the remainder is split off. The
+the FREE blocks after it until the request fits, and the remainder is split off. A search
+that finds no room leaves the cursor at 0, because a merge on its way may have absorbed the
+block the cursor pointed at; every size is checked before it is trusted. The
 allocator stores USED with release order; the holder gives a block back with a release
 compare-and-swap USED -> FREE, which the allocator reads with acquire order, so the bytes a
 holder last read or wrote are never handed out while still in use. Only the allocator writes
@@ -109,14 +111,14 @@ class PyRing(Ring):
     def __init__(self, mapping, offset, size=None):
         self._buf = memoryview(mapping)
         if size is not None:
-            self._init(offset, size)
+            self._init(mapping, offset, size)
         super().__init__(mapping, offset)
 
-    def _init(self, offset, size):
+    def _init(self, mapping, offset, size):
         area = (size - RING_HEADER) // LINE * LINE
         struct.pack_into("<6Q", self._buf, offset, 0, area, 0, 0, 0, 0)
         struct.pack_into("<QI", self._buf, offset + RING_HEADER, area, _FREE)
-        self.mapping.store64(offset, _MAGIC)
+        mapping.store64(offset, _MAGIC)
 
     def _size(self, pos):
         return struct.unpack_from("<Q", self._buf, self._start + pos)[0]
@@ -132,6 +134,8 @@ class PyRing(Ring):
         if need > self.area:
             return None
         pos = self.mapping.load64(self.offset + _CURSOR)
+        if pos >= self.area or pos % LINE:
+            pos = 0
         scanned = 0
         while scanned < self.area + need:
             size = self._checked_size(pos)
@@ -144,6 +148,8 @@ class PyRing(Ring):
                 raise ValueError(f"ring block at {pos} has a corrupt state {state:#x}")
             scanned += size
             pos = (pos + size) % self.area
+        # A merge may have swallowed the header the cursor pointed at; 0 always starts a block.
+        struct.pack_into("<Q", self._buf, self.offset + _CURSOR, 0)
         return None
 
     def _checked_size(self, pos):
@@ -154,7 +160,7 @@ class PyRing(Ring):
 
     def _merge_free(self, pos, size, need):
         while size < need and pos + size < self.area and self._state(pos + size) == _FREE:
-            size += self._size(pos + size)
+            size += self._checked_size(pos + size)
         self._set_size(pos, size)
         return size
 

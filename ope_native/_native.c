@@ -363,8 +363,15 @@ static long long ring_alloc(MappingObject *m, long long ring, uint64_t nbytes) {
         uint32_t state = __atomic_load_n(u32_at(a + pos, B_STATE), __ATOMIC_ACQUIRE);
         if (state == BLOCK_FREE) {
             while (size < need && pos + size < area &&
-                   __atomic_load_n(u32_at(a + pos + size, B_STATE), __ATOMIC_ACQUIRE) == BLOCK_FREE)
-                size += *u64_at(a + pos + size, B_SIZE);
+                   __atomic_load_n(u32_at(a + pos + size, B_STATE), __ATOMIC_ACQUIRE) == BLOCK_FREE) {
+                uint64_t next = *u64_at(a + pos + size, B_SIZE);
+                if (next == 0 || next % LINE || next > area - pos - size) {
+                    PyErr_Format(PyExc_ValueError, "ring block at %llu has a corrupt size %llu",
+                                 (unsigned long long)(pos + size), (unsigned long long)next);
+                    return -2;
+                }
+                size += next;
+            }
             *u64_at(a + pos, B_SIZE) = size;
             if (size >= need) {
                 if (size - need >= 2 * BLOCK_HEADER) {
@@ -389,6 +396,9 @@ static long long ring_alloc(MappingObject *m, long long ring, uint64_t nbytes) {
         scanned += size;
         pos = (pos + size) % area;
     }
+    /* A merge on the way may have swallowed the header the cursor pointed at; offset 0 always
+     * starts a block. */
+    *u64_at(h, R_CURSOR) = 0;
     return -1;
 }
 
@@ -498,8 +508,8 @@ static PyObject *mapping_queue_push(MappingObject *self, PyObject *args) {
         uint64_t t = __atomic_load_n(tail, __ATOMIC_ACQUIRE);
         uint64_t idx = h % Q.capacity, pad = idx + rec > Q.capacity ? Q.capacity - idx : 0;
         if (__atomic_load_n(u32_at(Q.hdr, Q_CLOSED), __ATOMIC_ACQUIRE)) { status = WAIT_CLOSED; break; }
-        if (h - t > Q.capacity) {
-            PyErr_SetString(PyExc_ValueError, "queue tail is ahead of head: corrupt queue");
+        if (h - t > Q.capacity || h % 8 || t % 8) {
+            PyErr_SetString(PyExc_ValueError, "queue head/tail out of range: corrupt queue");
             goto done;
         }
         if (Q.capacity - (h - t) >= pad + rec) {
@@ -552,7 +562,7 @@ static PyObject *mapping_queue_pop(MappingObject *self, PyObject *args) {
             continue;
         }
         uint64_t avail = h - t, idx = t % Q.capacity;
-        if (avail > Q.capacity || avail < RECORD_HEADER) {
+        if (avail > Q.capacity || avail < RECORD_HEADER || h % 8 || t % 8) {
             PyErr_SetString(PyExc_ValueError, "queue head/tail out of range: corrupt queue");
             return NULL;
         }

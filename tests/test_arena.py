@@ -1,0 +1,279 @@
+"""The arena (ope/arena.py): segments in /dev/shm, growth up to a maximum, clean-up, the
+garbage collection of segments whose host died, and the worker's view of the host's blocks.
+
+Every arena a test makes is closed at teardown, and the test checks that no name with its
+prefix is left in /dev/shm.
+"""
+
+import os
+import re
+import stat
+import struct
+
+import numpy as np
+import posix_ipc
+import pytest
+
+import ope
+from ope.arena import SHM_DIR, Arena, gc_segments, segment_names
+from ope.ring import block_size
+
+KIB, MIB = 1 << 10, 1 << 20
+
+
+@pytest.fixture
+def make_arena():
+    """Arena.create with small defaults; closes every arena at teardown and checks that its
+    names are gone."""
+    made = []
+
+    def make(**options):
+        options = {"queue_bytes": 4 * KIB, "ring_bytes": 64 * KIB, "max_bytes": 4 * MIB, **options}
+        arena = Arena.create(**options)
+        made.append(arena)
+        return arena
+
+    yield make
+    for arena in made:
+        arena.close()
+    for arena in made:
+        assert segment_names(arena.prefix) == [], "close() left names behind"
+
+
+@pytest.fixture
+def pair(make_arena):
+    """(host, worker): a host arena and a worker attached to it."""
+    host = make_arena()
+    worker = Arena.attach(host.prefix, first_id=2, max_bytes=4 * MIB)
+    yield host, worker
+    worker.close()
+
+
+def test_create_makes_one_owner_only_segment_named_for_this_process(make_arena):
+    arena = make_arena()
+    assert re.fullmatch(rf"ope-{os.getpid()}-[0-9a-f]+", arena.prefix)
+    names = segment_names(arena.prefix)
+    assert names == [f"{arena.prefix}-0"]
+    mode = os.stat(os.path.join(SHM_DIR, names[0])).st_mode
+    assert stat.S_IMODE(mode) == 0o600
+    assert arena.used_bytes() == 0 and arena.own_bytes > 64 * KIB
+
+
+def test_two_arenas_have_different_prefixes(make_arena):
+    assert make_arena().prefix != make_arena().prefix
+
+
+def test_allocating_more_than_the_ring_holds_grows_by_a_new_segment(make_arena):
+    arena = make_arena()
+    before = arena.own_bytes
+    seg_id, payload, ring = arena.alloc(200 * KIB)
+    assert seg_id == 1  # the host's new segments have odd ids
+    assert segment_names(arena.prefix) == [f"{arena.prefix}-0", f"{arena.prefix}-1"]
+    assert arena.own_bytes > before
+    assert ring.used == block_size(200 * KIB)
+    memoryview(arena.segment_mapping(seg_id))[payload:payload + 200 * KIB] = b"\x01" * (200 * KIB)
+    small = arena.alloc(100)  # still room for small ones, in whichever ring has it
+    assert small[0] in (0, 1)
+    assert arena.used_bytes() == block_size(200 * KIB) + block_size(100)
+    ring.release(payload)
+    small[2].release(small[1])
+    assert arena.used_bytes() == 0
+    assert arena.high_water_bytes() >= block_size(200 * KIB) + block_size(100)
+
+
+def test_growth_past_max_bytes_raises_arena_full_and_small_allocations_go_on(make_arena):
+    arena = make_arena(max_bytes=1 * MIB)
+    with pytest.raises(ope.ArenaFull):
+        arena.alloc(2 * MIB)
+    held = [arena.alloc(200 * KIB) for _ in range(3)]  # grows as far as it may
+    with pytest.raises(ope.ArenaFull):
+        while True:
+            held.append(arena.alloc(200 * KIB))
+    assert arena.own_bytes <= 1 * MIB
+    seg_id, payload, ring = arena.alloc(1 * KIB)
+    ring.release(payload)
+    for _, payload, ring in held:
+        ring.release(payload)
+    assert arena.alloc(200 * KIB) is not None  # space that came back is used again
+
+
+def test_new_block_gives_its_space_back_when_dropped(make_arena):
+    arena = make_arena()
+    seg_id, block = arena.new_block(1000)
+    array = np.frombuffer(block, np.uint8)
+    del block
+    assert arena.used_bytes() == block_size(1000)
+    del array
+    assert arena.used_bytes() == 0
+
+
+def test_close_removes_every_name_with_the_prefix_and_can_be_repeated(make_arena, pair):
+    host, worker = pair
+    host.alloc(200 * KIB)  # segment 1
+    worker.alloc(10)  # the worker owns no ring yet: segment 2
+    assert len(segment_names(host.prefix)) == 3
+    host.close()
+    assert segment_names(host.prefix) == []
+    host.close()
+
+
+def test_a_view_stays_readable_after_close(make_arena):
+    arena = make_arena()
+    seg_id, block = arena.new_block(16)
+    array = np.frombuffer(block, np.uint8)
+    array[:] = 7
+    del block
+    arena.close()
+    assert segment_names(arena.prefix) == []
+    assert array.sum() == 7 * 16
+
+
+# -- garbage collection -------------------------------------------------------------------
+
+
+def _dead_pid():
+    """The pid of a child that has exited and been reaped."""
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    return pid
+
+
+@pytest.fixture
+def hand_made_segments():
+    """make(name): a segment created directly with posix_ipc; unlinked at teardown if left."""
+    names = []
+
+    def make(name):
+        shm = posix_ipc.SharedMemory("/" + name, posix_ipc.O_CREX, mode=0o600, size=4096)
+        shm.close_fd()
+        names.append(name)
+        return name
+
+    yield make
+    for name in names:
+        try:
+            posix_ipc.unlink_shared_memory("/" + name)
+        except posix_ipc.ExistentialError:
+            pass
+
+
+def test_gc_removes_a_segment_whose_owner_is_dead_and_leaves_a_live_one(hand_made_segments):
+    dead = hand_made_segments(f"ope-{_dead_pid()}-0123abcd-0")
+    live = hand_made_segments(f"ope-{os.getpid()}-0123abcd-0")
+    removed = gc_segments()
+    assert dead in removed
+    assert live not in removed
+    assert not os.path.exists(os.path.join(SHM_DIR, dead))
+    assert os.path.exists(os.path.join(SHM_DIR, live))
+
+
+def test_gc_leaves_names_it_does_not_recognise(hand_made_segments):
+    odd = hand_made_segments(f"ope-{_dead_pid()}-not-ours")
+    assert odd not in gc_segments()
+    assert os.path.exists(os.path.join(SHM_DIR, odd))
+
+
+def test_gc_leaves_a_live_arena_alone(make_arena):
+    arena = make_arena()
+    assert not any(name.startswith(arena.prefix + "-") for name in gc_segments())
+    assert segment_names(arena.prefix) == [f"{arena.prefix}-0"]
+
+
+# -- the worker's side --------------------------------------------------------------------
+
+
+def test_the_worker_sees_the_hosts_blocks_as_sealed_read_only_views(pair):
+    host, worker = pair
+    seg_id, block = host.new_block(64)
+    host_view = np.frombuffer(block, np.float32)
+    host_view[:] = np.arange(16)
+    peer = worker.peer_block(seg_id, block.offset, 64)
+    assert peer.sealed and memoryview(peer).readonly
+    seen = np.frombuffer(peer, np.float32)
+    np.testing.assert_array_equal(seen, np.arange(16))
+    with pytest.raises(ValueError):
+        seen[0] = 1
+    host_view[0] = 42  # the same bytes, not a copy
+    assert seen[0] == 42
+    del peer, seen  # the worker's view does not give the host's block back
+    assert host.used_bytes() == block_size(64)
+
+
+def test_the_worker_maps_a_segment_the_host_grew_later(pair):
+    host, worker = pair
+    seg_id, block = host.new_block(200 * KIB)
+    assert seg_id == 1
+    np.frombuffer(block, np.uint8)[-1] = 9
+    peer = worker.peer_block(seg_id, block.offset, 200 * KIB)
+    assert np.frombuffer(peer, np.uint8)[-1] == 9
+
+
+def test_the_host_sees_the_workers_blocks_and_gives_them_back(pair):
+    host, worker = pair
+    seg_id, payload, ring = worker.alloc(32)
+    assert seg_id == 2  # the worker's segments have even ids from first_id
+    memoryview(worker.segment_mapping(seg_id))[payload:payload + 32] = bytes(range(32))
+    output = host.peer_block(seg_id, payload, 32)
+    assert not output.sealed
+    assert bytes(output) == bytes(range(32))
+    assert ring.used == block_size(32)
+    del output
+    assert ring.used == 0
+
+
+@pytest.mark.parametrize("seg_id,offset,nbytes", [
+    (0, 1, 8),  # misaligned
+    (0, 0, 8),  # the arena header
+    (0, None, 1 << 30),  # runs past the ring
+    (0, None, -1),
+    (1, 4096 + 128, 8),  # a host segment that does not exist
+    (-1, 0, 8),
+    ("0", 0, 8),
+])
+def test_the_worker_refuses_a_bad_range_with_protocol_error(pair, seg_id, offset, nbytes):
+    host, worker = pair
+    _, payload, ring = host.alloc(8)
+    with pytest.raises(ope.ProtocolError):
+        worker.peer_block(seg_id, payload if offset is None else offset, nbytes)
+    ring.release(payload)
+
+
+def test_attach_refuses_a_segment_that_is_not_an_arena(hand_made_segments):
+    name = hand_made_segments(f"ope-{os.getpid()}-feedface-0")
+    with pytest.raises(ope.ProtocolError):
+        Arena.attach(name[:-2], first_id=2)
+    with pytest.raises(ope.ProtocolError):
+        Arena.attach(f"ope-{os.getpid()}-00000000", first_id=2)  # no such arena
+
+
+def test_the_channel_connects_host_and_worker(pair):
+    host, worker = pair
+    assert host.channel.send(b"load", timeout_s=0)
+    assert worker.channel.receive(timeout_s=0) == b"load"
+    assert worker.channel.send(b"ready", timeout_s=0)
+    assert host.channel.receive(timeout_s=0) == b"ready"
+
+
+def test_reset_channel_empties_both_queues_for_a_new_worker(pair):
+    host, worker = pair
+    assert host.channel.send(b"stale", timeout_s=0)
+    worker.channel.close()
+    channel = host.reset_channel()
+    assert not channel.closed
+    fresh = Arena.attach(host.prefix, first_id=4)
+    try:
+        assert fresh.channel.receive(timeout_s=0) is None
+        assert channel.send(b"new", timeout_s=0)
+        assert fresh.channel.receive(timeout_s=0) == b"new"
+    finally:
+        fresh.close()
+
+
+def test_the_segment_header_describes_the_layout(make_arena):
+    arena = make_arena()
+    mapping = arena.segment_mapping(0)
+    magic, layout, size, h2w, w2h, ring = struct.unpack_from("<QI4xQQQQ", mapping, 0)
+    assert magic == 0x414E455241455045 and layout == 1 and size == mapping.size
+    assert h2w == 4096 and w2h == h2w + 4 * KIB and ring == w2h + 4 * KIB
