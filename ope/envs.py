@@ -104,7 +104,10 @@ class Env:
         """Built from other ope source than this host's (None: unknown, e.g. registered)."""
         if self.ope_source is None:
             return None
-        return self.ope_source != source_fingerprint()
+        try:
+            return self.ope_source != source_fingerprint()
+        except EnvError:
+            return None  # this host has no source tree to compare with
 
 
 # -- where environments live -------------------------------------------------------------
@@ -411,11 +414,11 @@ def worker_launch(python):
     launcher = os.path.join(ope_home(), "bin", "ope-worker-python")
     if _read_text(launcher) != _LAUNCHER:
         os.makedirs(os.path.dirname(launcher), exist_ok=True)
-        staged = f"{launcher}.{os.getpid()}"
-        with open(staged, "w") as file:
+        descriptor, staged = tempfile.mkstemp(dir=os.path.dirname(launcher))
+        with os.fdopen(descriptor, "w") as file:
             file.write(_LAUNCHER)
         os.chmod(staged, 0o755)
-        os.replace(staged, launcher)  # concurrent hosts each write the same complete file
+        os.replace(staged, launcher)  # a worker starting meanwhile sees an old or new whole file
     return launcher, {"OPE_WORKER_PYTHON": python}
 
 
