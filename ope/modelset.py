@@ -10,7 +10,6 @@ results of the same shape once every call has settled.
 """
 
 import collections.abc
-import concurrent.futures
 import functools
 import time
 
