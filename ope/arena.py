@@ -268,11 +268,12 @@ class Arena:
 
     # -- accounting and teardown --------------------------------------------------------
 
+    # list(): the receiving thread may map a peer segment meanwhile.
     def used_bytes(self):
-        return sum(s.ring.used for s in self._segments.values())
+        return sum(s.ring.used for s in list(self._segments.values()))
 
     def high_water_bytes(self):
-        return sum(s.ring.high_water for s in self._segments.values())
+        return sum(s.ring.high_water for s in list(self._segments.values()))
 
     @property
     def own_bytes(self):

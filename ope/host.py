@@ -97,8 +97,11 @@ class OutOfProcessModel(Model):
                 self._env_vars.setdefault(var, str(threads))
         self._load_options = {"cpus": sorted(cpus) if cpus else None, "threads": threads}
         self._policy = RestartPolicy(max_restarts, restart_window_s)
-        self._lock = threading.RLock()  # re-entered by _collect from _close and _fail paths
-        self._has_pending = threading.Condition(self._lock)
+        # Sending (and allocating from our rings) and receiving run concurrently, each under
+        # its own lock; changing the worker takes both, always the receive lock first.
+        self._send_lock = threading.RLock()
+        self._recv_lock = threading.RLock()
+        self._has_pending = threading.Condition(self._send_lock)
         self._pending = collections.deque()
         self._collector = None
         self._call_ids = itertools.count(1)
@@ -111,7 +114,7 @@ class OutOfProcessModel(Model):
         self._state = "starting"
         self._arena = Arena.create(ring_bytes=arena_mb * _MIB, max_bytes=arena_max_mb * _MIB)
         try:
-            with self._lock:
+            with self._recv_lock, self._send_lock:
                 self._start_worker()
         except BaseException:
             self._closed = True  # nothing for __del__ to close: the arena goes now
@@ -120,7 +123,7 @@ class OutOfProcessModel(Model):
         _open_models.add(self)
         Supervisor.get().watch(self)
 
-    # -- worker lifecycle (callers hold self._lock) ---------------------------------------
+    # -- worker lifecycle (callers hold both locks, or the receive lock for _fail) ----------
 
     def _start_worker(self):
         """Start a worker, check its protocol version, and load the package in it."""
@@ -160,8 +163,12 @@ class OutOfProcessModel(Model):
         self._conversation.received(hello)
 
     def _fail(self, reason):
-        """Discard the worker after a fault: stop it, record why, maybe restart at once."""
-        self._discard_worker(force=True)
+        """Discard the worker after a fault: stop it, record why, maybe restart at once.
+        Closing the channel first wakes a sender blocked on a full queue, so the send lock
+        comes free."""
+        self._arena.channel.close()
+        with self._send_lock:
+            self._discard_worker(force=True)
         self._policy.record(reason)
         self._state = "broken" if self._policy.broken else "restarting"
         if self.restart == "eager":
@@ -227,13 +234,15 @@ class OutOfProcessModel(Model):
                                      f"> memory_limit_mb={self.memory_limit_mb}")
                 worker.kill()
         if self.restart == "eager" and self._worker is None and not self._closed \
-                and self._state == "restarting" and self._lock.acquire(blocking=False):
+                and self._state == "restarting" and self._recv_lock.acquire(blocking=False):
             try:
-                self._start_worker()
+                with self._send_lock:
+                    if self._worker is None and not self._closed:
+                        self._start_worker()
             except OpeError:
                 pass  # recorded in the policy; the next call reports it
             finally:
-                self._lock.release()
+                self._recv_lock.release()
 
     # -- calls --------------------------------------------------------------------------
     #
@@ -259,11 +268,15 @@ class OutOfProcessModel(Model):
 
     def _send_call(self, arrays, bindings, timeout_s, future):
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        with self._lock:
+        while self._worker is None and not self._closed:
+            with self._recv_lock, self._send_lock:
+                if self._worker is None and not self._closed:
+                    self._start_worker()
+        with self._send_lock:
             if self._closed:
                 raise ModelClosed(f"model {self.name!r} is closed")
-            if self._worker is None:
-                self._start_worker()
+            if self._worker is None:  # it failed since: start another
+                return self._send_call(arrays, bindings, timeout_s, future)
             descriptors, scratch, sealed = self._encode_inputs(arrays)
             call = _Call(None if timeout_s is None else time.monotonic() + timeout_s,
                          scratch, sealed, bindings, future)
@@ -279,7 +292,7 @@ class OutOfProcessModel(Model):
 
     def _collect(self, call):
         """Collect replies until ``call`` is done; returns its raw outputs or raises its error."""
-        with self._lock:
+        with self._recv_lock:
             while not call.done:
                 head = self._pending[0]
                 try:
@@ -324,7 +337,7 @@ class OutOfProcessModel(Model):
             head = False
 
     def _wake_collector(self):
-        with self._lock:
+        with self._send_lock:
             if self._collector is None:
                 self._collector = threading.Thread(target=self._collect_forever, daemon=True,
                                                    name=f"ope-collector-{self.name}")
@@ -334,7 +347,7 @@ class OutOfProcessModel(Model):
     def _collect_forever(self):
         """Complete futures that nobody waits on (asyncio, callbacks, futures.wait)."""
         while True:
-            with self._lock:
+            with self._send_lock:
                 while not self._pending and not self._closed:
                     self._has_pending.wait()
                 if self._closed and not self._pending:
@@ -394,7 +407,7 @@ class OutOfProcessModel(Model):
         infer copies nothing. Its space returns to the arena when the last view is dropped."""
         dtype = self._empty_spec(name, shape).numpy_dtype
         shape = tuple(shape)
-        with self._lock:
+        with self._send_lock:
             _, block = self._arena.new_block(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
         return np.ndarray(shape, dtype, block)
 
@@ -434,10 +447,12 @@ class OutOfProcessModel(Model):
     def _close(self):
         _open_models.discard(self)
         Supervisor.get().unwatch(self)
-        if not self._lock.acquire(blocking=False):
-            # A call is in flight (maybe in another thread): wake it; it raises ModelClosed.
-            self._arena.channel.close()
-            self._lock.acquire()
+        for lock in (self._recv_lock, self._send_lock):
+            if not lock.acquire(blocking=False):
+                # A call is in flight or blocked sending (maybe in another thread): wake it;
+                # it raises ModelClosed and lets go of the lock.
+                self._arena.channel.close()
+                lock.acquire()
         try:
             self._fail_pending(ModelClosed(f"model {self.name!r} was closed"))
             self._has_pending.notify_all()
@@ -445,7 +460,8 @@ class OutOfProcessModel(Model):
         finally:
             self._state = "closed"
             self._arena.close()
-            self._lock.release()
+            self._send_lock.release()
+            self._recv_lock.release()
 
 
 class _Call:

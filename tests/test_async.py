@@ -58,6 +58,14 @@ def test_calls_to_one_model_complete_in_submission_order(load_model, timed):
     assert starts == sorted(starts)
 
 
+def test_a_second_submit_does_not_wait_for_the_first_call(timed):
+    with ope.load(timed, out_of_process=True) as model:
+        first = model.submit(call_inputs(1, hold=2.0))
+        first_started = model.submit(call_inputs(0))  # queued behind it, in order
+        assert not first.done(), "submit waited for the call in flight"
+        assert first.result()["y"][0] == 2 and first_started.result()["y"][0] == 1
+
+
 def test_submit_checks_inputs_at_once(load_model, timed):
     model = load_model(timed)
     with pytest.raises(ope.SpecError, match="'x'"):
