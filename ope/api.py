@@ -76,8 +76,7 @@ def _placed(package, env, device, worker_options):
     else:
         python = envs.select(package, "auto" if env is None else env)
         if python is not None:
-            options["python"], launch_vars = envs.worker_launch(python)
-            env_vars.update(launch_vars)
+            options["python"] = python
     if env_vars:
         options["env_vars"] = env_vars
     return options

@@ -17,10 +17,9 @@ Layout of ``$OPE_HOME/envs/NAME``::
                     "ope_version", "ope_source": source fingerprint (created only)}
     bin/, lib/     the venv itself (created environments only; a registered one is elsewhere)
 
-A worker of an environment starts through a launcher that runs its interpreter isolated
-(``-I``): the host's current folder, ``PYTHONPATH`` and user site must not leak in, or the
-worker would import the host's ope, and an ``ope_native`` built for another Python, instead of
-its own. (``PYTHONSAFEPATH`` would do it from Python 3.11 on; ``-I`` works on every version.)
+A worker of an environment runs its interpreter isolated (``-I``, see
+ope.supervisor.WorkerProcess), so it imports the environment's ope and ope_native, never the
+host's.
 
 torch is never taken from the registry: a registry torch drags in gigabytes of CUDA libraries.
 The one torch installed here is the CPU wheel in pip's find-links, for CPython 3.11.
@@ -46,7 +45,7 @@ from ope.errors import EnvError
 from ope.requirements import check_requirements
 
 __all__ = ["Env", "HOME_ENV", "ope_home", "source_fingerprint", "find_python", "create",
-           "register", "get", "list_envs", "remove", "select", "worker_launch",
+           "register", "get", "list_envs", "remove", "select",
            "device_env_vars"]
 
 HOME_ENV = "OPE_HOME"
@@ -60,11 +59,6 @@ _SOURCE_SUFFIXES = (".py", ".c", ".h")
 _BUILD_FILES = ("setup.py", "setup.cfg", "pyproject.toml")
 _METADATA_FILES = ("README.md",)  # the build reads it (long_description); not in the fingerprint
 _OUTPUT_TAIL_LINES = 30
-_LAUNCHER = """#!/bin/sh
-# ope worker launcher: the environment's interpreter, isolated from the host's current folder,
-# PYTHONPATH and user site (-I), unbuffered (-u) because -I also drops PYTHONUNBUFFERED.
-exec "$OPE_WORKER_PYTHON" -I -u "$@"
-"""
 # Run inside an interpreter: the facts an environment record keeps.
 _PROBE = """
 import importlib.metadata, json, platform, sys
@@ -406,28 +400,6 @@ def _existing_interpreter(env):
         raise EnvError(f"environment {env.name!r}: its interpreter {env.python} is gone; "
                        f"remove the environment and create it again")
     return env.python
-
-
-def worker_launch(python):
-    """(launcher path, environment variables) that start a worker with interpreter
-    ``python`` isolated from the host's folder and Python settings (see module docstring)."""
-    launcher = os.path.join(ope_home(), "bin", "ope-worker-python")
-    if _read_text(launcher) != _LAUNCHER:
-        os.makedirs(os.path.dirname(launcher), exist_ok=True)
-        descriptor, staged = tempfile.mkstemp(dir=os.path.dirname(launcher))
-        with os.fdopen(descriptor, "w") as file:
-            file.write(_LAUNCHER)
-        os.chmod(staged, 0o755)
-        os.replace(staged, launcher)  # a worker starting meanwhile sees an old or new whole file
-    return launcher, {"OPE_WORKER_PYTHON": python}
-
-
-def _read_text(path):
-    try:
-        with open(path) as file:
-            return file.read()
-    except OSError:
-        return None
 
 
 def device_env_vars(device):

@@ -172,8 +172,11 @@ def _list_files(path):
 
 
 def _sha256(filename):
+    digest = hashlib.sha256()  # not hashlib.file_digest: workers may run Python 3.10
     with open(filename, "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _parse_specs(path, config):

@@ -38,6 +38,18 @@ LIVENESS_SLICE_S = 0.05
 _TAIL_LINES = 40
 
 
+def _interpreter(python):
+    """The command that starts the worker's interpreter. Another interpreter than ours runs
+    isolated (-I): the host's current folder, PYTHONPATH and user site must not leak in, or it
+    would import the host's ope, and an ope_native built for another Python, instead of its
+    own; -u because -I also drops PYTHONUNBUFFERED."""
+    # Not realpath: a venv's python is a symlink to its base interpreter, yet another
+    # environment (its pyvenv.cfg, beside the link, decides sys.prefix).
+    if python is None or os.path.abspath(python) == os.path.abspath(sys.executable):
+        return [sys.executable]
+    return [python, "-I", "-u"]
+
+
 def describe_exit(returncode):
     """'killed by SIGSEGV' / 'exited with code 3' for a Popen returncode."""
     if returncode is None:
@@ -58,7 +70,7 @@ class WorkerProcess:
         self.logger = logging.getLogger(f"ope.worker.{name}")
         self._tail = collections.deque(maxlen=_TAIL_LINES)
         self.proc = subprocess.Popen(
-            [python or sys.executable, "-m", "workers.worker", *args],
+            [*_interpreter(python), "-m", "workers.worker", *args],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             env=env, close_fds=True,
             # Terminal signals (Ctrl-C) go to the host, which then stops its workers in order.
