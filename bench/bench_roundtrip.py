@@ -13,7 +13,6 @@ import argparse
 import multiprocessing
 import os
 import pickle
-import statistics
 import sys
 import tempfile
 import time

@@ -29,8 +29,6 @@ import psutil
 import ope
 from ope import TensorSpec
 from ope.modelset import ModelSet
-from ope.package import read_package
-from ope.replicas import ReplicaSet
 
 _BUSY_SOURCE = '''
 import numpy as np
@@ -112,7 +110,7 @@ def two_models(paths, n, ticks):
 def replica_stream(path, n, calls, replicas, in_flight=2):
     """(b) calls/s of one model with ``replicas`` workers, ``in_flight`` calls kept going."""
     inputs = {"n": n}
-    with ReplicaSet(read_package(path), replicas, **_WORKER) as model:
+    with ope.load(path, replicas=replicas, **_WORKER) as model:
         pending = collections.deque(model.submit(inputs) for _ in range(in_flight))
 
         def next_call():

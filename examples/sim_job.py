@@ -37,7 +37,7 @@ import torch
 
 import ope
 from ope import TensorSpec
-from ope.modelset import ModelSet, wait_all
+from ope import ModelSet, wait_all
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FEATURES = 8            # perception features per agent (examples/sim_models/perception.py)

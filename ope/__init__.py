@@ -12,8 +12,10 @@ from ope.package import (Package, package_placeholder, package_python, package_t
                          read_package)
 from ope.model import Model
 from ope.api import load
+from ope.modelset import ModelSet, wait_all
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load", "Model", "TensorSpec", "Package", "read_package",
+__all__ = ["__version__", "load", "Model", "ModelSet", "wait_all", "TensorSpec", "Package",
+           "read_package",
            "package_torchscript", "package_python", "package_placeholder", *_error_names]

@@ -24,7 +24,6 @@ from ope.requirements import ensure_requirements
 __all__ = ["load", "self_check", "OUT_OF_PROCESS_ENV"]
 
 OUT_OF_PROCESS_ENV = "OPE_OUT_OF_PROCESS"
-# The out-of-process host (ope.host) becomes the default once it lands.
 _DEFAULT_OUT_OF_PROCESS = True
 
 _IN_PROCESS_HINT = ("Loading it out of process (ope.load(path, env='auto')), in a worker "
@@ -32,7 +31,7 @@ _IN_PROCESS_HINT = ("Loading it out of process (ope.load(path, env='auto')), in 
                     "--require ...), would run it.")
 
 
-def load(path, *, out_of_process=None, timeout_s=None, env=None, device=None,
+def load(path, *, out_of_process=None, timeout_s=None, env=None, device=None, replicas=None,
          **worker_options):
     """Open the package at ``path`` and return a ready :class:`~ope.model.Model`.
 
@@ -41,7 +40,8 @@ def load(path, *, out_of_process=None, timeout_s=None, env=None, device=None,
     the out-of-process mode: ``timeout_s`` (default per-call deadline); ``env``: the worker's
     environment, "auto" (the default: this host's interpreter if it satisfies the package's
     ``requires``, else a registered environment that does), a name (``ope env list``) or the
-    path of an interpreter or venv; ``device``: "cpu" or "cuda:N"; ``worker_options``: those
+    path of an interpreter or venv; ``device``: "cpu" or "cuda:N"; ``replicas``: N workers of
+    the model behind one handle, each call going to the least busy; ``worker_options``: those
     of :class:`~ope.host.OutOfProcessModel` (``cpus``, ``threads``, ``env_vars``, ...; an
     explicit ``python`` bypasses ``env``).
     """
@@ -49,8 +49,12 @@ def load(path, *, out_of_process=None, timeout_s=None, env=None, device=None,
     if _resolve_out_of_process(out_of_process):
         from ope.host import OutOfProcessModel  # the host side is only needed in this mode
         options = _placed(package, env, device, worker_options)
+        if replicas is not None:
+            from ope.replicas import ReplicaSet
+            return ReplicaSet(package, replicas, timeout_s=timeout_s, **options)
         return OutOfProcessModel(package, timeout_s=timeout_s, **options)
-    given = [name for name, value in (("env", env), ("device", device)) if value is not None]
+    given = [name for name, value in (("env", env), ("device", device), ("replicas", replicas))
+             if value is not None]
     if worker_options or given:
         raise TypeError(f"options {', '.join(sorted([*worker_options, *given]))} apply only "
                         f"out of process")

@@ -37,7 +37,7 @@ import posix_ipc
 import psutil
 
 import ope_native
-from ope.channel import QUEUE_HEADER, Channel
+from ope.channel import Channel
 from ope.errors import ArenaFull, ProtocolError
 from ope.ring import RING_HEADER, Ring, block_size
 

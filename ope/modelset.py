@@ -14,8 +14,7 @@ import functools
 import time
 
 from ope import api
-from ope.package import read_package
-from ope.replicas import ReplicaSet, close_all, start_in_parallel
+from ope.replicas import close_all, start_in_parallel
 
 __all__ = ["ModelSet", "wait_all"]
 
@@ -140,11 +139,4 @@ def _path_and_options(name, spec):
 
 
 def _load(path, options):
-    # Until ope.load takes replicas= itself, a set with replicas is made here; after that
-    # this is just api.load(path, **options).
-    replicas = options.pop("replicas", None)
-    if replicas is None:
-        return api.load(path, **options)
-    if options.pop("out_of_process", True) is False:
-        raise TypeError("replicas apply only out of process")
-    return ReplicaSet(read_package(path), replicas, **options)
+    return api.load(path, **options)

@@ -8,7 +8,6 @@ load time and "crash on the Nth call".
 import json
 import os
 
-import ope
 from ope import TensorSpec
 
 import models

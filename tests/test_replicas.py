@@ -15,7 +15,6 @@ import pytest
 import ope
 from ope import TensorSpec
 from ope.package import read_package
-from ope.replicas import ReplicaSet
 
 import models
 from faults import fault_package
@@ -102,7 +101,7 @@ def open_set(whoami):
 
     def open_(replicas=2, package=whoami, **options):
         options.setdefault("stop_grace_s", 0.5)
-        model = ReplicaSet(package, replicas, **options)
+        model = ope.load(package.path, replicas=replicas, **options)
         opened.append(model)
         return model
 
@@ -254,7 +253,7 @@ def test_a_package_that_cannot_load_raises_its_error(open_set, package_root):
 @pytest.mark.parametrize("replicas", [0, -1, True, 1.5])
 def test_replicas_must_be_a_positive_int(whoami, replicas):
     with pytest.raises(ValueError, match="replicas"):
-        ReplicaSet(whoami, replicas)
+        ope.load(whoami.path, replicas=replicas)
 
 
 def _wait_until_all_ready(model, timeout_s=30.0):
