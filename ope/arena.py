@@ -253,9 +253,9 @@ class Arena:
         if type(seg_id) is not int or _worker_owned(seg_id) != self.host:
             raise ProtocolError(f"peer named segment id {seg_id!r:.40}, which it does not own")
         segment = self._segments.get(seg_id) or self._map_peer_segment(seg_id)
-        try:
-            return segment.mapping.block(payload, nbytes, ring=segment.ring.offset,
-                                         release=self.host, sealed=not self.host)
+        try:  # positional: keyword parsing costs more than the rest of this call
+            return segment.mapping.block(payload, nbytes, segment.ring.offset, self.host,
+                                         not self.host)
         except (ValueError, TypeError, OverflowError) as exc:
             raise ProtocolError(f"peer's descriptor for segment {seg_id}: {exc}") from None
 

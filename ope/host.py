@@ -385,6 +385,8 @@ class OutOfProcessModel(Model):
 
     def _locate_in_arena(self, array):
         """(segment id, offset) of an array that lies contiguously in our arena, else None."""
+        if array.base is None:  # owns its memory: the common case of an ordinary array
+            return None
         block = _arena_block(array)
         if block is None or not array.flags.c_contiguous:
             return None
@@ -397,8 +399,11 @@ class OutOfProcessModel(Model):
         return seg_id, block.offset + start
 
     def _decode_outputs(self, descriptors):
-        peer_block = self._arena.peer_block
-        return dict(protocol.decode_tensor(desc, peer_block) for desc in descriptors)
+        peer_block, outputs = self._arena.peer_block, {}
+        for desc in descriptors:
+            name, array = protocol.decode_tensor(desc, peer_block)
+            outputs[name] = array
+        return outputs
 
     # -- arena buffers ------------------------------------------------------------------
 

@@ -68,6 +68,9 @@ TRANSITIONS = {
 _ANSWERS = (RESULT, ERROR)
 
 _packer = msgpack.Packer(use_bin_type=True)
+# msgpack >= 1.0 defaults: str as str, arrays as lists, map keys str/bytes only. Calling it
+# without keywords saves their parsing on every message.
+_unpackb = msgpack.unpackb
 
 
 def pack(message):
@@ -77,7 +80,7 @@ def pack(message):
 def unpack(data):
     """Decode one message and check its shape; garbage raises ProtocolError."""
     try:
-        message = msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=True)
+        message = _unpackb(data)
     except Exception as exc:  # msgpack raises several unrelated types for garbage
         raise ProtocolError(f"undecodable message ({len(data)} bytes): {exc}") from None
     if not isinstance(message, list) or not message or type(message[0]) is not int \

@@ -15,6 +15,7 @@
  * the other process wrote (sizes, states, lengths) is validated before it is trusted, and a
  * violation raises ValueError (the host turns it into ope.ProtocolError), never a crash.
  */
+#define _GNU_SOURCE
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
@@ -66,8 +67,10 @@
 #define Q_TAIL 128
 #define Q_DATA_BELL 192
 #define Q_CONSUMER_SLEEPING 196
+#define Q_PRODUCER_CPU 200
 #define Q_SPACE_BELL 256
 #define Q_PRODUCER_SLEEPING 260
+#define Q_CONSUMER_CPU 264
 #define Q_CLOSED 320
 #define Q_DATA 384
 #define RECORD_HEADER 8
@@ -113,10 +116,14 @@ enum wait_result { WAIT_CHANGED = 1, WAIT_TIMEOUT = 0, WAIT_CLOSED = -1, WAIT_ER
 
 /* Waits until the u64 at `watch` differs from `expected`, `closed` becomes non-zero, or the
  * deadline passes. Spins for `spin_s` first (a futex round trip costs tens of microseconds on
- * a VM; spinning catches a quick answer), then sleeps on `bell`. Called with the GIL released;
+ * a VM; spinning catches a quick answer), then sleeps on `bell`. While spinning, if the peer
+ * last ran on this very CPU (`peer_cpu`), it cannot answer while we hold the CPU: yield it.
+ * (Wake-ups place a woken process on the waker's CPU, and two processes that then never
+ * sleep look cache-hot to the scheduler and stay together.) Called with the GIL released;
  * re-takes it only to deliver signals. Returns an enum wait_result. */
 static int wait_for_change(uint64_t *watch, uint64_t expected, uint32_t *closed, uint32_t *bell,
-                           uint32_t *sleeping, double spin_s, double timeout_s) {
+                           uint32_t *sleeping, const uint32_t *peer_cpu, double spin_s,
+                           double timeout_s) {
     double start = monotonic_now();
     double deadline = timeout_s < 0 ? -1.0 : start + timeout_s;
     double spin_until = start + spin_s;
@@ -126,13 +133,17 @@ static int wait_for_change(uint64_t *watch, uint64_t expected, uint32_t *closed,
         if (__atomic_load_n(watch, __ATOMIC_ACQUIRE) != expected) return WAIT_CHANGED;
         if (__atomic_load_n(closed, __ATOMIC_ACQUIRE)) return WAIT_CLOSED;
         CPU_RELAX();
-        if ((++n & 63) == 0) {
-            double now = monotonic_now();
-            if (deadline >= 0 && now >= deadline) return WAIT_TIMEOUT;
-            if (now >= spin_until) break;
-            /* Every ~16 µs: if the peer (or anyone) waits for this CPU, let it run. On an
-             * oversubscribed machine a plain spin would hold the CPU the answer needs. */
-            if ((n & 511) == 0) sched_yield();
+        if ((++n & 7) == 0) {
+            /* Relaxed: a hint about placement, not data. */
+            if ((uint32_t)sched_getcpu() == __atomic_load_n(peer_cpu, __ATOMIC_RELAXED))
+                sched_yield();
+            else if ((n & 511) == 0)
+                sched_yield(); /* a third process may be waiting for this CPU */
+            if ((n & 63) == 0) {
+                double now = monotonic_now();
+                if (deadline >= 0 && now >= deadline) return WAIT_TIMEOUT;
+                if (now >= spin_until) break;
+            }
         }
     }
     for (;;) {
@@ -478,6 +489,7 @@ static PyObject *mapping_queue_init(MappingObject *self, PyObject *args) {
     }
     char *h = self->base + q;
     memset(h, 0, Q_DATA);
+    *u32_at(h, Q_PRODUCER_CPU) = *u32_at(h, Q_CONSUMER_CPU) = UINT32_MAX; /* not known yet */
     *u64_at(h, Q_CAPACITY) = (uint64_t)(size - Q_DATA) / 8 * 8;
     /* SYNC POINT with queue_open()'s magic check in the process that attaches later. */
     __atomic_store_n(u64_at(h, Q_MAGIC), QUEUE_MAGIC, __ATOMIC_RELEASE);
@@ -520,6 +532,8 @@ static PyObject *mapping_queue_push(MappingObject *self, PyObject *args) {
             }
             *u32_at(Q.data, idx) = (uint32_t)msg.len;
             memcpy(Q.data + idx + RECORD_HEADER, msg.buf, (size_t)msg.len);
+            /* Relaxed: where we run, a hint for the consumer's spin (wait_for_change). */
+            __atomic_store_n(u32_at(Q.hdr, Q_PRODUCER_CPU), (uint32_t)sched_getcpu(), __ATOMIC_RELAXED);
             /* SYNC POINT with the acquire load of head in queue_pop()/wait_for_change(). */
             __atomic_store_n(head, h + rec, __ATOMIC_RELEASE);
             ring_bell(u32_at(Q.hdr, Q_DATA_BELL), u32_at(Q.hdr, Q_CONSUMER_SLEEPING));
@@ -527,7 +541,8 @@ static PyObject *mapping_queue_push(MappingObject *self, PyObject *args) {
         }
         Py_BEGIN_ALLOW_THREADS
         status = wait_for_change(tail, t, u32_at(Q.hdr, Q_CLOSED), u32_at(Q.hdr, Q_SPACE_BELL),
-                                 u32_at(Q.hdr, Q_PRODUCER_SLEEPING), spin_s, timeout_s);
+                                 u32_at(Q.hdr, Q_PRODUCER_SLEEPING), u32_at(Q.hdr, Q_CONSUMER_CPU),
+                                 spin_s, timeout_s);
         Py_END_ALLOW_THREADS
         if (status != WAIT_CHANGED) break;
     }
@@ -555,7 +570,8 @@ static PyObject *mapping_queue_pop(MappingObject *self, PyObject *args) {
             int status;
             Py_BEGIN_ALLOW_THREADS
             status = wait_for_change(head, t, u32_at(Q.hdr, Q_CLOSED), u32_at(Q.hdr, Q_DATA_BELL),
-                                     u32_at(Q.hdr, Q_CONSUMER_SLEEPING), spin_s, timeout_s);
+                                     u32_at(Q.hdr, Q_CONSUMER_SLEEPING),
+                                     u32_at(Q.hdr, Q_PRODUCER_CPU), spin_s, timeout_s);
             Py_END_ALLOW_THREADS
             if (status == WAIT_ERROR) return NULL;
             if (status != WAIT_CHANGED) Py_RETURN_NONE;
@@ -583,6 +599,8 @@ static PyObject *mapping_queue_pop(MappingObject *self, PyObject *args) {
         }
         PyObject *out = PyBytes_FromStringAndSize(Q.data + idx + RECORD_HEADER, len);
         if (!out) return NULL;
+        /* Relaxed: where we run, a hint for the producer's spin (wait_for_change). */
+        __atomic_store_n(u32_at(Q.hdr, Q_CONSUMER_CPU), (uint32_t)sched_getcpu(), __ATOMIC_RELAXED);
         /* SYNC POINT with the acquire load of tail in queue_push(). */
         __atomic_store_n(tail, t + rec, __ATOMIC_RELEASE);
         ring_bell(u32_at(Q.hdr, Q_SPACE_BELL), u32_at(Q.hdr, Q_PRODUCER_SLEEPING));

@@ -96,8 +96,10 @@ class Worker:
     def _infer(self, message):
         call_id = message[1]
         try:
-            peer_block = self.arena.peer_block
-            arrays = dict(protocol.decode_tensor(desc, peer_block) for desc in message[2])
+            peer_block, arrays = self.arena.peer_block, {}
+            for desc in message[2]:
+                name, array = protocol.decode_tensor(desc, peer_block)
+                arrays[name] = array
             outputs = self.runner.run(arrays)
             if not self._encodable(outputs):
                 # The host validates outputs on every call; here only what cannot be sent as is
