@@ -36,8 +36,7 @@ import psutil
 import torch
 
 import ope
-from ope import TensorSpec
-from ope import ModelSet, wait_all
+from ope import ModelSet, TensorSpec, wait_all
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FEATURES = 8            # perception features per agent (examples/sim_models/perception.py)
