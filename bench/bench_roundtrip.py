@@ -13,6 +13,7 @@ import argparse
 import multiprocessing
 import os
 import pickle
+import queue
 import sys
 import tempfile
 import time
@@ -26,6 +27,7 @@ import ope
 import ope_native
 
 SIZES = [16, 64 << 10, 1 << 20, 16 << 20, 64 << 20]
+PEER_TIMEOUT_S = 30  # a peer that does not answer in this time is reported as hung
 _CTX = multiprocessing.get_context("fork")
 
 _ADD_ONE = '''
@@ -41,9 +43,13 @@ def _iterations(nbytes, quick):
     return max(3, n // 5) if quick else n
 
 
-def _measure(call, iterations, warmup=None):
-    for _ in range(warmup if warmup is not None else max(2, iterations // 10)):
+def _measure(call, iterations, warmup_s=0.5):
+    """Median and p99 in µs. Warm-up is by time, at least 2 calls: right after a worker
+    starts, the scheduler still moves the two processes around."""
+    end, count = time.perf_counter() + warmup_s, 0
+    while count < 2 or time.perf_counter() < end:
         call()
+        count += 1
     times = []
     for _ in range(iterations):
         start = time.perf_counter_ns()
@@ -136,8 +142,20 @@ def queue_peer(nbytes):
 
     def call():
         inbox.put(x)
-        return outbox.get()
-    return Peer(call, lambda: (inbox.put(None), proc.join()))
+        return outbox.get(timeout=PEER_TIMEOUT_S)
+    return Peer(call, lambda: _stop(proc, inbox.put, None))
+
+
+def _stop(proc, send, sentinel):
+    """Ask a peer's child to end; kill it if it does not (a hung peer must not hang us)."""
+    try:
+        send(sentinel)
+    except (OSError, ValueError):
+        pass
+    proc.join(5)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
 
 
 def torch_queue_peer(nbytes):
@@ -151,8 +169,8 @@ def torch_queue_peer(nbytes):
 
     def call():
         inbox.put(x)
-        return outbox.get().numpy()
-    return Peer(call, lambda: (inbox.put(None), proc.join()))
+        return outbox.get(timeout=PEER_TIMEOUT_S).numpy()
+    return Peer(call, lambda: _stop(proc, inbox.put, None))
 
 
 def shm_semaphore_peer(nbytes):
@@ -264,7 +282,7 @@ def _await(mapping, value, futex):
 
 def memcpy_gbps(nbytes):
     src, dst = np.ones(nbytes // 4, np.float32), np.empty(nbytes // 4, np.float32)
-    median, _ = _measure(lambda: np.copyto(dst, src), 20 if nbytes >= 16 << 20 else 200)
+    median, _ = _measure(lambda: np.copyto(dst, src), 20 if nbytes >= 16 << 20 else 200, 0.1)
     return nbytes / (median * 1e3), median
 
 
@@ -293,7 +311,12 @@ def run(sizes, quick):
                 peers[name] = make(nbytes)
             try:
                 for name, peer in peers.items():
-                    results[(name, nbytes)] = _measure(peer.call, iterations)
+                    try:
+                        results[(name, nbytes)] = _measure(peer.call, iterations)
+                    except queue.Empty:
+                        results[(name, nbytes)] = None
+                        print(f"  {name}: no answer in {PEER_TIMEOUT_S} s at {nbytes} B", file=sys.stderr)
+                        continue
                     print(f"  {name:48s} {nbytes:>9d} B  median {results[(name, nbytes)][0]:10.1f} us",
                           file=sys.stderr)
             finally:
@@ -312,6 +335,9 @@ def print_table(results, sizes, limits, idle):
     for name in names:
         cells = []
         for s in sizes:
+            if results[(name, s)] is None:
+                cells.append("hung")
+                continue
             median, p99 = results[(name, s)]
             ratio = median / results[("ope in-process", s)][0]
             cells.append(f"{median:,.1f} ({p99:,.0f}) [{ratio:.2f}x]")

@@ -32,6 +32,8 @@ other process wrote before copying, so a corrupt queue raises instead of reading
 The implementation is ope_native (_native.c, queue_*).
 """
 
+import time
+
 import ope_native
 
 from ope.errors import ProtocolError
@@ -45,6 +47,7 @@ QUEUE_HEADER = ope_native.QUEUE_HEADER
 # every message (measured: 50 µs spin -> 75-120 µs per queue round trip, 200 µs -> 3 µs).
 # Long enough for that; short enough that a host waiting on a long call wastes little CPU.
 SPIN_S = 200e-6
+_now = time.perf_counter
 
 
 class Channel:
@@ -72,10 +75,17 @@ class Channel:
 
     def receive(self, timeout_s=-1.0):
         """The next message, or None on timeout or when the queue was closed and drained."""
+        start = _now()
         try:
-            return self.mapping.queue_pop(self.in_q, timeout_s, self.spin_s)
+            data = self.mapping.queue_pop(self.in_q, timeout_s, self.spin_s)
         except ValueError as exc:
             raise ProtocolError(f"incoming control queue is corrupt: {exc}") from None
+        if data is not None:
+            # Spin next time only if this answer came within the spin window. When answers
+            # take longer (a model computing for milliseconds), spinning only burns a CPU that
+            # computing workers need; a short wait (even one that slept) turns it back on.
+            self.spin_s = SPIN_S if _now() - start < 2 * SPIN_S else 0.0
+        return data
 
     def close(self):
         """Close both directions and wake whoever waits on them (safe from any thread)."""
