@@ -27,7 +27,7 @@ import ope
 import ope_native
 
 SIZES = [16, 64 << 10, 1 << 20, 16 << 20, 64 << 20]
-PEER_TIMEOUT_S = 30  # a peer that does not answer in this time is reported as hung
+PEER_TIMEOUT_S = 10  # a peer that does not answer in this time is reported as hung
 _CTX = multiprocessing.get_context("fork")
 
 _ADD_ONE = '''

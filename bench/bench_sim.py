@@ -107,6 +107,31 @@ def two_models(paths, n, ticks):
     return sequential, parallel
 
 
+def machine_ceiling(n, ticks):
+    """The same GIL-bound work with no ope at all: 2 x ``ticks`` calls in this process vs
+    ``ticks`` calls in each of two forked processes. The ratio is what this machine gives two
+    busy cores (all-core clocks run below one-core turbo), the bound for (a) and (b)."""
+    namespace = {"np": np}
+    exec(_BUSY_SOURCE, namespace)
+    busy = namespace["factory"](None)
+    start = time.perf_counter()
+    for _ in range(2 * ticks):
+        busy(n)
+    sequential = time.perf_counter() - start
+    start = time.perf_counter()
+    children = []
+    for _ in range(2):
+        pid = os.fork()
+        if pid == 0:
+            for _ in range(ticks):
+                busy(n)
+            os._exit(0)
+        children.append(pid)
+    for pid in children:
+        os.waitpid(pid, 0)
+    return sequential / (time.perf_counter() - start)
+
+
 def replica_stream(path, n, calls, replicas, in_flight=2):
     """(b) calls/s of one model with ``replicas`` workers, ``in_flight`` calls kept going."""
     inputs = {"n": n}
@@ -172,8 +197,9 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="bench-sim-") as root:
         paths = build(root)
         n = calibrate(paths["alpha"])
-        sequential = parallel = one = two = 0.0
+        sequential = parallel = one = two = ceiling = 0.0
         for _ in range(repeat):
+            ceiling = max(ceiling, machine_ceiling(n, ticks_a))
             rates = two_models(paths, n, ticks_a)
             sequential, parallel = max(sequential, rates[0]), max(parallel, rates[1])
             one = max(one, replica_stream(paths["alpha"], n, calls_b, replicas=1))
@@ -193,6 +219,7 @@ def main(argv=None):
          f"+{_us(remote, 50) - _us(local, 50):.1f} us"),
     ]
     print(f"\nbusy call: {int(n)} loop iterations (~{_TARGET_CALL_S * 1e3:.0f} ms in-process)")
+    print(f"machine ceiling: two plain processes, no ope, do {ceiling:.2f}x the work of one")
     for row in rows:
         print(f"{row[0]:<40} {row[1]:>24} {row[2]:>20}   {row[3]:>18} {row[4]:>20}   {row[5]}")
     print(f"\n(c) host RSS: start {figures['rss_start'] / mib:.1f} MiB, after warm-up "
