@@ -33,8 +33,9 @@ sizes, the cursor and split headers, and only into FREE blocks, which no other p
 touches. ``used`` is the one word both processes modify (atomic add/sub).
 
 Offsets returned and taken by this module are payload offsets within the segment's mapping.
-A process that did not allocate a block treats its offset as untrusted and checks it
-(:meth:`Ring.contains`) before mapping it.
+A process that did not allocate a block treats its offset as untrusted: the native
+``Mapping.block(offset, nbytes, ring, ...)`` checks it against the ring before any view
+exists (:meth:`Ring.contains` states the same rule in Python).
 
 Two implementations share this layout and one conformance suite (tests/test_ring.py):
 :class:`Ring`, backed by ope_native and used by ope, and :class:`PyRing`, the readable
