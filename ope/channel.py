@@ -1,9 +1,12 @@
 """The control channel: two message queues in shared memory, one per direction.
 
 Each queue has a single producer and a single consumer and carries small msgpack messages
-(ope/protocol.py); tensor bytes never pass through it, only their descriptors. Waiting spins
-for a few tens of microseconds and then sleeps on a futex: a quick answer is caught without a
-wake-up (which costs ~40 µs each way on a VM), and an idle worker costs no CPU.
+(ope/protocol.py); tensor bytes never pass through it, only their descriptors. A waiter spins
+for up to :data:`SPIN_S` and then sleeps on a futex: a quick answer is caught without a
+wake-up (tens of microseconds on a VM, milliseconds once a CPU has idled for a while), and an
+idle worker costs no CPU. It spins only while answers have been coming within the spin window
+(:meth:`Channel.receive`), and while spinning it yields the CPU at once if the other side last
+ran on the same CPU, since the answer cannot come while it holds that CPU.
 
 Queue layout (little-endian, 64-byte aligned; fields that different processes write sit on
 different cache lines)::
@@ -14,8 +17,10 @@ different cache lines)::
      128  u64 tail               bytes ever read                          [consumer, release]
      192  u32 data_bell          +1 after each publish; futex word         [producer]
      196  u32 consumer_sleeping  1 while the consumer sleeps on data_bell  [consumer]
+     200  u32 producer_cpu       CPU of the last publish (hint, relaxed)   [producer]
      256  u32 space_bell         +1 after each consume; futex word         [consumer]
      260  u32 producer_sleeping  1 while a full queue's producer sleeps    [producer]
+     264  u32 consumer_cpu       CPU of the last consume (hint, relaxed)   [consumer]
      320  u32 closed             non-zero once either side closed it
      384  data area, ``capacity`` bytes
 
