@@ -246,11 +246,12 @@ class OutOfProcessModel(Model):
 
     # -- calls --------------------------------------------------------------------------
     #
-    # A call is sent at once (INFER) and joins the pending queue; replies come in the order
-    # calls were sent, and whoever needs a result (the caller of infer, a future's result(),
-    # or the collector thread that completes futures nobody waits on) collects replies
-    # under the lock until its call is done. A fault fails the call at the head of the
-    # queue with its error and every call behind it, whose requests died with the worker.
+    # A call is sent at once (INFER, under the send lock) and joins the pending queue;
+    # replies come in the order calls were sent, and whoever needs a result (the caller of
+    # infer, a future's result(), or the collector thread that completes futures nobody
+    # waits on) collects replies under the receive lock until its call is done, while
+    # further calls can still be sent. A fault fails the call at the head of the queue with
+    # its error and every call behind it, whose requests died with the worker.
 
     def _run(self, arrays, bindings, timeout_s):
         return self._collect(self._send_call(arrays, bindings, timeout_s, None))
