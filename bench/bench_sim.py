@@ -188,22 +188,27 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer ticks (about 10 s)")
     parser.add_argument("--repeat", type=int, default=None,
-                        help="runs of (a) and (b), best kept (default 3, 1 with --quick)")
+                        help="paired runs of (a) and (b), median reported (default 5, 3 with --quick)")
     args = parser.parse_args(argv)
-    repeat = args.repeat or (1 if args.quick else 3)
+    repeat = args.repeat or (3 if args.quick else 5)
     ticks_a, calls_b, ticks_c = (40, 80, 2_000) if args.quick else (200, 400, 10_000)
     print(f"bench_sim: {os.cpu_count()} CPUs, {_load()}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="bench-sim-") as root:
         paths = build(root)
         n = calibrate(paths["alpha"])
-        sequential = parallel = one = two = ceiling = 0.0
+        # This VM's speed drifts between runs (up to 2x), so each ratio pairs measurements
+        # taken side by side, and the median over the repeats is reported.
+        runs = []
         for _ in range(repeat):
-            ceiling = max(ceiling, machine_ceiling(n, ticks_a))
-            rates = two_models(paths, n, ticks_a)
-            sequential, parallel = max(sequential, rates[0]), max(parallel, rates[1])
-            one = max(one, replica_stream(paths["alpha"], n, calls_b, replicas=1))
-            two = max(two, replica_stream(paths["alpha"], n, calls_b, replicas=2))
+            sequential, parallel = two_models(paths, n, ticks_a)
+            one = replica_stream(paths["alpha"], n, calls_b, replicas=1)
+            two = replica_stream(paths["alpha"], n, calls_b, replicas=2)
+            runs.append((machine_ceiling(n, ticks_a), sequential, parallel, one, two))
+        ceiling, sequential, parallel, one, two = sorted(
+            runs, key=lambda run: run[2] / run[1])[len(runs) // 2]  # the median run of (a)
+        ratios_a = sorted(run[2] / run[1] for run in runs)
+        ratios_b = sorted(run[4] / run[3] for run in runs)
         local, _ = tick_loop(paths["tiny"], ticks_c, 500, out_of_process=False)
         remote, figures = tick_loop(paths["tiny"], ticks_c, 500, out_of_process=True)
 
@@ -220,6 +225,10 @@ def main(argv=None):
     ]
     print(f"\nbusy call: {int(n)} loop iterations (~{_TARGET_CALL_S * 1e3:.0f} ms in-process)")
     print(f"machine ceiling: two plain processes, no ope, do {ceiling:.2f}x the work of one")
+    print(f"paired ratios over {len(runs)} repeats: (a) " + ", ".join(f"{r:.2f}x" for r in ratios_a)
+          + f"; median {ratios_a[len(runs) // 2]:.2f}x.  (b) " + ", ".join(f"{r:.2f}x" for r in ratios_b)
+          + f"; median {ratios_b[len(runs) // 2]:.2f}x")
+    print("rows (a)/(b) below: the repeat with the median (a) ratio")
     for row in rows:
         print(f"{row[0]:<40} {row[1]:>24} {row[2]:>20}   {row[3]:>18} {row[4]:>20}   {row[5]}")
     print(f"\n(c) host RSS: start {figures['rss_start'] / mib:.1f} MiB, after warm-up "
