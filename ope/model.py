@@ -179,6 +179,12 @@ class Model(abc.ABC):
                         f"{', '.join(repr(spec.name) for spec in self.inputs)})")
 
 
+def _read_only(array):
+    view = array.view()
+    view.flags.writeable = False
+    return view
+
+
 def _percentile_us(sorted_ns, percent):
     """Nearest-rank percentile in µs, None before the first call."""
     if not sorted_ns:
@@ -196,7 +202,9 @@ class InProcessModel(Model):
 
     def _run(self, arrays, bindings, timeout_s):
         # A running model in this thread cannot be interrupted: timeouts apply out of process.
-        return self._runner.run(arrays)
+        # Read-only views, as a worker gets: a model that writes into its inputs fails the
+        # same way in both modes, and never changes the caller's arrays.
+        return self._runner.run({name: _read_only(array) for name, array in arrays.items()})
 
     def empty(self, name, shape):
         return np.empty(tuple(shape), self._empty_spec(name, shape).numpy_dtype)

@@ -270,15 +270,6 @@ static PyObject *mapping_add64(MappingObject *self, PyObject *args) {
     return PyLong_FromUnsignedLongLong(v);
 }
 
-static PyObject *mapping_add32(MappingObject *self, PyObject *args) {
-    long long off;
-    long delta;
-    if (!PyArg_ParseTuple(args, "Ll", &off, &delta) || check_range(self, off, 4, 4)) return NULL;
-    /* SYNC POINT with wait32() on the same word: seq_cst RMW before any wake32(). */
-    uint32_t v = __atomic_add_fetch(u32_at(self->base, off), (uint32_t)delta, __ATOMIC_SEQ_CST);
-    return PyLong_FromUnsignedLong(v);
-}
-
 static PyObject *mapping_wake32(MappingObject *self, PyObject *arg) {
     long long off = PyLong_AsLongLong(arg);
     if ((off == -1 && PyErr_Occurred()) || check_range(self, off, 4, 4)) return NULL;
@@ -301,7 +292,7 @@ static PyObject *mapping_wait32(MappingObject *self, PyObject *args) {
     double start = monotonic_now();
     double deadline = timeout_s < 0 ? -1 : start + timeout_s;
     for (;;) {
-        /* SYNC POINT with add32()/store32() of the same word in the other process. */
+        /* SYNC POINT with store32() of the same word in the other process. */
         if (__atomic_load_n(word, __ATOMIC_ACQUIRE) != (uint32_t)expected) { changed = 1; break; }
         double now = monotonic_now();
         if (now - start < spin_s) { CPU_RELAX(); continue; }
@@ -749,7 +740,6 @@ static PyMethodDef mapping_methods[] = {
     {"load64", (PyCFunction)mapping_load64, METH_O, "load64(off): acquire load of a u64."},
     {"store64", (PyCFunction)mapping_store64, METH_VARARGS, "store64(off, v): release store of a u64."},
     {"add64", (PyCFunction)mapping_add64, METH_VARARGS, "add64(off, d): atomic add, returns new value."},
-    {"add32", (PyCFunction)mapping_add32, METH_VARARGS, "add32(off, d): seq_cst add, returns new value."},
     {"wake32", (PyCFunction)mapping_wake32, METH_O, "wake32(off): futex-wake all waiters on a u32."},
     {"wait32", (PyCFunction)mapping_wait32, METH_VARARGS,
      "wait32(off, expected, timeout_s, spin_s=0) -> changed: spin, then futex-wait."},

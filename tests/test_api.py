@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 import ope
-from ope import ModelClosed, OpeError, PackageError, SpecError
+from ope import ModelClosed, OpeError, PackageError, SpecError, TensorSpec
+
+import models
 
 
 def affine_inputs(batch=2):
@@ -109,3 +111,23 @@ def test_model_is_usable_from_several_threads(load_model, affine):
     for result in results:
         np.testing.assert_array_equal(result, expected)
     assert model.stats()["calls"] == 41
+
+
+_WRITES_ITS_INPUT = '''
+def factory(data_dir):
+    def scribble(x):
+        x[0] = -1.0
+        return {"y": x}
+    return scribble
+'''
+
+
+def test_a_model_cannot_write_into_its_inputs_in_either_mode(tmp_path, load_model):
+    spec = [TensorSpec("x", "float32", (3,))]
+    model = load_model(models.numpy_package(str(tmp_path), _WRITES_ITS_INPUT, name="scribble",
+                                            inputs=spec, outputs=[TensorSpec("y", "float32", (3,))]).path)
+    x = np.ones(3, np.float32)
+    with pytest.raises(ope.ModelError, match="read-only"):
+        model.infer({"x": x})
+    np.testing.assert_array_equal(x, 1)
+    assert x.flags.writeable

@@ -123,15 +123,34 @@ def test_seal_makes_an_arena_array_read_only_for_good(model):
     np.testing.assert_array_equal(model.infer({"x": x})["y"].shape, (4,))
 
 
-def test_an_arena_input_is_read_only_while_its_call_is_in_flight(model):
-    x = model.empty("x", (4,))
-    x[...] = 1
-    future = model.submit({"x": x})
-    assert not x.flags.writeable or future.done()
-    future.result()
-    assert x.flags.writeable
-    x[...] = 2  # reused for the next tick
-    np.testing.assert_array_equal(model.infer({"x": x})["y"], 3)
+_HOLD = '''
+import time
+
+def factory(data_dir):
+    def hold(x, seconds):
+        time.sleep(float(seconds))
+        return {"y": x + 1}
+    return hold
+'''
+
+
+def test_an_arena_input_is_read_only_while_its_call_is_in_flight(tmp_path):
+    path = models.numpy_package(str(tmp_path), _HOLD, name="hold",
+                                inputs=[TensorSpec("x", "float32", ("n",)),
+                                        TensorSpec("seconds", "float64", ())],
+                                outputs=[TensorSpec("y", "float32", ("n",))]).path
+    with ope.load(path, out_of_process=True) as model:
+        x = model.empty("x", (4,))
+        x[...] = 1
+        future = model.submit({"x": x, "seconds": np.array(2.0)})
+        assert not future.done()  # the worker holds the call for 2 s
+        assert not x.flags.writeable
+        with pytest.raises(ValueError):
+            x[0] = 5
+        np.testing.assert_array_equal(future.result()["y"], 2)
+        assert x.flags.writeable
+        x[...] = 2  # reused for the next tick
+        np.testing.assert_array_equal(model.infer({"x": x, "seconds": np.array(0.0)})["y"], 3)
 
 
 def test_stats_report_the_bridge(model):
