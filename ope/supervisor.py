@@ -38,16 +38,23 @@ LIVENESS_SLICE_S = 0.05
 _TAIL_LINES = 40
 
 
-def _interpreter(python):
-    """The command that starts the worker's interpreter. Another interpreter than ours runs
-    isolated (-I): the host's current folder, PYTHONPATH and user site must not leak in, or it
-    would import the host's ope, and an ope_native built for another Python, instead of its
-    own; -u because -I also drops PYTHONUNBUFFERED."""
+def _worker_command(python):
+    """The command that starts a worker. Another interpreter than ours runs isolated (-I): the
+    host's current folder, PYTHONPATH and user site must not leak in, or it would import the
+    host's ope, and an ope_native built for another Python, instead of its own; -u because -I
+    also drops PYTHONUNBUFFERED. Our own interpreter must import the host's very ope, so the
+    folder that holds it replaces the current folder at the head of sys.path (``-m`` would
+    put the current folder there, and an old checkout in it would be imported instead)."""
     # Not realpath: a venv's python is a symlink to its base interpreter, yet another
     # environment (its pyvenv.cfg, beside the link, decides sys.prefix).
     if python is None or os.path.abspath(python) == os.path.abspath(sys.executable):
-        return [sys.executable]
-    return [python, "-I", "-u"]
+        return [sys.executable, "-c", _BOOTSTRAP.format(root=_HOST_ROOT)]
+    return [python, "-I", "-u", "-m", "workers.worker"]
+
+
+_HOST_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_BOOTSTRAP = ("import runpy, sys; sys.path[0] = {root!r}; "
+              "runpy.run_module('workers.worker', run_name='__main__', alter_sys=True)")
 
 
 def describe_exit(returncode):
@@ -70,7 +77,7 @@ class WorkerProcess:
         self.logger = logging.getLogger(f"ope.worker.{name}")
         self._tail = collections.deque(maxlen=_TAIL_LINES)
         self.proc = subprocess.Popen(
-            [*_interpreter(python), "-m", "workers.worker", *args],
+            [*_worker_command(python), *args],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             env=env, close_fds=True,
             # Terminal signals (Ctrl-C) go to the host, which then stops its workers in order.

@@ -176,3 +176,13 @@ def test_the_environment_variable_switches_the_default_mode(add_one, setting, ex
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          env={**os.environ, "OPE_OUT_OF_PROCESS": setting}, check=True)
     assert out.stdout.strip() == str(expected)
+
+
+def test_the_worker_imports_the_hosts_ope_whatever_the_current_folder_holds(add_one, tmp_path,
+                                                                          monkeypatch):
+    for name in ("ope", "workers"):  # e.g. an old checkout where the job happens to run
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text("raise ImportError('the wrong copy')\n")
+    monkeypatch.chdir(tmp_path)
+    with ope.load(add_one, out_of_process=True) as model:
+        np.testing.assert_array_equal(model.infer({"x": np.zeros(2, np.float32)})["y"], 1)
