@@ -44,7 +44,7 @@ __all__ = ["OutOfProcessModel"]
 
 _MIB = 1 << 20
 _Block = ope_native.Block
-_DTYPE_NAMES = protocol.DTYPE_NAMES
+_describe = protocol.describe
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 _open_models = weakref.WeakSet()
 _gc_once = threading.Lock()
@@ -366,22 +366,17 @@ class OutOfProcessModel(Model):
         duration of the call)."""
         descriptors, scratch, sealed = [], [], []
         for name, array in arrays.items():
-            dtype_name = _DTYPE_NAMES.get(array.dtype)
-            if dtype_name is None:
-                descriptors.append(protocol.string_descriptor(name, array))
-                continue
             where = self._locate_in_arena(array)
             if where is None:
-                seg_id, payload, ring = self._arena.alloc(array.nbytes)
+                seg_id, payload, ring = self._arena.put(array)
                 scratch.append((ring, payload))
-                np.ndarray(array.shape, array.dtype, ring.mapping, payload)[...] = array
                 self._copied_in += array.nbytes
             else:
                 seg_id, payload = where
                 if array.flags.writeable:
                     array.flags.writeable = False
                     sealed.append(array)
-            descriptors.append([name, dtype_name, list(array.shape), seg_id, payload, array.nbytes])
+            descriptors.append(_describe(name, array, seg_id, payload))
         return descriptors, scratch, sealed
 
     def _locate_in_arena(self, array):

@@ -1,8 +1,9 @@
 """The control protocol between a host and its worker.
 
-Messages are msgpack arrays whose first element is the message type; they travel through the
-channel (ope/channel.py) while tensor bytes stay in the arena (ope/arena.py). The conversation,
-and the only messages allowed next at each point::
+Messages are lists whose first element is the message type, encoded with msgpack except for
+the tensor frames below; they travel through the channel (ope/channel.py) while tensor bytes
+stay in the arena (ope/arena.py). The conversation, and the only messages allowed next at
+each point::
 
     state      who     message                                         next state
     start      worker  HELLO   [1, version, info]                       hello
@@ -25,10 +26,36 @@ An ERROR names the ope error type (ope/errors.py) and carries its extra fields (
 ModelError: the model's exception type and traceback text), so the host raises the same error
 an in-process call would have raised.
 
-A tensor descriptor is ``[name, dtype, shape, segment id, payload offset, nbytes]`` for numeric
-tensors and ``[name, "string", shape, [str, ...]]`` for string tensors, whose (small) contents
-travel inline. Descriptors are checked as they are decoded (:func:`decode_tensor`); whether the
-tensors match the model's spec is checked afterwards by ope/spec.py, as in-process.
+INFER and RESULT, the messages of every call, travel as binary *tensor frames* instead of
+msgpack: packing and checking them is one C call each way (ope_native: pack_frame,
+unpack_frame), where msgpack and Python-built descriptors cost microseconds per call.
+:func:`unpack` tells the two apart by the first byte, 0xC1, which msgpack never uses. Both
+decode to the lists in the table above, so :class:`Conversation` checks them alike. Frame
+layout (little-endian)::
+
+     0  u8   0xC1
+     1  u8   message type           INFER or RESULT
+     2  u16  count                  tensor entries that follow
+     4  u32  reserved, 0
+     8  u64  call id
+    16  u64  copied                 RESULT: bytes the worker copied into the arena; INFER: 0
+    24  entries, each a multiple of 8 bytes long:
+         0  u8   dtype code         index into ope.spec.DTYPES
+         1  u8   rank               at most 32
+         2  u16  name length        bytes of UTF-8, at least 1
+         4  u32  itemsize           the dtype's; for "string", 4 bytes (UCS-4) x width
+         8  u64  segment id
+        16  u64  payload offset     in that segment
+        24  u64  nbytes             = product(shape) x itemsize
+        32  u64  shape[rank]
+            name, zero-padded to a multiple of 8
+
+Every tensor, strings included (numpy "U" arrays are fixed-width UCS-4), lies in the arena;
+a descriptor is the tuple ``(name, code, itemsize, shape, segment id, payload offset, nbytes)``.
+unpack_frame refuses a frame whose fields do not add up (sizes, rank, codes, lengths, UTF-8);
+:func:`decode_tensor` then has the arena check the range against the peer's ring before it
+makes a view; whether the tensors match the model's spec is checked afterwards by
+ope/spec.py, as in-process.
 """
 
 import collections
@@ -36,17 +63,18 @@ import collections
 import msgpack
 import numpy as np
 
+import ope_native
 from ope import errors
 from ope.errors import ProtocolError
 from ope.spec import DTYPES
 
 __all__ = [
     "VERSION", "HELLO", "LOAD", "READY", "INFER", "ERROR", "RESULT", "SHUTDOWN",
-    "Conversation", "pack", "unpack", "decode_tensor", "string_descriptor", "NUMERIC_DTYPES",
-    "DTYPE_NAMES", "error_fields", "error_from_message",
+    "Conversation", "pack", "unpack", "describe", "decode_tensor", "dtype_code", "DTYPE_CODES",
+    "error_fields", "error_from_message",
 ]
 
-VERSION = 1
+VERSION = 2  # 2: INFER and RESULT as tensor frames
 HELLO, LOAD, READY, INFER, ERROR, RESULT, SHUTDOWN = 1, 2, 3, 4, 5, 6, 7
 _NAMES = {HELLO: "HELLO", LOAD: "LOAD", READY: "READY", INFER: "INFER", ERROR: "ERROR",
           RESULT: "RESULT", SHUTDOWN: "SHUTDOWN"}
@@ -67,18 +95,29 @@ TRANSITIONS = {
 }
 _ANSWERS = (RESULT, ERROR)
 
+_FRAMES = (INFER, RESULT)
+_FRAME_MARKER = 0xC1
 _packer = msgpack.Packer(use_bin_type=True)
 # msgpack >= 1.0 defaults: str as str, arrays as lists, map keys str/bytes only. Calling it
 # without keywords saves their parsing on every message.
 _unpackb = msgpack.unpackb
+_pack_frame = ope_native.pack_frame
+_unpack_frame = ope_native.unpack_frame
 
 
 def pack(message):
+    kind = message[0]
+    if kind == INFER:
+        return _pack_frame(INFER, message[1], 0, message[2])
+    if kind == RESULT:
+        return _pack_frame(RESULT, message[1], message[3], message[2])
     return _packer.pack(message)
 
 
 def unpack(data):
     """Decode one message and check its shape; garbage raises ProtocolError."""
+    if data and data[0] == _FRAME_MARKER:
+        return _unpack_tensor_frame(data)
     try:
         message = _unpackb(data)
     except Exception as exc:  # msgpack raises several unrelated types for garbage
@@ -86,9 +125,23 @@ def unpack(data):
     if not isinstance(message, list) or not message or type(message[0]) is not int \
             or message[0] not in _LENGTHS:
         raise ProtocolError(f"not an ope message: {message!r:.200}")
+    if message[0] in _FRAMES:
+        raise ProtocolError(f"{_NAMES[message[0]]} must travel as a tensor frame: {message!r:.200}")
     if len(message) != _LENGTHS[message[0]]:
         raise ProtocolError(f"{_NAMES[message[0]]} message with {len(message)} fields: {message!r:.200}")
     return message
+
+
+def _unpack_tensor_frame(data):
+    try:
+        kind, call_id, copied, descriptors = _unpack_frame(data)
+    except ValueError as exc:
+        raise ProtocolError(f"malformed {len(data)}-byte message: {exc}") from None
+    if kind == INFER and copied == 0:
+        return [INFER, call_id, descriptors]
+    if kind == RESULT:
+        return [RESULT, call_id, descriptors, copied]
+    raise ProtocolError(f"tensor frame of message type {kind} (copied {copied})")
 
 
 # sender -> state -> {message type: next state}: the table above, indexed for a lookup per message.
@@ -136,36 +189,43 @@ class Conversation:
         self.pending.popleft()
 
 
-NUMERIC_DTYPES = {name: np.dtype(name) for name in DTYPES if name != "string"}
-DTYPE_NAMES = {dtype: name for name, dtype in NUMERIC_DTYPES.items()}
+STRING_CODE = DTYPES.index("string")
+DTYPE_CODES = {np.dtype(name): code for code, name in enumerate(DTYPES) if code != STRING_CODE}
+_DTYPES_BY_CODE = {code: dtype for dtype, code in DTYPE_CODES.items()}
+_string_dtypes = {}
 
 
-def string_descriptor(name, array):
-    return [name, "string", list(array.shape), array.ravel().tolist()]
+def dtype_code(dtype):
+    """The frame's code for arrays of ``dtype``; None for a dtype no spec allows. Strings must
+    be in native byte order (ope.spec makes them so)."""
+    code = DTYPE_CODES.get(dtype)
+    if code is None and dtype.kind == "U" and dtype.isnative:
+        return STRING_CODE
+    return code
+
+
+def describe(name, array, seg_id, payload):
+    """The descriptor of ``array``, whose bytes lie at ``payload`` in segment ``seg_id``."""
+    return (name, dtype_code(array.dtype), array.itemsize, array.shape, seg_id, payload,
+            array.nbytes)
 
 
 def decode_tensor(desc, peer_block):
-    """(name, array) for a descriptor the peer sent. ``peer_block(seg, offset, nbytes)`` makes
-    the Block, after checking the range against the arena. Anything malformed, or a size that
-    does not match the shape, raises ProtocolError."""
-    try:
-        if len(desc) == 4:
-            name, dtype, shape, strings = desc
-            if dtype != "string" or not all(type(s) is str for s in strings):
-                raise TypeError("a 4-field descriptor must hold a list of str")
-            array = np.array(strings, dtype=str).reshape(shape)
-        else:
-            name, dtype, shape, seg_id, payload, nbytes = desc
-            array = np.ndarray(shape, NUMERIC_DTYPES[dtype], peer_block(seg_id, payload, nbytes))
-            if array.nbytes != nbytes:
-                raise ValueError(f"{nbytes} bytes do not hold shape {shape} of {dtype}")
-        if type(name) is not str:
-            raise TypeError("tensor name is not a str")
-    except ProtocolError:
-        raise
-    except (ValueError, TypeError, KeyError, OverflowError) as exc:
-        raise ProtocolError(f"malformed tensor descriptor {desc!r:.200}: {exc}") from None
-    return name, array
+    """(name, array) for a descriptor from a frame the peer sent (its fields are checked by
+    unpack_frame). ``peer_block(seg, offset, nbytes)`` makes the Block after checking the range
+    against the arena, and raises ProtocolError if it does not fit."""
+    name, code, itemsize, shape, seg_id, payload, nbytes = desc
+    dtype = _DTYPES_BY_CODE.get(code)
+    if dtype is None:
+        dtype = _string_dtype(itemsize)
+    return name, np.ndarray(shape, dtype, peer_block(seg_id, payload, nbytes))
+
+
+def _string_dtype(itemsize):
+    dtype = _string_dtypes.get(itemsize)
+    if dtype is None:
+        dtype = _string_dtypes.setdefault(itemsize, np.dtype(f"U{itemsize // 4}"))
+    return dtype
 
 
 _WIRE_FIELDS = ("error_type", "traceback_text")

@@ -347,7 +347,8 @@ def _torch_to_numpy(check, tensor):
 
 def _to_string_array(check, value):
     if isinstance(value, np.ndarray) and value.dtype.kind == "U":
-        return value
+        # Native byte order, as the arena carries strings (ope/protocol.py).
+        return value if value.dtype.isnative else value.astype(value.dtype.newbyteorder("="))
     if isinstance(value, np.ndarray) and value.dtype == object \
             or isinstance(value, (str, list, tuple)):
         objects = np.array(value, dtype=object)

@@ -449,6 +449,23 @@ static PyObject *mapping_ring_release(MappingObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* write(off, obj): copies a C-contiguous buffer into the mapping at `off` (one memcpy; numpy's
+ * own copy of a small array costs more in building the destination view than in copying). */
+static PyObject *mapping_write(MappingObject *self, PyObject *args) {
+    long long off;
+    PyObject *obj;
+    if (!PyArg_ParseTuple(args, "LO", &off, &obj)) return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(obj, &view, PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    PyObject *result = NULL;
+    if (!check_range(self, off, view.len, 1)) {
+        memcpy(self->base + off, view.buf, (size_t)view.len);
+        result = Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&view);
+    return result;
+}
+
 /* ---- message queue (layout: ope/channel.py) --------------------------------------------- */
 
 typedef struct {
@@ -611,6 +628,198 @@ static PyObject *mapping_queue_close(MappingObject *self, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
+/* ---- tensor frames (layout: ope/protocol.py) --------------------------------------------- */
+
+#define FRAME_MARKER 0xC1 /* a byte msgpack never uses */
+#define FRAME_HEADER 24
+#define ENTRY_HEADER 32
+#define FRAME_MAX_DIMS 32
+#define STRING_CODE 12
+/* Bytes per element of each dtype code, in the order of ope.spec.DTYPES; 0 for strings,
+ * whose itemsize is 4 bytes (one UCS-4 code point) times their width. */
+static const uint32_t CODE_ITEMSIZE[] = {1, 1, 2, 4, 8, 1, 2, 4, 8, 2, 4, 8, 0};
+#define N_CODES (sizeof CODE_ITEMSIZE / sizeof CODE_ITEMSIZE[0])
+
+static inline void put_u16(char *p, uint16_t v) { memcpy(p, &v, 2); }
+static inline void put_u32(char *p, uint32_t v) { memcpy(p, &v, 4); }
+static inline void put_u64(char *p, uint64_t v) { memcpy(p, &v, 8); }
+static inline uint16_t get_u16(const char *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+static inline uint32_t get_u32(const char *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+static inline uint64_t get_u64(const char *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+
+static int itemsize_fits_code(uint64_t code, uint64_t itemsize) {
+    if (code >= N_CODES) return 0;
+    return code == STRING_CODE ? itemsize % 4 == 0 : itemsize == CODE_ITEMSIZE[code];
+}
+
+static int frame_error(const char *what, Py_ssize_t at) {
+    PyErr_Format(PyExc_ValueError, "tensor frame: %s (at byte %zd)", what, at);
+    return -1;
+}
+
+/* One entry's fields, read from Python by pack_frame(). */
+typedef struct {
+    const char *name;
+    Py_ssize_t name_len;
+    unsigned long long code, itemsize, seg, offset, nbytes;
+    PyObject *shape;
+} Entry;
+
+static int read_entry(PyObject *t, Entry *e) {
+    if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 7) {
+        PyErr_SetString(PyExc_TypeError, "a tensor entry is a 7-tuple");
+        return -1;
+    }
+    e->name = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(t, 0), &e->name_len);
+    if (!e->name) return -1;
+    unsigned long long *fields[] = {&e->code, &e->itemsize, NULL, &e->seg, &e->offset, &e->nbytes};
+    for (int i = 0; i < 6; i++) {
+        if (!fields[i]) continue;
+        *fields[i] = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(t, i + 1));
+        if (*fields[i] == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+    }
+    e->shape = PyTuple_GET_ITEM(t, 3);
+    if (!PyTuple_Check(e->shape) || PyTuple_GET_SIZE(e->shape) > FRAME_MAX_DIMS || e->name_len < 1 ||
+        e->name_len > UINT16_MAX || !itemsize_fits_code(e->code, e->itemsize) || e->itemsize > UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "tensor entry out of the frame's ranges");
+        return -1;
+    }
+    return 0;
+}
+
+/* pack_frame(kind, call_id, copied, entries) -> bytes. Each entry is
+ * (name, dtype code, itemsize, shape tuple, segment id, payload offset, nbytes). */
+static PyObject *pack_frame(PyObject *m, PyObject *args) {
+    int kind;
+    unsigned long long call_id, copied;
+    PyObject *entries;
+    if (!PyArg_ParseTuple(args, "iKKO!", &kind, &call_id, &copied, &PyList_Type, &entries)) return NULL;
+    Py_ssize_t count = PyList_GET_SIZE(entries), size = FRAME_HEADER;
+    if (kind < 0 || kind > 255 || count > UINT16_MAX) {
+        PyErr_SetString(PyExc_ValueError, "frame kind or tensor count out of range");
+        return NULL;
+    }
+    Entry stack[8], *e = count <= 8 ? stack : PyMem_Malloc(sizeof(Entry) * (size_t)count);
+    if (!e) return PyErr_NoMemory();
+    PyObject *out = NULL;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (read_entry(PyList_GET_ITEM(entries, i), &e[i])) goto done;
+        size += ENTRY_HEADER + 8 * PyTuple_GET_SIZE(e[i].shape) + (Py_ssize_t)round_up((uint64_t)e[i].name_len, 8);
+    }
+    out = PyBytes_FromStringAndSize(NULL, size);
+    if (!out) goto done;
+    char *p = PyBytes_AS_STRING(out);
+    memset(p, 0, (size_t)size);
+    p[0] = (char)FRAME_MARKER;
+    p[1] = (char)kind;
+    put_u16(p + 2, (uint16_t)count);
+    put_u64(p + 8, call_id);
+    put_u64(p + 16, copied);
+    p += FRAME_HEADER;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        Py_ssize_t ndim = PyTuple_GET_SIZE(e[i].shape);
+        p[0] = (char)e[i].code;
+        p[1] = (char)ndim;
+        put_u16(p + 2, (uint16_t)e[i].name_len);
+        put_u32(p + 4, (uint32_t)e[i].itemsize);
+        put_u64(p + 8, e[i].seg);
+        put_u64(p + 16, e[i].offset);
+        put_u64(p + 24, e[i].nbytes);
+        p += ENTRY_HEADER;
+        for (Py_ssize_t d = 0; d < ndim; d++, p += 8) {
+            unsigned long long dim = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(e[i].shape, d));
+            if (dim == (unsigned long long)-1 && PyErr_Occurred()) {
+                Py_CLEAR(out);
+                goto done;
+            }
+            put_u64(p, dim);
+        }
+        memcpy(p, e[i].name, (size_t)e[i].name_len);
+        p += round_up((uint64_t)e[i].name_len, 8);
+    }
+done:
+    if (e != stack) PyMem_Free(e);
+    return out;
+}
+
+/* Decodes one entry at `p` (bounds: [p, end)) into a Python tuple; advances *pos. Everything
+ * the peer wrote is checked here, except that the range names live memory: that is
+ * Mapping.block's check against the ring. */
+static PyObject *unpack_entry(const char *base, Py_ssize_t *pos, Py_ssize_t len) {
+    const char *p = base + *pos;
+    if (len - *pos < ENTRY_HEADER) return frame_error("entry header past the end", *pos), NULL;
+    uint64_t code = (uint8_t)p[0], ndim = (uint8_t)p[1], name_len = get_u16(p + 2);
+    uint64_t itemsize = get_u32(p + 4), seg = get_u64(p + 8), offset = get_u64(p + 16),
+             nbytes = get_u64(p + 24);
+    uint64_t need = ENTRY_HEADER + 8 * ndim + round_up(name_len, 8);
+    if (ndim > FRAME_MAX_DIMS || name_len == 0) return frame_error("bad rank or empty name", *pos), NULL;
+    if ((uint64_t)(len - *pos) < need) return frame_error("entry past the end", *pos), NULL;
+    if (!itemsize_fits_code(code, itemsize)) return frame_error("dtype code and itemsize disagree", *pos), NULL;
+    if (offset > (uint64_t)LLONG_MAX || seg > (uint64_t)LLONG_MAX)
+        return frame_error("segment id or offset out of range", *pos), NULL;
+    PyObject *shape = PyTuple_New((Py_ssize_t)ndim), *name = NULL;
+    if (!shape) return NULL;
+    uint64_t elements = 1;
+    int overflow = 0;
+    for (uint64_t d = 0; d < ndim; d++) {
+        uint64_t dim = get_u64(p + ENTRY_HEADER + 8 * d);
+        overflow |= dim > (uint64_t)LLONG_MAX || __builtin_mul_overflow(elements, dim, &elements);
+        PyObject *v = PyLong_FromUnsignedLongLong(dim);
+        if (!v) goto fail;
+        PyTuple_SET_ITEM(shape, (Py_ssize_t)d, v);
+    }
+    uint64_t total;
+    if (overflow || __builtin_mul_overflow(elements, itemsize, &total) || total != nbytes) {
+        frame_error("nbytes does not match shape and itemsize", *pos);
+        goto fail;
+    }
+    name = PyUnicode_DecodeUTF8(p + ENTRY_HEADER + 8 * ndim, (Py_ssize_t)name_len, "strict");
+    if (!name) {
+        PyErr_Clear();
+        frame_error("tensor name is not UTF-8", *pos);
+        goto fail;
+    }
+    *pos += (Py_ssize_t)need;
+    return Py_BuildValue("(NKKNKKK)", name, (unsigned long long)code, (unsigned long long)itemsize,
+                         shape, (unsigned long long)seg, (unsigned long long)offset,
+                         (unsigned long long)nbytes);
+fail:
+    Py_DECREF(shape);
+    return NULL;
+}
+
+/* unpack_frame(data) -> (kind, call_id, copied, [entry, ...]); ValueError for anything that
+ * is not a well-formed frame. */
+static PyObject *unpack_frame(PyObject *m, PyObject *arg) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) return NULL;
+    const char *p = view.buf;
+    Py_ssize_t len = view.len, pos = FRAME_HEADER;
+    PyObject *entries = NULL, *result = NULL;
+    if (len < FRAME_HEADER || (uint8_t)p[0] != FRAME_MARKER || get_u32(p + 4) != 0) {
+        frame_error("no frame header", 0);
+        goto done;
+    }
+    Py_ssize_t count = get_u16(p + 2);
+    entries = PyList_New(count);
+    if (!entries) goto done;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *entry = unpack_entry(p, &pos, len);
+        if (!entry) goto done;
+        PyList_SET_ITEM(entries, i, entry);
+    }
+    if (pos != len) {
+        frame_error("bytes after the last entry", pos);
+        goto done;
+    }
+    result = Py_BuildValue("(iKKO)", (int)(uint8_t)p[1], (unsigned long long)get_u64(p + 8),
+                           (unsigned long long)get_u64(p + 16), entries);
+done:
+    Py_XDECREF(entries);
+    PyBuffer_Release(&view);
+    return result;
+}
+
 /* ---- Block --------------------------------------------------------------------------- */
 
 typedef struct {
@@ -747,6 +956,8 @@ static PyMethodDef mapping_methods[] = {
     {"ring_alloc", (PyCFunction)mapping_ring_alloc, METH_VARARGS,
      "ring_alloc(ring, nbytes) -> payload offset, or -1 when full."},
     {"ring_release", (PyCFunction)mapping_ring_release, METH_VARARGS, "ring_release(ring, payload)"},
+    {"write", (PyCFunction)mapping_write, METH_VARARGS,
+     "write(off, obj): copy a C-contiguous buffer into the mapping at off."},
     {"queue_init", (PyCFunction)mapping_queue_init, METH_VARARGS, "queue_init(off, size)"},
     {"queue_push", (PyCFunction)mapping_queue_push, METH_VARARGS,
      "queue_push(q, data, timeout_s, spin_s) -> queued"},
@@ -857,6 +1068,10 @@ static PyObject *address_of(PyObject *m, PyObject *obj) {
 
 static PyMethodDef module_methods[] = {
     {"address_of", address_of, METH_O, "address_of(obj): address of a contiguous buffer's data."},
+    {"pack_frame", pack_frame, METH_VARARGS,
+     "pack_frame(kind, call_id, copied, entries) -> bytes: a tensor frame (ope/protocol.py)."},
+    {"unpack_frame", unpack_frame, METH_O,
+     "unpack_frame(data) -> (kind, call_id, copied, entries); ValueError if malformed."},
     {"exit_with_parent", exit_with_parent, METH_VARARGS,
      "exit_with_parent(pid, prefix): when parent `pid` is gone, unlink /dev/shm/<prefix>-* and SIGKILL this process."},
     {NULL}};

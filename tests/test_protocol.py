@@ -26,6 +26,7 @@ FUZZ_OBJECTS = settings(FUZZ, max_examples=40)  # generating nested objects is w
 # -- messages -----------------------------------------------------------------------------
 
 H, W = "host", "worker"
+FLOAT32 = protocol.DTYPE_CODES[np.dtype("float32")]
 
 
 def hello():
@@ -41,7 +42,7 @@ def ready():
 
 
 def infer(call):
-    return H, [INFER, call, [["x", "float32", [1], 0, 4096, 4]]]
+    return H, [INFER, call, [("x", FLOAT32, 4, (1,), 0, 4096, 4)]]
 
 
 def result(call):
@@ -68,7 +69,8 @@ ALLOWED = {
     "calls in flight": (START + [infer(1), infer(2), infer(3), result(1), error(2)], "ready", [3]),
     "interleaved": (START + [infer(1), infer(2), result(1), infer(3), result(2), result(3)],
                     "ready", []),
-    "any call ids": (START + [infer("a"), infer(7), result("a"), error(7)], "ready", []),
+    "any u64 call ids": (START + [infer(2 ** 64 - 1), infer(0), result(2 ** 64 - 1), error(0)],
+                         "ready", []),
     "shutdown when idle": (START + [shutdown()], "closing", []),
     "shutdown after calls": (START + [infer(1), result(1), shutdown()], "closing", []),
     "draining": (START + [infer(1), infer(2), shutdown(), result(1), error(2)], "closing", []),
@@ -201,15 +203,27 @@ def test_unpack_of_arbitrary_msgpack_objects_gives_a_message_or_protocol_error(o
     assert_valid_message(message)
 
 
+U64 = st.integers(0, 2 ** 64 - 1)
+FRAMES = (st.builds(lambda call: [INFER, call, []], U64)
+          | st.builds(lambda call, copied: [RESULT, call, [], copied], U64, U64))
+WIRE_MESSAGES = MESSAGE_LIKE.map(msgpack.packb) | FRAMES.map(protocol.pack)
+
+
 @FUZZ_OBJECTS
-@given(st.lists(st.tuples(st.sampled_from([H, W]), MESSAGE_LIKE), max_size=8))
+@given(st.lists(st.tuples(st.sampled_from([H, W]), WIRE_MESSAGES), max_size=8))
 def test_any_sequence_of_decoded_messages_passes_or_raises_protocol_error(steps):
     for conversation in sides():
-        for sender, obj in steps:
+        for sender, data in steps:
             try:
-                feed(conversation, sender, protocol.unpack(protocol.pack(obj)))
+                feed(conversation, sender, protocol.unpack(data))
             except ope.ProtocolError:
                 break
+
+
+@pytest.mark.parametrize("message", [[INFER, 1, []], [RESULT, 1, [], 0]])
+def test_calls_sent_as_msgpack_instead_of_frames_are_refused(message):
+    with pytest.raises(ope.ProtocolError, match="tensor frame"):
+        protocol.unpack(msgpack.packb(message))
 
 
 # -- errors -------------------------------------------------------------------------------
@@ -263,6 +277,107 @@ def test_error_fields_round_trip_and_cut_long_texts():
     assert protocol.error_fields(ope.SpecError("bad"), limit=10) == {}
 
 
+# -- tensor frames ------------------------------------------------------------------------
+
+CODES = list(range(len(ope.spec.DTYPES)))
+STRING = protocol.STRING_CODE
+
+
+def itemsize_of(code, width=1):
+    return 4 * width if code == STRING else protocol.decode_tensor(
+        ("t", code, 0, (0,), 0, 0, 0), lambda *_: bytearray())[1].itemsize
+
+
+@st.composite
+def entries(draw):
+    """A well-formed descriptor: nbytes agrees with shape and itemsize."""
+    code = draw(st.sampled_from(CODES))
+    itemsize = itemsize_of(code, draw(st.integers(0, 5)))
+    shape = tuple(draw(st.lists(st.integers(0, 9) | st.sampled_from([2 ** 20, 2 ** 31]),
+                                max_size=4).filter(lambda dims: np.prod(dims, dtype=object) < 2 ** 58)))
+    nbytes = int(np.prod(shape, dtype=object)) * itemsize
+    name = draw(st.text(min_size=1, max_size=12).filter(lambda n: len(n.encode()) <= 60))
+    return (name, code, itemsize, shape, draw(U64.filter(lambda v: v < 2 ** 63)),
+            draw(st.integers(0, 2 ** 63 - 1)), nbytes)
+
+
+@FUZZ
+@given(kind=st.sampled_from([INFER, RESULT]), call=U64, copied=U64,
+       descriptors=st.lists(entries(), max_size=4))
+def test_a_frame_round_trips(kind, call, copied, descriptors):
+    message = [INFER, call, descriptors] if kind == INFER else [RESULT, call, descriptors, copied]
+    assert protocol.unpack(protocol.pack(message)) == message
+
+
+def a_frame():
+    return protocol.pack([RESULT, 9, [("y", FLOAT32, 4, (2, 3), 2, 4160, 24),
+                                      ("s", STRING, 12, (2,), 2, 8256, 24)], 48])
+
+
+@FUZZ
+@given(data=st.data())
+def test_a_mutated_frame_decodes_consistently_or_raises_protocol_error(data):
+    frame = bytearray(a_frame())
+    for _ in range(data.draw(st.integers(1, 4))):
+        at = data.draw(st.integers(0, len(frame) - 1))
+        frame[at] = data.draw(st.integers(0, 255))
+    frame = bytes(frame[:data.draw(st.integers(0, len(frame)))]) + data.draw(st.binary(max_size=9))
+    try:
+        message = protocol.unpack(frame)
+    except ope.ProtocolError:
+        return
+    assert_valid_message(message)
+    for name, code, itemsize, shape, seg_id, payload, nbytes in message[2]:
+        assert type(name) is str and name and code in CODES and len(shape) <= 32
+        assert itemsize % 4 == 0 if code == STRING else itemsize == itemsize_of(code)
+        assert int(np.prod(shape, dtype=object)) * itemsize == nbytes
+        assert 0 <= seg_id < 2 ** 63 and 0 <= payload < 2 ** 63
+
+
+@FUZZ
+@given(st.binary(max_size=120))
+def test_arbitrary_bytes_behind_the_frame_marker_give_a_message_or_protocol_error(tail):
+    try:
+        message = protocol.unpack(b"\xc1" + tail)
+    except ope.ProtocolError:
+        return
+    assert message[0] in (INFER, RESULT)
+
+
+def patched(frame, at, data):
+    return frame[:at] + data + frame[at + len(data):]
+
+
+ENTRY = 24  # the first entry starts after the frame header (ope/protocol.py)
+BAD_FRAMES = {
+    "truncated header": lambda f: f[:20],
+    "message type not a call": lambda f: patched(f, 1, bytes([READY])),
+    "reserved field set": lambda f: patched(f, 4, b"\x01"),
+    "more entries than bytes": lambda f: patched(f, 2, b"\x03"),
+    "fewer entries than bytes": lambda f: patched(f, 2, b"\x01"),
+    "trailing bytes": lambda f: f + bytes(8),
+    "unknown dtype code": lambda f: patched(f, ENTRY, bytes([len(ope.spec.DTYPES)])),
+    "itemsize of another dtype": lambda f: patched(f, ENTRY + 4, b"\x08"),
+    "string itemsize not UCS-4": lambda f: patched(f, ENTRY + 56 + 4, b"\x0b"),
+    "nbytes disagrees with the shape": lambda f: patched(f, ENTRY + 24, b"\x19"),
+    "a dim that overflows": lambda f: patched(f, ENTRY + 32, b"\xff" * 8),
+    "rank past 32": lambda f: patched(f, ENTRY + 1, b"\x21"),
+    "empty name": lambda f: patched(f, ENTRY + 2, b"\x00\x00"),
+    "name longer than the entry": lambda f: patched(f, ENTRY + 2, b"\x09"),
+    "name not UTF-8": lambda f: patched(f, ENTRY + 48, b"\xff"),
+    "segment id past 2**63": lambda f: patched(f, ENTRY + 8, b"\xff" * 8),
+    "offset past 2**63": lambda f: patched(f, ENTRY + 16, b"\xff" * 8),
+    "INFER that claims a copy": lambda f: patched(patched(f, 1, bytes([INFER])), 16, b"\x01"),
+}
+
+
+@pytest.mark.parametrize("corrupt", BAD_FRAMES.values(), ids=BAD_FRAMES.keys())
+def test_a_table_of_bad_frames_raises_protocol_error(corrupt):
+    assert protocol.unpack(a_frame())[0] == RESULT  # the frame they corrupt is fine
+    with pytest.raises(ope.ProtocolError):
+        protocol.unpack(corrupt(a_frame()))
+
+
 # -- tensor descriptors -------------------------------------------------------------------
 
 
@@ -311,31 +426,21 @@ def payloads_near_a_ring(draw, ring_offset):
     """A payload offset around a ring's edges: most bad, some valid."""
     line = draw(st.integers(-3, 40) | st.integers(0, 2 ** 12))
     skew = draw(st.sampled_from([0, 0, 0, 1, -1, 8, LINE - 1]))
-    return ring_offset + RING_HEADER + BLOCK_HEADER + line * LINE + skew
+    return max(0, ring_offset + RING_HEADER + BLOCK_HEADER + line * LINE + skew)
 
 
 @st.composite
-def near_valid_descriptors(draw, arena, seg_ids):
-    """A well-formed descriptor of one of the peer's segments, with a payload and a size that
-    may or may not fit its ring."""
-    seg_id = draw(st.sampled_from(seg_ids))
-    payload = draw(payloads_near_a_ring(_ring_offset(arena, seg_id)))
-    nbytes = draw(st.sampled_from([0, 8, 64, 4096]) | st.integers(0, 300_000))
-    dtype = draw(st.sampled_from(sorted(protocol.NUMERIC_DTYPES)))
-    itemsize = protocol.NUMERIC_DTYPES[dtype].itemsize
-    shape = draw(st.sampled_from([[-1], [nbytes // itemsize], [1, -1], [nbytes]]))
-    return ["t", dtype, shape, seg_id, payload, nbytes]
-
-
-NAMES = st.text(max_size=4) | st.none() | st.integers() | st.binary(max_size=2)
-DTYPE_NAMES = (st.sampled_from([*protocol.NUMERIC_DTYPES, "string", "object", "<f4", "", "f16"])
-               | st.none() | st.integers() | st.lists(st.text(max_size=2), max_size=2))
-SHAPES = (st.lists(st.integers(-2, 70000) | st.sampled_from([-1, 2 ** 40, 2 ** 70]), max_size=3)
-          | st.sampled_from([[-1], [], None, 5, "12", [1.5], [[1]], {"a": 1}]))
-SEGMENT_IDS = (st.sampled_from([0, 1, 2, 3, 4, -1, -2, 2 ** 64 + 2, 10 ** 40, True, 2.0, None,
-                                "0", "../x", [0]]) | st.integers())
-SIZES = (st.integers(-70, 70000) | st.sampled_from([2 ** 63, 2 ** 64, -(2 ** 63) - 1, 1.0, None,
-                                                    "8", [8]]))
+def descriptors_near_a_ring(draw, arena, seg_ids):
+    """A descriptor as unpack_frame passes it on (its sizes agree) for one of the peer's
+    segments, or for any segment id, at a payload that may or may not be one of the ring's."""
+    seg_id = draw(st.sampled_from(seg_ids) | st.integers(0, 2 ** 63 - 1))
+    payload = draw(payloads_near_a_ring(_ring_offset(arena, draw(st.sampled_from(seg_ids))))
+                   | st.integers(0, 2 ** 63 - 1))
+    code = draw(st.sampled_from(CODES))
+    itemsize = itemsize_of(code, draw(st.integers(0, 3)))
+    count = draw(st.sampled_from([0, 1, 2, 1024]) | st.integers(0, 300_000 // max(itemsize, 1)))
+    shape = draw(st.sampled_from([(count,), (1, count), (count, 1)]))
+    return ("t", code, itemsize, shape, seg_id, payload, count * itemsize)
 
 
 @pytest.mark.parametrize("side", ["host", "worker"])
@@ -344,24 +449,13 @@ SIZES = (st.integers(-70, 70000) | st.sampled_from([2 ** 63, 2 ** 64, -(2 ** 63)
 def test_bad_descriptors_raise_protocol_error_and_never_view_outside_a_ring(arenas, side, data):
     host, worker = arenas
     arena, peer_ids = (host, [2]) if side == "host" else (worker, [0, 1])
-    near = st.sampled_from(peer_ids).flatmap(
-        lambda seg_id: payloads_near_a_ring(_ring_offset(arena, seg_id)))
-    payload = data.draw(near | st.integers(-2 ** 64, 2 ** 65) | st.floats() | st.none())
-    desc = data.draw(st.one_of(
-        near_valid_descriptors(arena, peer_ids),
-        st.tuples(NAMES, DTYPE_NAMES, SHAPES, SEGMENT_IDS, st.just(payload), SIZES).map(list),
-        st.tuples(NAMES, DTYPE_NAMES, SHAPES, st.lists(st.text(max_size=2) | st.integers(),
-                                                      max_size=4)).map(list),
-        st.lists(SCALARS, max_size=8), SCALARS))
+    desc = data.draw(descriptors_near_a_ring(arena, peer_ids))
     made = []
     try:
         name, array = decode_tensor(desc, recording(arena.peer_block, made))
     except ope.ProtocolError:
         return
     assert type(name) is str and isinstance(array, np.ndarray)
-    if not made:  # a string tensor: its contents travelled inline
-        assert array.dtype.kind == "U"
-        return
     block, = made
     ring = ring_of(block)
     area_start = ring.offset + RING_HEADER
@@ -376,11 +470,12 @@ def test_bad_descriptors_raise_protocol_error_and_never_view_outside_a_ring(aren
 
 def test_a_worker_output_decodes_on_the_host_to_a_view_of_its_bytes(arenas):
     host, worker = arenas
-    seg_id, payload, ring = worker.alloc(6 * 4)
-    assert seg_id == 2
     expected = np.arange(6, dtype=np.float32).reshape(2, 3)
-    memoryview(worker.segment_mapping(seg_id))[payload:payload + 24] = expected.tobytes()
-    name, array = decode_tensor(["y", "float32", [2, 3], seg_id, payload, 24], host.peer_block)
+    seg_id, payload, ring = worker.put(expected)
+    assert seg_id == 2
+    desc = protocol.describe("y", expected, seg_id, payload)
+    name, array = decode_tensor(protocol.unpack(protocol.pack([RESULT, 1, [desc], 24]))[2][0],
+                                host.peer_block)
     assert name == "y"
     np.testing.assert_array_equal(array, expected)
     assert ring.used > 0
@@ -390,9 +485,9 @@ def test_a_worker_output_decodes_on_the_host_to_a_view_of_its_bytes(arenas):
 
 def test_a_host_input_decodes_on_the_worker_to_a_sealed_view_of_its_bytes(arenas):
     host, worker = arenas
-    seg_id, payload, ring = host.alloc(8)
-    memoryview(host.segment_mapping(seg_id))[payload:payload + 8] = bytes(range(8))
-    name, array = decode_tensor(["x", "uint8", [8], seg_id, payload, 8], worker.peer_block)
+    seg_id, payload, ring = host.put(np.arange(8, dtype=np.uint8))
+    name, array = decode_tensor(("x", protocol.DTYPE_CODES[np.dtype("uint8")], 1, (8,), seg_id,
+                                 payload, 8), worker.peer_block)
     assert name == "x" and array.tobytes() == bytes(range(8))
     assert not array.flags.writeable
     with pytest.raises(ValueError):
@@ -402,41 +497,37 @@ def test_a_host_input_decodes_on_the_worker_to_a_sealed_view_of_its_bytes(arenas
     ring.release(payload)
 
 
-@pytest.mark.parametrize("shape", [[3], [1, 3], [3, 1]])
-def test_a_string_descriptor_round_trips(shape):
-    strings = np.array(["a", "bc", ""]).reshape(shape)
-    desc = protocol.string_descriptor("s", strings)
-    name, array = decode_tensor(protocol.unpack(protocol.pack([READY, desc]))[1], None)
-    assert name == "s"
-    np.testing.assert_array_equal(array, strings)
+@pytest.mark.parametrize("strings", [["a", "bc", ""], [["ünï", "c😀de"]], [[""], [""]], []])
+def test_a_string_tensor_travels_through_the_arena(arenas, strings):
+    host, worker = arenas
+    array = np.array(strings, dtype=str)
+    seg_id, payload, ring = host.put(array[::-1] if array.ndim == 1 else array)
+    sent = array[::-1] if array.ndim == 1 else array
+    desc = protocol.describe("s", sent, seg_id, payload)
+    name, got = decode_tensor(protocol.unpack(protocol.pack([INFER, 1, [desc]]))[2][0],
+                              worker.peer_block)
+    assert name == "s" and got.dtype == sent.dtype
+    np.testing.assert_array_equal(got, sent)
+    ring.release(payload)
 
 
-@pytest.mark.parametrize("desc", [
-    ["y", "float32", [2], 2, "offset", 8],
-    ["y", "float32", [3], 2, None, 8],
-    ["y", "float32", [2], 2, 0, 8],
-    ["y", "float32", [2], 2, 2 ** 70, 8],
-    ["y", "float32", [2], 2, None, -8],
-    ["y", "float32", [2], 99, 0, 8],
-    ["y", "float32", [2], 3, 0, 8],
-    ["y", "float32", [2], "2", None, 8],
-    ["y", "complex64", [1], 2, None, 8],
-    ["y", "float32", [3], 2, None, 8],
-    [1, "float32", [2], 2, None, 8],
-    ["s", "string", [2], ["a", 1]],
-    ["s", "float32", [2], ["a", "b"]],
-    ["s", "string", [3], ["a", "b"]],
-    ["y", "float32", [2], 2, None],
+@pytest.mark.parametrize("seg_id,payload,nbytes", [
+    (2, 0, 8),                # not a payload of the ring
+    (2, 2 ** 62, 8),          # far past the segment
+    (2, None, 2 ** 40),       # longer than the ring
+    (99, None, 8),            # a segment that does not exist
+    (3, None, 8),             # an id the worker does not own
 ])
-def test_a_table_of_bad_descriptors_raises_protocol_error(arenas, desc):
+def test_a_table_of_bad_descriptors_raises_protocol_error(arenas, seg_id, payload, nbytes):
     """``None`` as the payload is replaced by a real, live payload of the worker's ring."""
     host, worker = arenas
-    seg_id, payload, ring = worker.alloc(8)
-    desc = [payload if field is None and i == 4 else field for i, field in enumerate(desc)]
+    _, live, ring = worker.alloc(8)
+    desc = ("y", protocol.DTYPE_CODES[np.dtype("uint8")], 1, (nbytes,), seg_id,
+            live if payload is None else payload, nbytes)
     with pytest.raises(ope.ProtocolError):
         decode_tensor(desc, host.peer_block)
     if ring.used:  # no Block was made; one that was made gave the block back when dropped
-        ring.release(payload)
+        ring.release(live)
 
 
 def test_the_host_refuses_a_descriptor_naming_its_own_segment(arenas):
@@ -444,7 +535,8 @@ def test_the_host_refuses_a_descriptor_naming_its_own_segment(arenas):
     seg_id, payload, ring = host.alloc(64)  # e.g. a model.empty buffer the caller holds
     try:
         with pytest.raises(ope.ProtocolError):
-            decode_tensor(["y", "uint8", [64], seg_id, payload, 64], host.peer_block)
+            decode_tensor(("y", protocol.DTYPE_CODES[np.dtype("uint8")], 1, (64,), seg_id,
+                           payload, 64), host.peer_block)
     finally:
         assert ring.used > 0, "dropping the 'output' gave the caller's block back"
         ring.release(payload)

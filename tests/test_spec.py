@@ -287,6 +287,16 @@ def test_strings_accepted_as_lists_and_arrays(load_model, strings_path, words):
     assert outputs["echo_tag"].shape == () and str(outputs["echo_tag"]) == "hello"
 
 
+def test_large_and_non_native_string_tensors_round_trip(load_model, strings_path):
+    """Strings lie in the arena like numbers (ope/protocol.py): megabytes of them pass, and
+    big-endian UCS-4 arrives as the same text."""
+    model = load_model(strings_path)
+    words = np.array([[f"word {i:07d} ünïcode", "x"] for i in range(40_000)])
+    assert words.nbytes > 4 << 20
+    outputs = model.infer({"words": words.astype(words.dtype.newbyteorder(">")), "tag": "t"})
+    np.testing.assert_array_equal(outputs["echo_words"], words)
+
+
 @pytest.mark.parametrize("words, message", [
     ([["a", 1]], "expected str elements for a string tensor, got int"),
     ([["a", "b"], ["c"]], "expected str elements"),

@@ -27,7 +27,8 @@ from workers.runners import load_runner
 
 __all__ = ["Worker", "main", "runtime_info"]
 
-_DTYPE_NAMES = protocol.DTYPE_NAMES
+_describe = protocol.describe
+_dtype_code = protocol.dtype_code
 _TRACEBACK_LIMIT = 16_000  # characters; a traceback must fit a control message
 
 
@@ -113,20 +114,14 @@ class Worker:
 
     def _encodable(self, outputs):
         return type(outputs) is dict and outputs.keys() == self._output_names and all(
-            type(a) is np.ndarray and (a.dtype in _DTYPE_NAMES or a.dtype.kind == "U")
-            for a in outputs.values())
+            type(a) is np.ndarray and _dtype_code(a.dtype) is not None for a in outputs.values())
 
     def _write_outputs(self, outputs):
         descriptors, copied = [], 0
         for name, array in outputs.items():
-            dtype_name = _DTYPE_NAMES.get(array.dtype)
-            if dtype_name is None:
-                descriptors.append(protocol.string_descriptor(name, array))
-                continue
-            seg_id, payload, ring = self.arena.alloc(array.nbytes)
-            np.ndarray(array.shape, array.dtype, ring.mapping, payload)[...] = array
+            seg_id, payload, _ = self.arena.put(array)
             copied += array.nbytes
-            descriptors.append([name, dtype_name, list(array.shape), seg_id, payload, array.nbytes])
+            descriptors.append(_describe(name, array, seg_id, payload))
         return descriptors, copied
 
     def _shutdown(self, message):
