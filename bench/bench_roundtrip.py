@@ -5,8 +5,9 @@
 Every mechanism sends a float32 array to another process (or calls in-process), has 1 added,
 and gets the result back as an array. All run in one process tree, one after another per size,
 so the ratios compare like with like on a noisy machine. Also measured: the machine's limits
-(busy-poll and futex ping-pong on a shared word, memcpy bandwidth) and the CPU an idle worker
-uses. The targets of issue 3 are checked at the end.
+(busy-poll and futex ping-pong on a shared word, memcpy bandwidth, and the "Python floor": two
+Python processes trading a 16 B array over ope's queue with no protocol at all) and the CPU an
+idle worker uses. The targets of issue 3 are checked at the end.
 """
 
 import argparse
@@ -25,6 +26,8 @@ import psutil
 
 import ope
 import ope_native
+from ope.arena import Arena
+from ope.channel import SPIN_S
 
 SIZES = [16, 64 << 10, 1 << 20, 16 << 20, 64 << 20]
 PEER_TIMEOUT_S = 10  # a peer that does not answer in this time is reported as hung
@@ -85,10 +88,9 @@ def _torch_child(inbox, outbox):
         outbox.put(y)
 
 
-def _shm_child(name, nbytes, sem_in, sem_out):
+def _shm_child(name, nbytes, request, reply):
     from multiprocessing import shared_memory
     shm = shared_memory.SharedMemory(name)
-    request, reply = posix_ipc.Semaphore(sem_in), posix_ipc.Semaphore(sem_out)
     count = nbytes // 4
     x = np.ndarray(count, np.float32, shm.buf, 0)
     y = np.ndarray(count, np.float32, shm.buf, nbytes)
@@ -180,7 +182,9 @@ def shm_semaphore_peer(nbytes):
     tag = f"/bench-{os.getpid()}-{nbytes}"
     request = posix_ipc.Semaphore(tag + "-in", posix_ipc.O_CREX)
     reply = posix_ipc.Semaphore(tag + "-out", posix_ipc.O_CREX)
-    proc = _CTX.Process(target=_shm_child, args=(shm.name, nbytes, request.name, reply.name))
+    for sem in (request, reply):  # the forked child inherits them open: no name can leak
+        sem.unlink()
+    proc = _CTX.Process(target=_shm_child, args=(shm.name, nbytes, request, reply))
     proc.start()
     count = nbytes // 4
     x_in = np.ndarray(count, np.float32, shm.buf, 0)
@@ -201,8 +205,6 @@ def shm_semaphore_peer(nbytes):
         del x_in, y_out
         shm.close()
         shm.unlink()
-        for sem in (request, reply):
-            sem.unlink()
     return Peer(call, close)
 
 
@@ -278,6 +280,41 @@ def _await(mapping, value, futex):
     while mapping.load32(0) != value:
         if futex:
             mapping.wait32(0, value - 1, 1.0)
+
+
+def python_floor_us(rounds):
+    """Round trip of a 16 B float32 array between two Python processes over ope's own queue
+    and arena with nothing else: no protocol, no spec check, no bookkeeping; one copy in,
+    numpy's add, one copy out. What any Python-to-Python bridge pays on this machine."""
+    arena = Arena.create(ring_bytes=1 << 20)
+    seg_id, x_at, ring = arena.alloc(16)
+    pid = os.fork()
+    if pid == 0:
+        worker = Arena.attach(arena.prefix, first_id=2)
+        _, y_at, y_ring = worker.alloc(16)
+        _python_floor_serve(worker.channel, worker.peer_block(seg_id, x_at, 16), y_ring.mapping, y_at)
+        os._exit(0)
+    channel, x = arena.channel, np.zeros(4, np.float32)
+    mapping, request = channel.mapping, b"r" * 40  # a message of a frame's size
+
+    def call():
+        mapping.write(x_at, x)
+        mapping.queue_push(channel.out_q, request, -1.0, SPIN_S)
+        mapping.queue_pop(channel.in_q, -1.0, SPIN_S)
+        return np.ndarray(4, np.float32, ring.mapping, x_at)
+    median, _ = _measure(call, rounds, 0.2)
+    mapping.queue_push(channel.out_q, b"", -1.0, SPIN_S)
+    os.waitpid(pid, 0)
+    arena.close()
+    return median
+
+
+def _python_floor_serve(channel, x_block, y_mapping, y_at):
+    mapping, reply = channel.mapping, b"r" * 40
+    while mapping.queue_pop(channel.in_q, -1.0, SPIN_S):
+        y = np.ndarray(4, np.float32, x_block) + 1
+        y_mapping.write(y_at, y)
+        mapping.queue_push(channel.out_q, reply, -1.0, SPIN_S)
 
 
 def memcpy_gbps(nbytes):
@@ -398,6 +435,7 @@ def main():
     limits = {
         "busy-poll ping-pong (us)": round(pingpong_us(20000, futex=False), 2),
         "futex ping-pong (us)": round(pingpong_us(2000, futex=True), 1),
+        "python floor, 16 B over ope's queue, no protocol (us)": round(python_floor_us(20000), 1),
     }
     for nbytes in sizes:
         if nbytes >= 1 << 20:

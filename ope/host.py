@@ -101,9 +101,11 @@ class OutOfProcessModel(Model):
         # its own lock; changing the worker takes both, always the receive lock first.
         self._send_lock = threading.RLock()
         self._recv_lock = threading.RLock()
-        self._has_pending = threading.Condition(self._send_lock)
+        # The collector thread sleeps here until a future is waited on without collecting.
+        self._collector_wakeup = threading.Condition(threading.Lock())
         self._pending = collections.deque()
         self._collector = None
+        self._collector_wanted = False
         self._call_ids = itertools.count(1)
         self._copied_in = 0
         self._copied_out = 0
@@ -259,7 +261,6 @@ class OutOfProcessModel(Model):
     def _submit(self, arrays, bindings, timeout_s):
         future = _CallFuture(self)
         future.call = self._send_call(arrays, bindings, timeout_s, future)
-        self._wake_collector()
         return future
 
     @property
@@ -338,26 +339,31 @@ class OutOfProcessModel(Model):
             head = False
 
     def _wake_collector(self):
-        with self._send_lock:
+        """Have the collector thread complete the calls in flight: someone waits on a future
+        without collecting its reply (a callback, asyncio, futures.wait, a timed result)."""
+        with self._collector_wakeup:
             if self._collector is None:
                 self._collector = threading.Thread(target=self._collect_forever, daemon=True,
                                                    name=f"ope-collector-{self.name}")
                 self._collector.start()
-            self._has_pending.notify()
+            self._collector_wanted = True
+            self._collector_wakeup.notify()
 
     def _collect_forever(self):
-        """Complete futures that nobody waits on (asyncio, callbacks, futures.wait)."""
+        """Complete every call in flight each time it is woken, then sleep again."""
         while True:
-            with self._send_lock:
-                while not self._pending and not self._closed:
-                    self._has_pending.wait()
+            with self._collector_wakeup:
+                while not (self._collector_wanted and self._pending) and not self._closed:
+                    self._collector_wakeup.wait()
                 if self._closed and not self._pending:
                     return
-                head = self._pending[0]
-            try:
-                self._collect(head)
-            except OpeError:
-                pass  # delivered through the call's future
+                self._collector_wanted = False
+            pending = self._pending
+            while pending:
+                try:
+                    self._collect(pending[0])
+                except (OpeError, IndexError):
+                    pass  # delivered through the call's future; IndexError: collected meanwhile
 
     def _encode_inputs(self, arrays):
         """Descriptors for ``arrays``; copies those not already in the arena.
@@ -456,7 +462,8 @@ class OutOfProcessModel(Model):
                 lock.acquire()
         try:
             self._fail_pending(ModelClosed(f"model {self.name!r} was closed"))
-            self._has_pending.notify_all()
+            with self._collector_wakeup:
+                self._collector_wakeup.notify_all()
             self._discard_worker(force=self._arena.channel.closed)
         finally:
             self._state = "closed"
@@ -491,6 +498,8 @@ class _Call:
     def finish(self, outputs=None, error=None):
         self.done, self.outputs, self.error = True, outputs, error
         if self.future is not None:
+            for hook in self.future.settle_hooks:
+                hook(error is not None)
             if error is None:
                 self.future.set_result(outputs)
             else:
@@ -498,20 +507,60 @@ class _Call:
 
 
 class _CallFuture(concurrent.futures.Future):
-    """A Future whose result() collects the reply itself instead of waiting for a thread."""
+    """A Future whose result() collects the reply in the calling thread: waking a collector
+    thread that would then wake this one costs a second wake-up per call, and on a VM each
+    can cost far more than the call. Waiting without collecting (a done-callback, asyncio,
+    concurrent.futures.wait or as_completed, a timed result) wakes the model's collector
+    thread instead. The call already runs in the worker, so the future cannot be cancelled."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
         self.call = None
+        self.settle_hooks = []
+        self._waiters = _WakingList(model._wake_collector)  # futures.wait/as_completed add here
+        self.set_running_or_notify_cancel()
+
+    def when_settled(self, hook):
+        """ope's own bookkeeping: ``hook(failed)`` runs as the call settles, in the collecting
+        thread, without waking the collector (see ope.model.when_settled)."""
+        self.settle_hooks.append(hook)
 
     def result(self, timeout=None):
-        if timeout is None and not self.done():
-            try:
-                self.model._collect(self.call)
-            except OpeError:
-                pass  # set on this future too; raised below
+        self._collect_or_wake(timeout)
         return super().result(timeout)
+
+    def exception(self, timeout=None):
+        self._collect_or_wake(timeout)
+        return super().exception(timeout)
+
+    def add_done_callback(self, fn):
+        super().add_done_callback(fn)
+        if not self.done():
+            self.model._wake_collector()
+
+    def _collect_or_wake(self, timeout):
+        if self.done():
+            return
+        if timeout is not None:
+            self.model._wake_collector()
+            return
+        try:
+            self.model._collect(self.call)
+        except OpeError:
+            pass  # set on this future too; raised by the caller
+
+
+class _WakingList(list):
+    """A future's list of waiters that wakes the collector when one is added."""
+
+    def __init__(self, wake):
+        super().__init__()
+        self._wake = wake
+
+    def append(self, waiter):
+        super().append(waiter)
+        self._wake()
 
 
 def _arena_block(array):

@@ -23,7 +23,7 @@ from ope.errors import ModelClosed, OpeError, SpecError
 from ope.spec import check_shape, validate_inputs, validate_outputs
 from workers.runners import load_runner
 
-__all__ = ["Model", "InProcessModel"]
+__all__ = ["Model", "InProcessModel", "when_settled"]
 
 _log = logging.getLogger("ope")
 
@@ -76,7 +76,7 @@ class Model(abc.ABC):
         except BaseException:
             self._record(start, failed=True)
             raise
-        future.add_done_callback(lambda done: self._record(start, done.exception() is not None))
+        when_settled(future, lambda failed: self._record(start, failed))
         return future
 
     async def infer_async(self, inputs, *, timeout_s=None):
@@ -177,6 +177,17 @@ class Model(abc.ABC):
                 return spec
         raise SpecError(f"unknown input {name!r} (expected "
                         f"{', '.join(repr(spec.name) for spec in self.inputs)})")
+
+
+def when_settled(future, hook):
+    """Run ``hook(failed)`` once ``future`` settles. An out-of-process future runs it as its
+    call settles, without making a thread wait for the reply on the caller's behalf
+    (ope/host.py, _CallFuture); other futures through a done-callback."""
+    settle = getattr(future, "when_settled", None)
+    if settle is not None:
+        settle(hook)
+    else:
+        future.add_done_callback(lambda done: hook(done.exception() is not None))
 
 
 def _read_only(array):

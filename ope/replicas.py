@@ -26,7 +26,7 @@ import logging
 import threading
 
 from ope.host import OutOfProcessModel
-from ope.model import Model
+from ope.model import Model, when_settled
 
 __all__ = ["ReplicaSet", "start_in_parallel", "close_all"]
 
@@ -129,7 +129,7 @@ class ReplicaSet(Model):
         except BaseException:
             self._settle(index, failed=True)
             raise
-        future.add_done_callback(lambda done: self._settle(index, done.exception() is not None))
+        when_settled(future, lambda failed: self._settle(index, failed))
         return future
 
     def _dispatch(self, arrays):

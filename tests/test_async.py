@@ -80,6 +80,28 @@ def test_futures_work_with_concurrent_futures_wait(load_model, timed):
     assert not not_done and len(done) == 4
 
 
+def test_futures_work_with_as_completed_callbacks_and_timed_results(load_model, timed):
+    """Each way to wait without calling result() gets the call completed (out of process, the
+    collector thread does it)."""
+    model = load_model(timed)
+    futures = [model.submit(call_inputs(i)) for i in range(3)]
+    assert sorted(f.result()["y"][0] for f in concurrent.futures.as_completed(futures, 60)) == [1, 2, 3]
+    called = threading.Event()
+    model.submit(call_inputs(0, hold=0.05)).add_done_callback(lambda done: called.set())
+    assert called.wait(60)
+    assert model.submit(call_inputs(7, hold=0.05)).result(timeout=60)["y"][0] == 8
+    assert model.submit(call_inputs(0, hold=0.05)).exception(timeout=60) is None
+
+
+def test_result_collects_in_the_callers_thread_and_a_call_cannot_be_cancelled(timed):
+    with ope.load(timed, out_of_process=True) as model:
+        futures = [model.submit(call_inputs(i, hold=0.05)) for i in range(3)]
+        assert not futures[2].cancel(), "a call that runs in the worker cannot be cancelled"
+        assert [f.result()["y"][0] for f in futures] == [1, 2, 3]
+        assert model._collector is None, "a thread was woken to collect replies nobody needed it for"
+        assert model.stats()["calls"] == 3
+
+
 def test_infer_async_under_asyncio(load_model, timed):
     model = load_model(timed)
 
