@@ -11,9 +11,10 @@
     warm-up (growth after warm-up means the steady state allocates).
 
 The same package bodies run in both columns; the ratios are printed. Timings are wall clock
-on a shared machine: (a) and (b) are run ``--repeat`` times and the best rate of each column
-is kept (other tenants only ever slow a run down); the load average is printed with the
-table; rerun when it is high.
+on a shared VM whose speed drifts within seconds, so (a), (b) and the machine ceiling run
+their two columns in alternating chunks of ~0.1-0.3 s (:func:`interleaved`), each whole
+measurement is repeated ``--repeat`` times, and the median ratio is reported with all of
+them. The load average is printed with the table.
 """
 
 import argparse
@@ -84,68 +85,82 @@ def calibrate(path):
             n *= 4
 
 
-def rate(run_one, count, warmup):
-    """Calls of ``run_one`` per second, after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        run_one()
-    start = time.perf_counter()
-    for _ in range(count):
-        run_one()
-    return count / (time.perf_counter() - start)
+def interleaved(first, second, rounds, chunk, warmup=0):
+    """Seconds spent in ``first`` and in ``second`` (each timed ``rounds * chunk`` times),
+    run in alternating chunks of ``chunk`` calls. On this VM the speed of a CPU drifts by up
+    to 2x within seconds (other tenants); measured back to back, two columns would compare
+    different machines, while alternating chunks of ~0.1 s share every drift. ``warmup``
+    untimed calls start each chunk: workers that idled through the other column's chunk
+    take milliseconds to wake, which a job that keeps them busy never pays."""
+    totals = [0.0, 0.0]
+    for index in range(2 * rounds):
+        which = index % 2 if index // 2 % 2 == 0 else 1 - index % 2  # ABBA: neither runs first
+        run = (first, second)[which]
+        for _ in range(warmup):
+            run()
+        start = time.perf_counter()
+        for _ in range(chunk):
+            run()
+        totals[which] += time.perf_counter() - start
+    return totals
 
 
-def two_models(paths, n, ticks):
+def two_models(paths, n, rounds, chunk):
     """(a) ticks/s: sequential in-process vs. ope submits to two workers."""
     inputs = {"n": n}
+    both = {"alpha": inputs, "beta": inputs}
     alpha = ope.load(paths["alpha"], out_of_process=False)
     beta = ope.load(paths["beta"], out_of_process=False)
-    with alpha, beta:
-        sequential = rate(lambda: (alpha.infer(inputs), beta.infer(inputs)), ticks, 3)
-    with ModelSet({"alpha": (paths["alpha"], _WORKER), "beta": (paths["beta"], _WORKER)}) as models:
-        both = {"alpha": inputs, "beta": inputs}
-        parallel = rate(lambda: models.infer_all(both), ticks, 3)
-    return sequential, parallel
+    models = ModelSet({"alpha": (paths["alpha"], _WORKER), "beta": (paths["beta"], _WORKER)})
+    with alpha, beta, models:
+        sequential, parallel = interleaved(lambda: (alpha.infer(inputs), beta.infer(inputs)),
+                                           lambda: models.infer_all(both), rounds, chunk, 2)
+    return rounds * chunk / sequential, rounds * chunk / parallel
 
 
-def machine_ceiling(n, ticks):
-    """The same GIL-bound work with no ope at all: 2 x ``ticks`` calls in this process vs
-    ``ticks`` calls in each of two forked processes. The ratio is what this machine gives two
-    busy cores (all-core clocks run below one-core turbo), the bound for (a) and (b)."""
+def machine_ceiling(n, rounds, chunk):
+    """The same GIL-bound work with no ope at all: 2 x ``chunk`` calls in this process vs
+    ``chunk`` calls in each of two forked processes, interleaved like the others. The ratio is
+    what this machine gives two busy cores (all-core clocks run below one-core turbo), the
+    bound for (a) and (b)."""
     namespace = {"np": np}
     exec(_BUSY_SOURCE, namespace)
     busy = namespace["factory"](None)
-    start = time.perf_counter()
-    for _ in range(2 * ticks):
-        busy(n)
-    sequential = time.perf_counter() - start
-    start = time.perf_counter()
-    children = []
-    for _ in range(2):
-        pid = os.fork()
-        if pid == 0:
-            for _ in range(ticks):
-                busy(n)
-            os._exit(0)
-        children.append(pid)
-    for pid in children:
-        os.waitpid(pid, 0)
-    return sequential / (time.perf_counter() - start)
+
+    def in_two_processes():
+        children = []
+        for _ in range(2):
+            pid = os.fork()
+            if pid == 0:
+                for _ in range(chunk):
+                    busy(n)
+                os._exit(0)
+            children.append(pid)
+        for pid in children:
+            os.waitpid(pid, 0)
+
+    sequential, parallel = interleaved(lambda: [busy(n) for _ in range(2 * chunk)],
+                                       in_two_processes, rounds, 1)
+    return sequential / parallel
 
 
-def replica_stream(path, n, calls, replicas, in_flight=2):
-    """(b) calls/s of one model with ``replicas`` workers, ``in_flight`` calls kept going."""
+def replica_streams(path, n, rounds, chunk, in_flight=2):
+    """(b) calls/s of one model with 1 and with 2 replicas, ``in_flight`` calls kept going."""
     inputs = {"n": n}
-    with ope.load(path, replicas=replicas, **_WORKER) as model:
-        pending = collections.deque(model.submit(inputs) for _ in range(in_flight))
 
-        def next_call():
+    def stream(model):
+        pending = collections.deque(model.submit(inputs) for _ in range(in_flight))
+        for _ in range(chunk - in_flight):
             pending.popleft().result()
             pending.append(model.submit(inputs))
-
-        result = rate(next_call, calls, 2 * in_flight)
         for future in pending:
             future.result()
-    return result
+
+    with ope.load(path, replicas=1, **_WORKER) as one, ope.load(path, replicas=2, **_WORKER) as two:
+        for model in (one, two):
+            stream(model)
+        first, second = interleaved(lambda: stream(one), lambda: stream(two), rounds, 1)
+    return rounds * chunk / first, rounds * chunk / second
 
 
 def tick_loop(path, ticks, warmup, out_of_process):
@@ -191,24 +206,23 @@ def main(argv=None):
                         help="paired runs of (a) and (b), median reported (default 5, 3 with --quick)")
     args = parser.parse_args(argv)
     repeat = args.repeat or (3 if args.quick else 5)
-    ticks_a, calls_b, ticks_c = (40, 80, 2_000) if args.quick else (200, 400, 10_000)
+    # (rounds, calls a chunk): chunks of ~0.1 s (a), ~0.3 s (b: a stream drains at its end)
+    a_b_rounds, ticks_c = (6, 2_000) if args.quick else (15, 10_000)
     print(f"bench_sim: {os.cpu_count()} CPUs, {_load()}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="bench-sim-") as root:
         paths = build(root)
         n = calibrate(paths["alpha"])
-        # This VM's speed drifts between runs (up to 2x), so each ratio pairs measurements
-        # taken side by side, and the median over the repeats is reported.
         runs = []
         for _ in range(repeat):
-            sequential, parallel = two_models(paths, n, ticks_a)
-            one = replica_stream(paths["alpha"], n, calls_b, replicas=1)
-            two = replica_stream(paths["alpha"], n, calls_b, replicas=2)
-            runs.append((machine_ceiling(n, ticks_a), sequential, parallel, one, two))
+            sequential, parallel = two_models(paths, n, a_b_rounds, 8)
+            one, two = replica_streams(paths["alpha"], n, a_b_rounds, 40)
+            runs.append((machine_ceiling(n, a_b_rounds, 8), sequential, parallel, one, two))
         ceiling, sequential, parallel, one, two = sorted(
             runs, key=lambda run: run[2] / run[1])[len(runs) // 2]  # the median run of (a)
         ratios_a = sorted(run[2] / run[1] for run in runs)
         ratios_b = sorted(run[4] / run[3] for run in runs)
+        ceilings = sorted(run[0] for run in runs)
         local, _ = tick_loop(paths["tiny"], ticks_c, 500, out_of_process=False)
         remote, figures = tick_loop(paths["tiny"], ticks_c, 500, out_of_process=True)
 
@@ -224,7 +238,8 @@ def main(argv=None):
          f"+{_us(remote, 50) - _us(local, 50):.1f} us"),
     ]
     print(f"\nbusy call: {int(n)} loop iterations (~{_TARGET_CALL_S * 1e3:.0f} ms in-process)")
-    print(f"machine ceiling: two plain processes, no ope, do {ceiling:.2f}x the work of one")
+    print(f"machine ceiling: two plain processes, no ope, do {ceiling:.2f}x the work of one "
+          f"(all repeats: {', '.join(f'{c:.2f}x' for c in ceilings)})")
     print(f"paired ratios over {len(runs)} repeats: (a) " + ", ".join(f"{r:.2f}x" for r in ratios_a)
           + f"; median {ratios_a[len(runs) // 2]:.2f}x.  (b) " + ", ".join(f"{r:.2f}x" for r in ratios_b)
           + f"; median {ratios_b[len(runs) // 2]:.2f}x")
