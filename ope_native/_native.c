@@ -459,7 +459,13 @@ static PyObject *mapping_write(MappingObject *self, PyObject *args) {
     if (PyObject_GetBuffer(obj, &view, PyBUF_C_CONTIGUOUS) < 0) return NULL;
     PyObject *result = NULL;
     if (!check_range(self, off, view.len, 1)) {
-        memcpy(self->base + off, view.buf, (size_t)view.len);
+        if (view.len < (1 << 16)) {
+            memcpy(self->base + off, view.buf, (size_t)view.len);
+        } else { /* milliseconds for big tensors: let other threads run meanwhile */
+            Py_BEGIN_ALLOW_THREADS
+            memcpy(self->base + off, view.buf, (size_t)view.len);
+            Py_END_ALLOW_THREADS
+        }
         result = Py_NewRef(Py_None);
     }
     PyBuffer_Release(&view);
