@@ -4,9 +4,9 @@
  *   numpy array viewing it stays valid after its model is closed or its worker has died.
  * - Block: a window of a Mapping exported through the buffer protocol. A Block cut from a
  *   data ring gives its space back to the ring when the last view of it is dropped.
- * - The data ring allocator and the message queue, whose byte layouts are described once, in
- *   the docstrings of ope/ring.py and ope/channel.py. This file implements those layouts;
- *   read the docstrings first.
+ * - The data ring allocator, the message queue and the tensor frames of every call, whose byte
+ *   layouts are described once, in the docstrings of ope/ring.py, ope/channel.py and
+ *   ope/protocol.py. This file implements those layouts; read the docstrings first.
  * - Atomic loads/stores and futex wait/wake on shared words, with waits that spin briefly and
  *   then block, the GIL released throughout.
  *
