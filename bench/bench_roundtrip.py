@@ -3,8 +3,9 @@
     python bench/bench_roundtrip.py [--quick] [--sizes 16,65536,...]
 
 Every mechanism sends a float32 array to another process (or calls in-process), has 1 added,
-and gets the result back as an array. All run in one process tree, one after another per size,
-so the ratios compare like with like on a noisy machine. Also measured: the machine's limits
+and gets the result back as an array. All run in one process tree; per size, their calls are
+taken in alternating chunks, so that the ratios compare like with like on a VM whose speed
+drifts within seconds. Also measured: the machine's limits
 (busy-poll and futex ping-pong on a shared word, memcpy bandwidth, and the "Python floor": two
 Python processes trading a 16 B array over ope's queue with no protocol at all) and the CPU an
 idle worker uses. The targets of issue 3 are checked at the end.
@@ -31,6 +32,7 @@ from ope.channel import SPIN_S
 
 SIZES = [16, 64 << 10, 1 << 20, 16 << 20, 64 << 20]
 PEER_TIMEOUT_S = 10  # a peer that does not answer in this time is reported as hung
+_ROUNDS = 5  # chunks per peer and size, the peers alternating
 _CTX = multiprocessing.get_context("fork")
 
 _ADD_ONE = '''
@@ -47,19 +49,57 @@ def _iterations(nbytes, quick):
 
 
 def _measure(call, iterations, warmup_s=0.5):
-    """Median and p99 in µs. Warm-up is by time, at least 2 calls: right after a worker
-    starts, the scheduler still moves the two processes around."""
-    end, count = time.perf_counter() + warmup_s, 0
+    """Median and p99 in µs of one call measured alone (machine limits)."""
+    _warm(call, warmup_s)
+    return _stats(_timed(call, iterations))
+
+
+def _warm(call, seconds):
+    """Calls for ``seconds``, at least 2: right after a worker starts, the scheduler still
+    moves the two processes around."""
+    end, count = time.perf_counter() + seconds, 0
     while count < 2 or time.perf_counter() < end:
         call()
         count += 1
+
+
+def _timed(call, iterations):
     times = []
     for _ in range(iterations):
         start = time.perf_counter_ns()
         call()
         times.append(time.perf_counter_ns() - start)
-    times.sort()
+    return times
+
+
+def _stats(times):
+    times = sorted(times)
     return times[len(times) // 2] / 1e3, times[min(len(times) - 1, int(len(times) * 0.99))] / 1e3
+
+
+def _measure_interleaved(peers, iterations, rounds=_ROUNDS):
+    """Median and p99 (µs) of each peer's calls, None for a peer that stopped answering.
+
+    The calls are taken in ``rounds`` chunks with the peers alternating, in reverse order
+    every other round, so that the drifts of this VM's speed (2x within seconds) hit every
+    peer alike and the ratios compare like with like. Each chunk starts with one untimed call:
+    a worker that idled through the other peers' chunks must wake first."""
+    names, samples = list(peers), {}
+    for name in names:
+        _warm(peers[name].call, 0.5)
+        samples[name] = []
+    chunk = max(1, iterations // rounds)
+    for index in range(rounds):
+        for name in names if index % 2 == 0 else names[::-1]:
+            if samples[name] is None:
+                continue
+            try:
+                peers[name].call()
+                samples[name].extend(_timed(peers[name].call, chunk))
+            except queue.Empty:
+                samples[name] = None
+                print(f"  {name}: no answer in {PEER_TIMEOUT_S} s", file=sys.stderr)
+    return {name: None if times is None else _stats(times) for name, times in samples.items()}
 
 
 # -- peers --------------------------------------------------------------------------------
@@ -341,21 +381,16 @@ def run(sizes, quick):
         for nbytes in sizes:
             iterations = _iterations(nbytes, quick)
             floor_x = np.zeros(nbytes // 4, np.float32)
-            results[("in-process call x + 1 (floor)", nbytes)] = _measure(lambda: floor_x + 1, iterations)
-            ope_set = ope_peers(package, nbytes)
-            peers = dict(ope_set)
-            for name, make in PEERS.items():
-                peers[name] = make(nbytes)
+            peers = {"in-process call x + 1 (floor)": Peer(lambda: floor_x + 1, lambda: None)}
+            peers.update(ope_peers(package, nbytes))
             try:
-                for name, peer in peers.items():
-                    try:
-                        results[(name, nbytes)] = _measure(peer.call, iterations)
-                    except queue.Empty:
-                        results[(name, nbytes)] = None
-                        print(f"  {name}: no answer in {PEER_TIMEOUT_S} s at {nbytes} B", file=sys.stderr)
-                        continue
-                    print(f"  {name:48s} {nbytes:>9d} B  median {results[(name, nbytes)][0]:10.1f} us",
-                          file=sys.stderr)
+                for name, make in PEERS.items():
+                    peers[name] = make(nbytes)
+                for name, figures in _measure_interleaved(peers, iterations).items():
+                    results[(name, nbytes)] = figures
+                    if figures is not None:
+                        print(f"  {name:48s} {nbytes:>9d} B  median {figures[0]:10.1f} us",
+                              file=sys.stderr)
             finally:
                 for peer in peers.values():
                     peer.close()
