@@ -84,16 +84,16 @@ def _measure_interleaved(peers, iterations, rounds=_ROUNDS):
     every other round, so that the drifts of this VM's speed (2x within seconds) hit every
     peer alike and the ratios compare like with like. Each chunk starts with one untimed call:
     a worker that idled through the other peers' chunks must wake first."""
-    names, samples = list(peers), {}
-    for name in names:
-        _warm(peers[name].call, 0.5)
-        samples[name] = []
+    names, samples = list(peers), {name: [] for name in peers}
     chunk = max(1, iterations // rounds)
-    for index in range(rounds):
+    for index in range(-1, rounds):  # round -1 warms each peer up, untimed
         for name in names if index % 2 == 0 else names[::-1]:
             if samples[name] is None:
                 continue
             try:
+                if index < 0:
+                    _warm(peers[name].call, 0.5)
+                    continue
                 peers[name].call()
                 samples[name].extend(_timed(peers[name].call, chunk))
             except queue.Empty:

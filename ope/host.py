@@ -46,6 +46,7 @@ _MIB = 1 << 20
 _Block = ope_native.Block
 _describe = protocol.describe
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+_UNCOLLECTED_CALLS = 8  # calls in flight past which the collector thread steps in
 _open_models = weakref.WeakSet()
 _gc_once = threading.Lock()
 _gc_done = False
@@ -250,8 +251,8 @@ class OutOfProcessModel(Model):
     #
     # A call is sent at once (INFER, under the send lock) and joins the pending queue;
     # replies come in the order calls were sent, and whoever needs a result (the caller of
-    # infer, a future's result(), or the collector thread that completes futures nobody
-    # waits on) collects replies under the receive lock until its call is done, while
+    # infer, a future's result(), or the collector thread for futures waited on in other
+    # ways) collects replies under the receive lock until its call is done, while
     # further calls can still be sent. A fault fails the call at the head of the queue with
     # its error and every call behind it, whose requests died with the worker.
 
@@ -261,6 +262,10 @@ class OutOfProcessModel(Model):
     def _submit(self, arrays, bindings, timeout_s):
         future = _CallFuture(self)
         future.call = self._send_call(arrays, bindings, timeout_s, future)
+        if len(self._pending) > _UNCOLLECTED_CALLS:
+            # Calls submitted and never asked for: complete them before the reply queue
+            # fills and the worker, then this host, block on it.
+            self._wake_collector()
         return future
 
     @property
@@ -293,54 +298,66 @@ class OutOfProcessModel(Model):
         return call
 
     def _collect(self, call):
-        """Collect replies until ``call`` is done; returns its raw outputs or raises its error."""
+        """Collect replies until ``call`` is done; returns its raw outputs or raises its error.
+
+        A reply is decoded (which may fail) before its call leaves the queue, and a call is
+        announced to its future (which runs callbacks, and they may ask for other results,
+        re-entering here) only after it left the queue."""
         with self._recv_lock:
             while not call.done:
                 head = self._pending[0]
                 try:
                     reply = self._receive(head.deadline, "running a call")
                     self._conversation.received(reply)
-                    self._complete(head, reply)
-                    self._pending.popleft()
+                    outputs, error = self._read_reply(head, reply)
                 except OpeError as exc:
                     self._fail_pending(exc)
+                    continue
+                self._pending.popleft()
+                head.settle(outputs, error)
+                head.announce()
+            call.announce()  # settled by an outer frame of this thread: announce it here
             if not self._pending and self._state == "busy":
                 self._state = "ready"
         if call.error is not None:
             raise call.error
         return call.outputs
 
-    def _complete(self, call, reply):
+    def _read_reply(self, call, reply):
+        """(outputs, error) of ``call`` from the worker's reply; ProtocolError if the reply
+        does not decode."""
         call.release_inputs()
         self._policy.in_a_row = 0
         if reply[0] == protocol.ERROR:
-            call.finish(error=protocol.error_from_message(reply))
-            return
+            return None, protocol.error_from_message(reply)
         self._copied_out += reply[3]
         outputs = self._decode_outputs(reply[2])
         if call.future is not None:  # infer() validates in Model.infer; a future here
             try:
                 outputs = validate_outputs(self.outputs, outputs, call.bindings)
             except OpeError as exc:
-                call.finish(error=exc)
-                return
-        call.finish(outputs=outputs)
+                return None, exc
+        return outputs, None
 
     def _fail_pending(self, exc):
-        """Fail the head call with ``exc`` and the calls queued behind it as lost with it."""
+        """Fail the head call with ``exc`` and the calls queued behind it as lost with it.
+        All are settled before any is announced, so a callback that asks for another of
+        them gets its error instead of waiting on a worker that is gone."""
         if isinstance(exc, ProtocolError) and self._worker is not None:
             self._fail(f"protocol error: {exc}")
-        head = True
-        while self._pending:
-            call = self._pending.popleft()
+        calls = list(self._pending)
+        self._pending.clear()
+        for index, call in enumerate(calls):
             call.release_inputs()
-            call.finish(error=exc if head else type(exc)(
+            call.settle(None, exc if index == 0 else type(exc)(
                 f"call lost: it was queued behind a call that failed with {exc}"))
-            head = False
+        for call in calls:
+            call.announce()
 
     def _wake_collector(self):
         """Have the collector thread complete the calls in flight: someone waits on a future
-        without collecting its reply (a callback, asyncio, futures.wait, a timed result)."""
+        without collecting its reply (a callback, asyncio, futures.wait, a timed result), or
+        calls pile up that nobody collects."""
         with self._collector_wakeup:
             if self._collector is None:
                 self._collector = threading.Thread(target=self._collect_forever, daemon=True,
@@ -350,7 +367,7 @@ class OutOfProcessModel(Model):
             self._collector_wakeup.notify()
 
     def _collect_forever(self):
-        """Complete every call in flight each time it is woken, then sleep again."""
+        """Each time it is woken, complete the calls in flight then, and sleep again."""
         while True:
             with self._collector_wakeup:
                 while not (self._collector_wanted and self._pending) and not self._closed:
@@ -358,12 +375,12 @@ class OutOfProcessModel(Model):
                 if self._closed and not self._pending:
                     return
                 self._collector_wanted = False
-            pending = self._pending
-            while pending:
+                last = self._pending[-1] if self._pending else None
+            if last is not None:
                 try:
-                    self._collect(pending[0])
-                except (OpeError, IndexError):
-                    pass  # delivered through the call's future; IndexError: collected meanwhile
+                    self._collect(last)
+                except OpeError:
+                    pass  # delivered through the calls' futures
 
     def _encode_inputs(self, arrays):
         """Descriptors for ``arrays``; copies those not already in the arena.
@@ -473,9 +490,12 @@ class OutOfProcessModel(Model):
 
 
 class _Call:
-    """One call in flight: what to release when it is done, and how it ended."""
+    """One call in flight: what to release when it is done, and how it ended. Ending takes two
+    steps: settle() records the outcome (under the receive lock); announce() then runs the
+    settle hooks and completes the future, once, in whichever frame gets there first."""
 
-    __slots__ = ("deadline", "scratch", "sealed", "bindings", "future", "done", "outputs", "error")
+    __slots__ = ("deadline", "scratch", "sealed", "bindings", "future", "done", "outputs",
+                 "error", "announced")
 
     def __init__(self, deadline, scratch, sealed, bindings, future):
         self.deadline = deadline
@@ -486,6 +506,7 @@ class _Call:
         self.done = False
         self.outputs = None
         self.error = None
+        self.announced = False
 
     def release_inputs(self):
         """Give back the arena copies of the inputs and unseal the caller's arena arrays."""
@@ -495,36 +516,57 @@ class _Call:
             array.flags.writeable = True
         self.scratch = self.sealed = ()
 
-    def finish(self, outputs=None, error=None):
+    def settle(self, outputs, error):
         self.done, self.outputs, self.error = True, outputs, error
+
+    def announce(self):
+        if self.announced:
+            return
+        self.announced = True
         if self.future is not None:
-            for hook in self.future.settle_hooks:
-                hook(error is not None)
-            if error is None:
-                self.future.set_result(outputs)
-            else:
-                self.future.set_exception(error)
+            self.future.complete(self.outputs, self.error)
 
 
 class _CallFuture(concurrent.futures.Future):
     """A Future whose result() collects the reply in the calling thread: waking a collector
     thread that would then wake this one costs a second wake-up per call, and on a VM each
-    can cost far more than the call. Waiting without collecting (a done-callback, asyncio,
-    concurrent.futures.wait or as_completed, a timed result) wakes the model's collector
-    thread instead. The call already runs in the worker, so the future cannot be cancelled."""
+    can cost far more than the call. Waiting without collecting (done() polling, a
+    done-callback, asyncio, concurrent.futures.wait or as_completed, a timed result) wakes the
+    model's collector thread instead. The call already runs in the worker, so the future
+    cannot be cancelled."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
         self.call = None
-        self.settle_hooks = []
+        self._settle_hooks = []
         self._waiters = _WakingList(model._wake_collector)  # futures.wait/as_completed add here
         self.set_running_or_notify_cancel()
 
     def when_settled(self, hook):
         """ope's own bookkeeping: ``hook(failed)`` runs as the call settles, in the collecting
-        thread, without waking the collector (see ope.model.when_settled)."""
-        self.settle_hooks.append(hook)
+        thread, without waking the collector (see ope.model.when_settled); at once if it has."""
+        with self._condition:
+            if self._settle_hooks is not None:
+                self._settle_hooks.append(hook)
+                return
+        hook(self.call.error is not None)
+
+    def complete(self, outputs, error):
+        with self._condition:
+            hooks, self._settle_hooks = self._settle_hooks, None
+        for hook in hooks:
+            hook(error is not None)
+        if error is None:
+            self.set_result(outputs)
+        else:
+            self.set_exception(error)
+
+    def done(self):
+        if super().done():
+            return True
+        self.model._wake_collector()  # someone polls: the reply must come without result()
+        return False
 
     def result(self, timeout=None):
         self._collect_or_wake(timeout)
@@ -536,11 +578,11 @@ class _CallFuture(concurrent.futures.Future):
 
     def add_done_callback(self, fn):
         super().add_done_callback(fn)
-        if not self.done():
+        if not super().done():
             self.model._wake_collector()
 
     def _collect_or_wake(self, timeout):
-        if self.done():
+        if super().done():
             return
         if timeout is not None:
             self.model._wake_collector()

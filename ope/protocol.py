@@ -59,6 +59,7 @@ ope/spec.py, as in-process.
 """
 
 import collections
+import functools
 
 import msgpack
 import numpy as np
@@ -192,7 +193,6 @@ class Conversation:
 STRING_CODE = DTYPES.index("string")
 DTYPE_CODES = {np.dtype(name): code for code, name in enumerate(DTYPES) if code != STRING_CODE}
 _DTYPES_BY_CODE = {code: dtype for dtype, code in DTYPE_CODES.items()}
-_string_dtypes = {}
 
 
 def dtype_code(dtype):
@@ -215,17 +215,18 @@ def decode_tensor(desc, peer_block):
     unpack_frame). ``peer_block(seg, offset, nbytes)`` makes the Block after checking the range
     against the arena, and raises ProtocolError if it does not fit."""
     name, code, itemsize, shape, seg_id, payload, nbytes = desc
-    dtype = _DTYPES_BY_CODE.get(code)
-    if dtype is None:
-        dtype = _string_dtype(itemsize)
-    return name, np.ndarray(shape, dtype, peer_block(seg_id, payload, nbytes))
+    try:
+        dtype = _DTYPES_BY_CODE.get(code)
+        if dtype is None:
+            dtype = _string_dtype(itemsize)
+        return name, np.ndarray(shape, dtype, peer_block(seg_id, payload, nbytes))
+    except (ValueError, TypeError) as exc:  # numpy refuses what the frame allowed
+        raise ProtocolError(f"tensor {name!r:.80}: {exc}") from None
 
 
+@functools.lru_cache(maxsize=64)  # the peer picks the widths: the cache must stay bounded
 def _string_dtype(itemsize):
-    dtype = _string_dtypes.get(itemsize)
-    if dtype is None:
-        dtype = _string_dtypes.setdefault(itemsize, np.dtype(f"U{itemsize // 4}"))
-    return dtype
+    return np.dtype(f"U{itemsize // 4}")
 
 
 _WIRE_FIELDS = ("error_type", "traceback_text")

@@ -43,8 +43,8 @@ def _worker_command(python):
     host's current folder, PYTHONPATH and user site must not leak in, or it would import the
     host's ope, and an ope_native built for another Python, instead of its own; -u because -I
     also drops PYTHONUNBUFFERED. Our own interpreter must import the host's very ope, so the
-    folder that holds it replaces the current folder at the head of sys.path (``-m`` would
-    put the current folder there, and an old checkout in it would be imported instead)."""
+    folder that holds it goes first on sys.path, before the current folder (``-m`` would put
+    the current folder first, and an old checkout in it would be imported instead)."""
     # Not realpath: a venv's python is a symlink to its base interpreter, yet another
     # environment (its pyvenv.cfg, beside the link, decides sys.prefix).
     if python is None or os.path.abspath(python) == os.path.abspath(sys.executable):
@@ -53,7 +53,7 @@ def _worker_command(python):
 
 
 _HOST_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_BOOTSTRAP = ("import runpy, sys; sys.path[0] = {root!r}; "
+_BOOTSTRAP = ("import runpy, sys; sys.path.insert(0, {root!r}); "
               "runpy.run_module('workers.worker', run_name='__main__', alter_sys=True)")
 
 

@@ -765,17 +765,22 @@ static PyObject *unpack_entry(const char *base, Py_ssize_t *pos, Py_ssize_t len)
         return frame_error("segment id or offset out of range", *pos), NULL;
     PyObject *shape = PyTuple_New((Py_ssize_t)ndim), *name = NULL;
     if (!shape) return NULL;
-    uint64_t elements = 1;
+    /* numpy refuses a shape whose non-zero dims multiply past its index range even when
+     * another dim is 0, so the product of the non-zero dims (times the itemsize) must fit. */
+    uint64_t elements = 1, extent = 1;
     int overflow = 0;
     for (uint64_t d = 0; d < ndim; d++) {
         uint64_t dim = get_u64(p + ENTRY_HEADER + 8 * d);
-        overflow |= dim > (uint64_t)LLONG_MAX || __builtin_mul_overflow(elements, dim, &elements);
+        overflow |= dim > (uint64_t)LLONG_MAX || (dim && __builtin_mul_overflow(extent, dim, &extent));
+        elements *= dim; /* <= extent, or 0 */
         PyObject *v = PyLong_FromUnsignedLongLong(dim);
         if (!v) goto fail;
         PyTuple_SET_ITEM(shape, (Py_ssize_t)d, v);
     }
-    uint64_t total;
-    if (overflow || __builtin_mul_overflow(elements, itemsize, &total) || total != nbytes) {
+    uint64_t total, extent_bytes;
+    if (overflow || __builtin_mul_overflow(extent, itemsize ? itemsize : 1, &extent_bytes) ||
+        extent_bytes > (uint64_t)LLONG_MAX || __builtin_mul_overflow(elements, itemsize, &total) ||
+        total != nbytes) {
         frame_error("nbytes does not match shape and itemsize", *pos);
         goto fail;
     }

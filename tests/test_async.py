@@ -7,6 +7,7 @@ inside the worker) and the tests check that calls to different models overlapped
 import asyncio
 import concurrent.futures
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -100,6 +101,28 @@ def test_result_collects_in_the_callers_thread_and_a_call_cannot_be_cancelled(ti
         assert [f.result()["y"][0] for f in futures] == [1, 2, 3]
         assert model._collector is None, "a thread was woken to collect replies nobody needed it for"
         assert model.stats()["calls"] == 3
+
+
+def test_polling_done_and_fire_and_forget_calls_complete(load_model, timed):
+    model = load_model(timed)
+    future = model.submit(call_inputs(1, hold=0.05))
+    deadline = time.monotonic() + 60
+    while not future.done() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert future.done() and future.result()["y"][0] == 2
+    # Far more calls than the reply queue holds, none ever asked for: none may block.
+    futures = [model.submit(call_inputs(i)) for i in range(3000)]
+    assert [f.result(timeout=60)["y"][0] for f in futures[-3:]] == [2998, 2999, 3000]
+    assert model.stats()["calls"] == 3001
+
+
+def test_a_done_callback_may_wait_for_the_next_call(load_model, timed):
+    model = load_model(timed)
+    first, second = model.submit(call_inputs(1)), model.submit(call_inputs(2, hold=0.05))
+    seen = []
+    first.add_done_callback(lambda done: seen.append(second.result()["y"][0]))
+    assert first.result(timeout=60)["y"][0] == 2
+    assert second.result(timeout=60)["y"][0] == 3 and seen == [3]
 
 
 def test_infer_async_under_asyncio(load_model, timed):

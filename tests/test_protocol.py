@@ -288,13 +288,18 @@ def itemsize_of(code, width=1):
         ("t", code, 0, (0,), 0, 0, 0), lambda *_: bytearray())[1].itemsize
 
 
+def extent(dims):
+    """Product of the non-zero dims: numpy's limit applies to it even when a dim is 0."""
+    return int(np.prod([d for d in dims if d], dtype=object))
+
+
 @st.composite
 def entries(draw):
     """A well-formed descriptor: nbytes agrees with shape and itemsize."""
     code = draw(st.sampled_from(CODES))
     itemsize = itemsize_of(code, draw(st.integers(0, 5)))
     shape = tuple(draw(st.lists(st.integers(0, 9) | st.sampled_from([2 ** 20, 2 ** 31]),
-                                max_size=4).filter(lambda dims: np.prod(dims, dtype=object) < 2 ** 58)))
+                                max_size=4).filter(lambda dims: extent(dims) < 2 ** 58)))
     nbytes = int(np.prod(shape, dtype=object)) * itemsize
     name = draw(st.text(min_size=1, max_size=12).filter(lambda n: len(n.encode()) <= 60))
     return (name, code, itemsize, shape, draw(U64.filter(lambda v: v < 2 ** 63)),
@@ -540,3 +545,13 @@ def test_the_host_refuses_a_descriptor_naming_its_own_segment(arenas):
     finally:
         assert ring.used > 0, "dropping the 'output' gave the caller's block back"
         ring.release(payload)
+
+
+def test_shapes_and_widths_numpy_refuses_are_protocol_errors(arenas):
+    """A zero dim does not excuse a product of the others past numpy's index range, and a
+    string width numpy cannot make is refused too: the host's call fails, it does not crash."""
+    host, _ = arenas
+    with pytest.raises(ope.ProtocolError):
+        protocol.unpack(protocol.pack([RESULT, 1, [("y", FLOAT32, 4, (0, 2 ** 62), 2, 4160, 0)], 0]))
+    with pytest.raises(ope.ProtocolError):
+        decode_tensor(("s", STRING, 4 * (2 ** 30 - 1), (0,), 2, 4160, 0), host.peer_block)
