@@ -104,6 +104,15 @@ def _measure_interleaved(peers, iterations, rounds=_ROUNDS):
 
 # -- peers --------------------------------------------------------------------------------
 
+def _msgpack_encode(x):
+    return msgpack.packb([list(x.shape), x.tobytes()])
+
+
+def _msgpack_decode(data):
+    shape, raw = msgpack.unpackb(data)
+    return np.frombuffer(raw, np.float32).reshape(shape)
+
+
 def _pipe_pickle_child(conn):
     while (x := conn.recv()) is not None:
         conn.send_bytes(pickle.dumps(x + 1, protocol=5))
@@ -111,9 +120,7 @@ def _pipe_pickle_child(conn):
 
 def _pipe_msgpack_child(conn):
     while (data := conn.recv_bytes()) != b"":
-        shape, raw = msgpack.unpackb(data)
-        y = np.frombuffer(raw, np.float32).reshape(shape) + 1
-        conn.send_bytes(msgpack.packb([list(y.shape), y.tobytes()]))
+        conn.send_bytes(_msgpack_encode(_msgpack_decode(data) + 1))
 
 
 def _queue_child(inbox, outbox):
@@ -151,29 +158,26 @@ class Peer:
         self.call, self.close = call, close
 
 
-def pipe_pickle_peer(nbytes):
-    host, child = _CTX.Pipe()
-    proc = _CTX.Process(target=_pipe_pickle_child, args=(child,))
+def _pipe_peer(child, nbytes, encode, decode, sentinel):
+    """A child serving over a Pipe: ``encode(x)`` bytes go out, ``decode(bytes)`` comes back."""
+    host, end = _CTX.Pipe()
+    proc = _CTX.Process(target=child, args=(end,))
     proc.start()
     x = np.zeros(nbytes // 4, np.float32)
 
     def call():
-        host.send_bytes(pickle.dumps(x, protocol=5))
-        return pickle.loads(host.recv_bytes())
-    return Peer(call, lambda: (host.send(None), proc.join()))
+        host.send_bytes(encode(x))
+        return decode(host.recv_bytes())
+    return Peer(call, lambda: (host.send_bytes(sentinel), proc.join()))
+
+
+def pipe_pickle_peer(nbytes):
+    return _pipe_peer(_pipe_pickle_child, nbytes, lambda x: pickle.dumps(x, protocol=5),
+                      pickle.loads, pickle.dumps(None))
 
 
 def pipe_msgpack_peer(nbytes):
-    host, child = _CTX.Pipe()
-    proc = _CTX.Process(target=_pipe_msgpack_child, args=(child,))
-    proc.start()
-    x = np.zeros(nbytes // 4, np.float32)
-
-    def call():
-        host.send_bytes(msgpack.packb([list(x.shape), x.tobytes()]))
-        shape, raw = msgpack.unpackb(host.recv_bytes())
-        return np.frombuffer(raw, np.float32).reshape(shape)
-    return Peer(call, lambda: (host.send_bytes(b""), proc.join()))
+    return _pipe_peer(_pipe_msgpack_child, nbytes, _msgpack_encode, _msgpack_decode, b"")
 
 
 def queue_peer(nbytes):
