@@ -22,10 +22,12 @@ adds, the worker from the even ids it adds (``first_id`` + 2k, so a restarted wo
 reuses an id whose blocks the caller may still hold). A side that runs out grows by a new
 segment at least as large as everything it owns, up to ``max_bytes``; past that, ArenaFull.
 
-Tensor descriptors name (segment id, payload offset, nbytes). A side maps the other side's
-segment by name when a descriptor first names it, and checks every descriptor against that
-ring's bounds before creating a view, so a lying peer can make it neither read nor write
-outside the arena.
+A call's tensors travel as a tensor frame (ope/protocol.py) whose descriptors name (segment id,
+payload offset, nbytes): :meth:`Arena.encode` puts the tensors in and makes the frame,
+:meth:`Arena.decode` makes the views on the other side. A side maps the other side's segment
+by name when a descriptor first names it, and checks every descriptor against that ring's
+bounds before creating a view, so a lying peer can make it neither read nor write outside the
+arena.
 """
 
 import os
@@ -40,6 +42,7 @@ import psutil
 import ope_native
 from ope.channel import Channel
 from ope.errors import ArenaFull, ProtocolError
+from ope.protocol import DTYPE_CODES, DTYPES_BY_CODE, dtype_code, frame_message, string_dtype
 from ope.ring import RING_HEADER, Ring, block_size
 
 __all__ = ["Arena", "gc_segments", "segment_names", "SHM_DIR"]
@@ -49,6 +52,8 @@ _MAGIC = 0x414E455241455045  # "OPEARENA"
 _LAYOUT = 1
 _HEADER = struct.Struct("<QI4xQQQQ")  # magic, layout, size, three offsets
 _PAGE = 4096
+_encode_frame = ope_native.encode_frame
+_decode_frame = ope_native.decode_frame
 _NAME = re.compile(r"^ope-(\d+)-([0-9a-f]+)-(\d+)$")
 _MIB = 1 << 20
 
@@ -146,6 +151,7 @@ class Arena:
         self.max_bytes = max_bytes
         self._next_id = next_id
         self._segments = {}
+        self._rings = {}  # segment id -> (Mapping, ring offset), as ope_native's frame codec reads them
         self._ids = {}
         self._own = []
         self._own_bytes = 0
@@ -192,6 +198,7 @@ class Arena:
 
     def _add(self, seg_id, mapping, ring, own=False):
         self._segments[seg_id] = _Segment(mapping, ring)
+        self._rings[seg_id] = (mapping, ring.offset)
         self._ids[mapping] = seg_id
         if own:
             self._own.append(seg_id)
@@ -254,27 +261,46 @@ class Arena:
         """Id of a segment of this arena by its Mapping, or None."""
         return self._ids.get(mapping)
 
-    def peer_block(self, seg_id, payload, nbytes):
-        """A Block over a payload the peer allocated. The range is checked against the ring
-        (in ope_native) before the Block exists.
+    def owns(self, mapping):
+        """Whether ``mapping`` is one of this side's own segments."""
+        return self.segment_id(mapping) in self._own
 
-        On the host (outputs) the Block gives the payload back to the worker's ring when the
-        caller drops it; on the worker (inputs) it is sealed and the host gives it back."""
-        if type(seg_id) is not int or _worker_owned(seg_id) != self.host:
-            raise ProtocolError(f"peer named segment id {seg_id!r:.40}, which it does not own")
-        segment = self._segments.get(seg_id) or self._map_peer_segment(seg_id)
-        try:  # positional: keyword parsing costs more than the rest of this call
-            return segment.mapping.block(payload, nbytes, segment.ring.offset, self.host,
-                                         not self.host)
-        except (ValueError, TypeError, OverflowError) as exc:
-            raise ProtocolError(f"peer's descriptor for segment {seg_id}: {exc}") from None
+    # -- tensor frames ------------------------------------------------------------------
+
+    def encode(self, kind, call_id, tensors, in_place=False):
+        """The frame (ope/protocol.py) of a call's ``tensors`` (name -> ndarray), each put in
+        the arena: copied into a new block of our rings (grown if none has room; ArenaFull
+        past ``max_bytes``), or, with ``in_place``, named where it is if it already lies in
+        one of our segments (an array from model.empty).
+
+        Returns (frame, bytes copied, scratch, in-place arrays), where scratch lists the
+        (Mapping, ring, payload) blocks copied into, for the sender to release when the peer
+        is done with them. None, with nothing allocated, if a value is not an ndarray of a
+        dtype a frame can carry."""
+        return _encode_frame(kind, call_id, tensors, self._own, self._rings,
+                             self._ids if in_place else None, DTYPE_CODES, dtype_code, self._grow)
+
+    def decode(self, data):
+        """The message of a tensor frame the peer sent, its tensors as views on the peer's
+        blocks. Every range is checked against the ring it names (in ope_native) before the
+        view exists: a lying peer can make this side neither read nor write outside the
+        arena, only raise ProtocolError.
+
+        On the host (outputs) a view's block goes back to the worker's ring when the caller
+        drops it; on the worker (inputs) views are sealed and the host gives the blocks back."""
+        try:
+            kind, call_id, copied, tensors = _decode_frame(
+                data, self.host, self._rings, DTYPES_BY_CODE, string_dtype, self._map_peer_segment)
+        except (ValueError, TypeError, OverflowError) as exc:  # numpy's refusals too
+            raise ProtocolError(f"bad tensor frame ({len(data)} bytes) from the peer: {exc}") from None
+        return frame_message(kind, call_id, copied, tensors)
 
     def _map_peer_segment(self, seg_id):
         name = self.name_of(seg_id)
         mapping = _open_segment(name)
         _check_header(mapping, name)
         self._add(seg_id, mapping, Ring(mapping, _PAGE))
-        return self._segments[seg_id]
+        return self._rings[seg_id]
 
     # -- accounting and teardown --------------------------------------------------------
 
@@ -294,6 +320,7 @@ class Arena:
         (views the caller holds keep their mappings alive) and unlink their names."""
         for seg_id in [i for i in self._segments if _worker_owned(i)]:
             del self._ids[self._segments.pop(seg_id).mapping]
+            del self._rings[seg_id]
         for name in segment_names(self.prefix):
             if _worker_owned(int(name.rsplit("-", 1)[1])):
                 _unlink(name)
@@ -310,5 +337,6 @@ class Arena:
         if self.host:
             self.unlink_all()
         self._segments.clear()
+        self._rings.clear()
         self._ids.clear()
         self.channel = None

@@ -1,8 +1,9 @@
 """The host side of out-of-process execution: a Model whose calls run in a worker process.
 
 A call writes each input into the arena (or, for an array from :meth:`empty`, only names where
-it already is), sends an INFER descriptor list through the channel, and waits for the RESULT,
-whose outputs come back as numpy views on the worker's blocks: no copy on the host either way.
+it already is), sends the INFER frame naming them through the channel, and waits for the
+RESULT, whose outputs come back as numpy views on the worker's blocks: no copy on the host
+either way.
 An output keeps its block (and the segment mapping) alive for as long as the caller holds it,
 also after close() or a worker crash; the block returns to the worker's ring when dropped.
 
@@ -44,7 +45,6 @@ __all__ = ["OutOfProcessModel"]
 
 _MIB = 1 << 20
 _Block = ope_native.Block
-_describe = protocol.describe
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 _UNCOLLECTED_CALLS = 8  # calls in flight past which the collector thread steps in
 _open_models = weakref.WeakSet()
@@ -192,9 +192,10 @@ class OutOfProcessModel(Model):
         worker.reap()
         self._arena.forget_peer_segments()
 
-    def _send(self, message, channel, timeout_s=-1.0):
+    def _send(self, message, channel, timeout_s=-1.0, data=None):
+        """Send ``message``; ``data`` is its encoding when the caller has it (a tensor frame)."""
         self._conversation.sent(message)
-        if not channel.send(protocol.pack(message), timeout_s):
+        if not channel.send(protocol.pack(message) if data is None else data, timeout_s):
             raise ProtocolError("the control channel to the worker is closed or full")
 
     def _receive(self, deadline, doing):
@@ -205,7 +206,7 @@ class OutOfProcessModel(Model):
                 LIVENESS_SLICE_S, deadline - time.monotonic())
             data = channel.receive(max(remaining, 0.0))
             if data is not None:
-                return protocol.unpack(data)
+                return protocol.unpack(data, self._arena)
             if self._closed:
                 raise ModelClosed(f"model {self.name!r} was closed while {doing}")
             if not worker.alive():
@@ -284,12 +285,12 @@ class OutOfProcessModel(Model):
                 raise ModelClosed(f"model {self.name!r} is closed")
             if self._worker is None:  # it failed since: start another
                 return self._send_call(arrays, bindings, timeout_s, future)
-            descriptors, scratch, sealed = self._encode_inputs(arrays)
+            call_id = next(self._call_ids)
+            frame, scratch, sealed = self._encode_inputs(call_id, arrays)
             call = _Call(None if timeout_s is None else time.monotonic() + timeout_s,
                          scratch, sealed, bindings, future)
             try:
-                self._send([protocol.INFER, next(self._call_ids), descriptors],
-                           self._arena.channel)
+                self._send([protocol.INFER, call_id], self._arena.channel, data=frame)
             except OpeError:
                 call.release_inputs()
                 raise
@@ -331,7 +332,7 @@ class OutOfProcessModel(Model):
         if reply[0] == protocol.ERROR:
             return None, protocol.error_from_message(reply)
         self._copied_out += reply[3]
-        outputs = self._decode_outputs(reply[2])
+        outputs = reply[2]
         if call.future is not None:  # infer() validates in Model.infer; a future here
             try:
                 outputs = validate_outputs(self.outputs, outputs, call.bindings)
@@ -382,47 +383,25 @@ class OutOfProcessModel(Model):
                 except OpeError:
                     pass  # delivered through the calls' futures
 
-    def _encode_inputs(self, arrays):
-        """Descriptors for ``arrays``; copies those not already in the arena.
+    def _encode_inputs(self, call_id, arrays):
+        """The INFER frame of ``arrays``; copies those not already in the arena.
 
-        Returns (descriptors, scratch blocks to release after the call, arrays sealed for the
+        Returns (frame, scratch blocks to release after the call, arrays sealed for the
         duration of the call)."""
-        descriptors, scratch, sealed = [], [], []
-        for name, array in arrays.items():
-            where = self._locate_in_arena(array)
-            if where is None:
-                seg_id, payload, ring = self._arena.put(array)
-                scratch.append((ring, payload))
-                self._copied_in += array.nbytes
-            else:
-                seg_id, payload = where
-                if array.flags.writeable:
-                    array.flags.writeable = False
-                    sealed.append(array)
-            descriptors.append(_describe(name, array, seg_id, payload))
-        return descriptors, scratch, sealed
+        frame, copied, scratch, in_place = self._arena.encode(protocol.INFER, call_id, arrays,
+                                                              in_place=True)
+        self._copied_in += copied
+        sealed = []
+        for array in in_place:
+            if array.flags.writeable:
+                array.flags.writeable = False
+                sealed.append(array)
+        return frame, scratch, sealed
 
-    def _locate_in_arena(self, array):
-        """(segment id, offset) of an array that lies contiguously in our arena, else None."""
-        if array.base is None:  # owns its memory: the common case of an ordinary array
-            return None
+    def holds(self, array):
+        """Whether ``array`` lies in this model's arena, as arrays from :meth:`empty` do."""
         block = _arena_block(array)
-        if block is None or not array.flags.c_contiguous:
-            return None
-        seg_id = self._arena.segment_id(block.mapping)
-        if seg_id is None:
-            return None
-        start = ope_native.address_of(array) - block.address
-        if start < 0 or start + array.nbytes > block.nbytes:
-            return None
-        return seg_id, block.offset + start
-
-    def _decode_outputs(self, descriptors):
-        peer_block, outputs = self._arena.peer_block, {}
-        for desc in descriptors:
-            name, array = protocol.decode_tensor(desc, peer_block)
-            outputs[name] = array
-        return outputs
+        return block is not None and self._arena.owns(block.mapping)
 
     # -- arena buffers ------------------------------------------------------------------
 
@@ -510,8 +489,8 @@ class _Call:
 
     def release_inputs(self):
         """Give back the arena copies of the inputs and unseal the caller's arena arrays."""
-        for ring, payload in self.scratch:
-            ring.release(payload)
+        for mapping, ring, payload in self.scratch:
+            mapping.ring_release(ring, payload)
         for array in self.sealed:
             array.flags.writeable = True
         self.scratch = self.sealed = ()

@@ -27,8 +27,9 @@ ModelError: the model's exception type and traceback text), so the host raises t
 an in-process call would have raised.
 
 INFER and RESULT, the messages of every call, travel as binary *tensor frames* instead of
-msgpack: packing and checking them is one C call each way (ope_native: pack_frame,
-unpack_frame), where msgpack and Python-built descriptors cost microseconds per call.
+msgpack: a side puts a call's tensors in the arena and makes their frame in one C call
+(ope.arena.Arena.encode), and the other side checks the frame and makes its views in one
+(Arena.decode), where msgpack and Python-built descriptors cost microseconds per call.
 :func:`unpack` tells the two apart by the first byte, 0xC1, which msgpack never uses. Both
 decode to the lists in the table above, so :class:`Conversation` checks them alike. Frame
 layout (little-endian)::
@@ -38,7 +39,7 @@ layout (little-endian)::
      2  u16  count                  tensor entries that follow
      4  u32  reserved, 0
      8  u64  call id
-    16  u64  copied                 RESULT: bytes the worker copied into the arena; INFER: 0
+    16  u64  copied                 bytes the sender copied into the arena for this message
     24  entries, each a multiple of 8 bytes long:
          0  u8   dtype code         index into ope.spec.DTYPES
          1  u8   rank               at most 32
@@ -52,10 +53,12 @@ layout (little-endian)::
 
 Every tensor, strings included (numpy "U" arrays are fixed-width UCS-4), lies in the arena;
 a descriptor is the tuple ``(name, code, itemsize, shape, segment id, payload offset, nbytes)``.
-unpack_frame refuses a frame whose fields do not add up (sizes, rank, codes, lengths, UTF-8);
-:func:`decode_tensor` then has the arena check the range against the peer's ring before it
-makes a view; whether the tensors match the model's spec is checked afterwards by
-ope/spec.py, as in-process.
+A frame whose fields do not add up (sizes, rank, codes, lengths, UTF-8) is refused before
+any view is made, and then each range is checked against the ring of the peer's segment it
+names; whether the tensors match the model's spec is checked afterwards by ope/spec.py, as
+in-process. :func:`pack` and :func:`unpack` without an arena give a frame's descriptors
+(ope_native.pack_frame and unpack_frame, the same C code without the arena): tools and
+tests read frames with them.
 """
 
 import collections
@@ -71,7 +74,8 @@ from ope.spec import DTYPES
 
 __all__ = [
     "VERSION", "HELLO", "LOAD", "READY", "INFER", "ERROR", "RESULT", "SHUTDOWN",
-    "Conversation", "pack", "unpack", "describe", "decode_tensor", "dtype_code", "DTYPE_CODES",
+    "Conversation", "pack", "unpack", "frame_message", "describe", "dtype_code", "string_dtype",
+    "DTYPE_CODES", "DTYPES_BY_CODE", "STRING_CODE",
     "error_fields", "error_from_message",
 ]
 
@@ -115,10 +119,11 @@ def pack(message):
     return _packer.pack(message)
 
 
-def unpack(data):
-    """Decode one message and check its shape; garbage raises ProtocolError."""
+def unpack(data, arena=None):
+    """Decode one message and check its shape; garbage raises ProtocolError. A tensor frame's
+    tensors are views on ``arena`` (the receiver's ope.arena.Arena); without one, descriptors."""
     if data and data[0] == _FRAME_MARKER:
-        return _unpack_tensor_frame(data)
+        return _unpack_tensor_frame(data) if arena is None else arena.decode(data)
     try:
         message = _unpackb(data)
     except Exception as exc:  # msgpack raises several unrelated types for garbage
@@ -135,14 +140,19 @@ def unpack(data):
 
 def _unpack_tensor_frame(data):
     try:
-        kind, call_id, copied, descriptors = _unpack_frame(data)
+        return frame_message(*_unpack_frame(data))
     except ValueError as exc:
         raise ProtocolError(f"malformed {len(data)}-byte message: {exc}") from None
-    if kind == INFER and copied == 0:
-        return [INFER, call_id, descriptors]
+
+
+def frame_message(kind, call_id, copied, tensors):
+    """The message a decoded tensor frame carries; its tensors are descriptors (:func:`unpack`)
+    or arrays (ope.arena.Arena.decode)."""
+    if kind == INFER:
+        return [INFER, call_id, tensors]
     if kind == RESULT:
-        return [RESULT, call_id, descriptors, copied]
-    raise ProtocolError(f"tensor frame of message type {kind} (copied {copied})")
+        return [RESULT, call_id, tensors, copied]
+    raise ProtocolError(f"tensor frame of message type {kind}")
 
 
 # sender -> state -> {message type: next state}: the table above, indexed for a lookup per message.
@@ -192,7 +202,8 @@ class Conversation:
 
 STRING_CODE = DTYPES.index("string")
 DTYPE_CODES = {np.dtype(name): code for code, name in enumerate(DTYPES) if code != STRING_CODE}
-_DTYPES_BY_CODE = {code: dtype for dtype, code in DTYPE_CODES.items()}
+DTYPES_BY_CODE = tuple(np.dtype(name) if code != STRING_CODE else None
+                       for code, name in enumerate(DTYPES))
 
 
 def dtype_code(dtype):
@@ -210,22 +221,9 @@ def describe(name, array, seg_id, payload):
             array.nbytes)
 
 
-def decode_tensor(desc, peer_block):
-    """(name, array) for a descriptor from a frame the peer sent (its fields are checked by
-    unpack_frame). ``peer_block(seg, offset, nbytes)`` makes the Block after checking the range
-    against the arena, and raises ProtocolError if it does not fit."""
-    name, code, itemsize, shape, seg_id, payload, nbytes = desc
-    try:
-        dtype = _DTYPES_BY_CODE.get(code)
-        if dtype is None:
-            dtype = _string_dtype(itemsize)
-        return name, np.ndarray(shape, dtype, peer_block(seg_id, payload, nbytes))
-    except (ValueError, TypeError) as exc:  # numpy refuses what the frame allowed
-        raise ProtocolError(f"tensor {name!r:.80}: {exc}") from None
-
-
 @functools.lru_cache(maxsize=64)  # the peer picks the widths: the cache must stay bounded
-def _string_dtype(itemsize):
+def string_dtype(itemsize):
+    """The numpy dtype of a string tensor whose elements take ``itemsize`` bytes (UCS-4)."""
     return np.dtype(f"U{itemsize // 4}")
 
 

@@ -168,7 +168,7 @@ class ReplicaSet(Model):
         """Index of the replica whose arena holds one of ``arrays``, else None."""
         for array in arrays:
             for index, replica in enumerate(self._replicas):
-                if replica._locate_in_arena(array) is not None:
+                if replica.holds(array):
                     return index
         return None
 

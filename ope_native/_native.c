@@ -663,13 +663,24 @@ static int frame_error(const char *what, Py_ssize_t at) {
     return -1;
 }
 
-/* One entry's fields, read from Python by pack_frame(). */
+/* One entry's fields: what pack_frame() reads from Python, encode_frame() from an array,
+ * and parse_entry() from a frame. */
 typedef struct {
     const char *name;
     Py_ssize_t name_len;
     unsigned long long code, itemsize, seg, offset, nbytes;
-    PyObject *shape;
+    Py_ssize_t ndim;
+    unsigned long long dims[FRAME_MAX_DIMS];
 } Entry;
+
+static int entry_in_range(const Entry *e) {
+    if (e->ndim > FRAME_MAX_DIMS || e->name_len < 1 || e->name_len > UINT16_MAX ||
+        !itemsize_fits_code(e->code, e->itemsize) || e->itemsize > UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "tensor entry out of the frame's ranges");
+        return -1;
+    }
+    return 0;
+}
 
 static int read_entry(PyObject *t, Entry *e) {
     if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 7) {
@@ -684,10 +695,55 @@ static int read_entry(PyObject *t, Entry *e) {
         *fields[i] = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(t, i + 1));
         if (*fields[i] == (unsigned long long)-1 && PyErr_Occurred()) return -1;
     }
-    e->shape = PyTuple_GET_ITEM(t, 3);
-    if (!PyTuple_Check(e->shape) || PyTuple_GET_SIZE(e->shape) > FRAME_MAX_DIMS || e->name_len < 1 ||
-        e->name_len > UINT16_MAX || !itemsize_fits_code(e->code, e->itemsize) || e->itemsize > UINT32_MAX) {
-        PyErr_SetString(PyExc_ValueError, "tensor entry out of the frame's ranges");
+    PyObject *shape = PyTuple_GET_ITEM(t, 3);
+    if (!PyTuple_Check(shape)) {
+        PyErr_SetString(PyExc_TypeError, "a tensor entry's shape is a tuple");
+        return -1;
+    }
+    e->ndim = PyTuple_GET_SIZE(shape);
+    if (entry_in_range(e)) return -1;
+    for (Py_ssize_t d = 0; d < e->ndim; d++) {
+        e->dims[d] = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(shape, d));
+        if (e->dims[d] == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+    }
+    return 0;
+}
+
+/* The frame of `count` entries, as bytes. */
+static PyObject *write_frame(int kind, unsigned long long call_id, unsigned long long copied,
+                             const Entry *e, Py_ssize_t count) {
+    Py_ssize_t size = FRAME_HEADER;
+    for (Py_ssize_t i = 0; i < count; i++)
+        size += ENTRY_HEADER + 8 * e[i].ndim + (Py_ssize_t)round_up((uint64_t)e[i].name_len, 8);
+    PyObject *out = PyBytes_FromStringAndSize(NULL, size);
+    if (!out) return NULL;
+    char *p = PyBytes_AS_STRING(out);
+    memset(p, 0, (size_t)size);
+    p[0] = (char)FRAME_MARKER;
+    p[1] = (char)kind;
+    put_u16(p + 2, (uint16_t)count);
+    put_u64(p + 8, call_id);
+    put_u64(p + 16, copied);
+    p += FRAME_HEADER;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        p[0] = (char)e[i].code;
+        p[1] = (char)e[i].ndim;
+        put_u16(p + 2, (uint16_t)e[i].name_len);
+        put_u32(p + 4, (uint32_t)e[i].itemsize);
+        put_u64(p + 8, e[i].seg);
+        put_u64(p + 16, e[i].offset);
+        put_u64(p + 24, e[i].nbytes);
+        p += ENTRY_HEADER;
+        for (Py_ssize_t d = 0; d < e[i].ndim; d++, p += 8) put_u64(p, e[i].dims[d]);
+        memcpy(p, e[i].name, (size_t)e[i].name_len);
+        p += round_up((uint64_t)e[i].name_len, 8);
+    }
+    return out;
+}
+
+static int check_frame_size(int kind, Py_ssize_t count) {
+    if (kind < 0 || kind > 255 || count > UINT16_MAX) {
+        PyErr_SetString(PyExc_ValueError, "frame kind or tensor count out of range");
         return -1;
     }
     return 0;
@@ -700,103 +756,94 @@ static PyObject *pack_frame(PyObject *m, PyObject *args) {
     unsigned long long call_id, copied;
     PyObject *entries;
     if (!PyArg_ParseTuple(args, "iKKO!", &kind, &call_id, &copied, &PyList_Type, &entries)) return NULL;
-    Py_ssize_t count = PyList_GET_SIZE(entries), size = FRAME_HEADER;
-    if (kind < 0 || kind > 255 || count > UINT16_MAX) {
-        PyErr_SetString(PyExc_ValueError, "frame kind or tensor count out of range");
-        return NULL;
-    }
-    Entry stack[8], *e = count <= 8 ? stack : PyMem_Malloc(sizeof(Entry) * (size_t)count);
+    Py_ssize_t count = PyList_GET_SIZE(entries);
+    if (check_frame_size(kind, count)) return NULL;
+    Entry stack[4], *e = count <= 4 ? stack : PyMem_Malloc(sizeof(Entry) * (size_t)count);
     if (!e) return PyErr_NoMemory();
     PyObject *out = NULL;
-    for (Py_ssize_t i = 0; i < count; i++) {
+    for (Py_ssize_t i = 0; i < count; i++)
         if (read_entry(PyList_GET_ITEM(entries, i), &e[i])) goto done;
-        size += ENTRY_HEADER + 8 * PyTuple_GET_SIZE(e[i].shape) + (Py_ssize_t)round_up((uint64_t)e[i].name_len, 8);
-    }
-    out = PyBytes_FromStringAndSize(NULL, size);
-    if (!out) goto done;
-    char *p = PyBytes_AS_STRING(out);
-    memset(p, 0, (size_t)size);
-    p[0] = (char)FRAME_MARKER;
-    p[1] = (char)kind;
-    put_u16(p + 2, (uint16_t)count);
-    put_u64(p + 8, call_id);
-    put_u64(p + 16, copied);
-    p += FRAME_HEADER;
-    for (Py_ssize_t i = 0; i < count; i++) {
-        Py_ssize_t ndim = PyTuple_GET_SIZE(e[i].shape);
-        p[0] = (char)e[i].code;
-        p[1] = (char)ndim;
-        put_u16(p + 2, (uint16_t)e[i].name_len);
-        put_u32(p + 4, (uint32_t)e[i].itemsize);
-        put_u64(p + 8, e[i].seg);
-        put_u64(p + 16, e[i].offset);
-        put_u64(p + 24, e[i].nbytes);
-        p += ENTRY_HEADER;
-        for (Py_ssize_t d = 0; d < ndim; d++, p += 8) {
-            unsigned long long dim = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(e[i].shape, d));
-            if (dim == (unsigned long long)-1 && PyErr_Occurred()) {
-                Py_CLEAR(out);
-                goto done;
-            }
-            put_u64(p, dim);
-        }
-        memcpy(p, e[i].name, (size_t)e[i].name_len);
-        p += round_up((uint64_t)e[i].name_len, 8);
-    }
+    out = write_frame(kind, call_id, copied, e, count);
 done:
     if (e != stack) PyMem_Free(e);
     return out;
 }
 
-/* Decodes one entry at `p` (bounds: [p, end)) into a Python tuple; advances *pos. Everything
- * the peer wrote is checked here, except that the range names live memory: that is
- * Mapping.block's check against the ring. */
-static PyObject *unpack_entry(const char *base, Py_ssize_t *pos, Py_ssize_t len) {
+/* Reads and checks one entry at `base + *pos` (bounds: [base, base+len)); advances *pos.
+ * Everything the peer wrote is checked here, except that the range names live memory: that
+ * is new_block()'s check against the ring. The name still has to pass entry_name(). */
+static int parse_entry(const char *base, Py_ssize_t *pos, Py_ssize_t len, Entry *e) {
     const char *p = base + *pos;
-    if (len - *pos < ENTRY_HEADER) return frame_error("entry header past the end", *pos), NULL;
-    uint64_t code = (uint8_t)p[0], ndim = (uint8_t)p[1], name_len = get_u16(p + 2);
-    uint64_t itemsize = get_u32(p + 4), seg = get_u64(p + 8), offset = get_u64(p + 16),
-             nbytes = get_u64(p + 24);
-    uint64_t need = ENTRY_HEADER + 8 * ndim + round_up(name_len, 8);
-    if (ndim > FRAME_MAX_DIMS || name_len == 0) return frame_error("bad rank or empty name", *pos), NULL;
-    if ((uint64_t)(len - *pos) < need) return frame_error("entry past the end", *pos), NULL;
-    if (!itemsize_fits_code(code, itemsize)) return frame_error("dtype code and itemsize disagree", *pos), NULL;
-    if (offset > (uint64_t)LLONG_MAX || seg > (uint64_t)LLONG_MAX)
-        return frame_error("segment id or offset out of range", *pos), NULL;
-    PyObject *shape = PyTuple_New((Py_ssize_t)ndim), *name = NULL;
-    if (!shape) return NULL;
+    if (len - *pos < ENTRY_HEADER) return frame_error("entry header past the end", *pos);
+    e->code = (uint8_t)p[0];
+    e->ndim = (uint8_t)p[1];
+    e->name_len = get_u16(p + 2);
+    e->itemsize = get_u32(p + 4);
+    e->seg = get_u64(p + 8);
+    e->offset = get_u64(p + 16);
+    e->nbytes = get_u64(p + 24);
+    uint64_t need = ENTRY_HEADER + 8 * (uint64_t)e->ndim + round_up((uint64_t)e->name_len, 8);
+    if (e->ndim > FRAME_MAX_DIMS || e->name_len == 0) return frame_error("bad rank or empty name", *pos);
+    if ((uint64_t)(len - *pos) < need) return frame_error("entry past the end", *pos);
+    if (!itemsize_fits_code(e->code, e->itemsize)) return frame_error("dtype code and itemsize disagree", *pos);
+    if (e->offset > (uint64_t)LLONG_MAX || e->seg > (uint64_t)LLONG_MAX)
+        return frame_error("segment id or offset out of range", *pos);
     /* numpy refuses a shape whose non-zero dims multiply past its index range even when
      * another dim is 0, so the product of the non-zero dims (times the itemsize) must fit. */
-    uint64_t elements = 1, extent = 1;
+    uint64_t elements = 1, extent = 1, total, extent_bytes;
     int overflow = 0;
-    for (uint64_t d = 0; d < ndim; d++) {
+    for (Py_ssize_t d = 0; d < e->ndim; d++) {
         uint64_t dim = get_u64(p + ENTRY_HEADER + 8 * d);
         overflow |= dim > (uint64_t)LLONG_MAX || (dim && __builtin_mul_overflow(extent, dim, &extent));
         elements *= dim; /* <= extent, or 0 */
-        PyObject *v = PyLong_FromUnsignedLongLong(dim);
-        if (!v) goto fail;
-        PyTuple_SET_ITEM(shape, (Py_ssize_t)d, v);
+        e->dims[d] = dim;
     }
-    uint64_t total, extent_bytes;
-    if (overflow || __builtin_mul_overflow(extent, itemsize ? itemsize : 1, &extent_bytes) ||
-        extent_bytes > (uint64_t)LLONG_MAX || __builtin_mul_overflow(elements, itemsize, &total) ||
-        total != nbytes) {
-        frame_error("nbytes does not match shape and itemsize", *pos);
-        goto fail;
-    }
-    name = PyUnicode_DecodeUTF8(p + ENTRY_HEADER + 8 * ndim, (Py_ssize_t)name_len, "strict");
+    if (overflow || __builtin_mul_overflow(extent, e->itemsize ? e->itemsize : 1, &extent_bytes) ||
+        extent_bytes > (uint64_t)LLONG_MAX || __builtin_mul_overflow(elements, e->itemsize, &total) ||
+        total != e->nbytes)
+        return frame_error("nbytes does not match shape and itemsize", *pos);
+    e->name = p + ENTRY_HEADER + 8 * e->ndim;
+    *pos += (Py_ssize_t)need;
+    return 0;
+}
+
+static PyObject *entry_name(const Entry *e, Py_ssize_t at) {
+    PyObject *name = PyUnicode_DecodeUTF8(e->name, e->name_len, "strict");
     if (!name) {
         PyErr_Clear();
-        frame_error("tensor name is not UTF-8", *pos);
-        goto fail;
+        frame_error("tensor name is not UTF-8", at);
     }
-    *pos += (Py_ssize_t)need;
-    return Py_BuildValue("(NKKNKKK)", name, (unsigned long long)code, (unsigned long long)itemsize,
-                         shape, (unsigned long long)seg, (unsigned long long)offset,
-                         (unsigned long long)nbytes);
-fail:
-    Py_DECREF(shape);
-    return NULL;
+    return name;
+}
+
+static PyObject *entry_shape(const Entry *e) {
+    PyObject *shape = PyTuple_New(e->ndim);
+    for (Py_ssize_t d = 0; shape && d < e->ndim; d++) {
+        PyObject *v = PyLong_FromUnsignedLongLong(e->dims[d]);
+        if (!v) Py_CLEAR(shape);
+        else PyTuple_SET_ITEM(shape, d, v);
+    }
+    return shape;
+}
+
+/* One entry as the tuple pack_frame() takes. */
+static PyObject *unpack_entry(const char *base, Py_ssize_t *pos, Py_ssize_t len) {
+    Entry e;
+    Py_ssize_t at = *pos;
+    if (parse_entry(base, pos, len, &e)) return NULL;
+    PyObject *name = entry_name(&e, at), *shape = name ? entry_shape(&e) : NULL;
+    if (!shape) {
+        Py_XDECREF(name);
+        return NULL;
+    }
+    return Py_BuildValue("(NKKNKKK)", name, e.code, e.itemsize, shape, e.seg, e.offset, e.nbytes);
+}
+
+/* The header of a frame of `len` bytes, checked; returns its entry count, or -1. */
+static Py_ssize_t frame_count(const char *p, Py_ssize_t len) {
+    if (len < FRAME_HEADER || (uint8_t)p[0] != FRAME_MARKER || get_u32(p + 4) != 0)
+        return frame_error("no frame header", 0);
+    return get_u16(p + 2);
 }
 
 /* unpack_frame(data) -> (kind, call_id, copied, [entry, ...]); ValueError for anything that
@@ -805,13 +852,9 @@ static PyObject *unpack_frame(PyObject *m, PyObject *arg) {
     Py_buffer view;
     if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) return NULL;
     const char *p = view.buf;
-    Py_ssize_t len = view.len, pos = FRAME_HEADER;
+    Py_ssize_t len = view.len, pos = FRAME_HEADER, count = frame_count(p, len);
     PyObject *entries = NULL, *result = NULL;
-    if (len < FRAME_HEADER || (uint8_t)p[0] != FRAME_MARKER || get_u32(p + 4) != 0) {
-        frame_error("no frame header", 0);
-        goto done;
-    }
-    Py_ssize_t count = get_u16(p + 2);
+    if (count < 0) goto done;
     entries = PyList_New(count);
     if (!entries) goto done;
     for (Py_ssize_t i = 0; i < count; i++) {
@@ -842,23 +885,18 @@ typedef struct {
     PyObject *weakrefs;
 } BlockObject;
 
-/* mapping.block(offset, nbytes, ring=-1, release=True, sealed=False) -> Block viewing
- * [offset, offset+nbytes). With a ring, the range must be a payload of that ring, and unless
- * release is False the block is given back to the ring when the Block is deallocated. */
-static PyObject *mapping_block(MappingObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"offset", "nbytes", "ring", "release", "sealed", NULL};
-    long long off, nbytes, ring = -1;
-    int release = 1, sealed = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "LL|Lpp", kwlist, &off, &nbytes, &ring, &release,
-                                     &sealed) ||
-        check_range(self, off, nbytes, 1))
-        return NULL;
+/* A Block viewing [off, off+nbytes) of `m`. With a ring (>= 0), the range must be a payload
+ * of that ring, and if `release` the block is given back to the ring when the Block is
+ * deallocated. */
+static PyObject *new_block(MappingObject *m, long long off, long long nbytes, long long ring,
+                           int release, int sealed) {
+    if (check_range(m, off, nbytes, 1)) return NULL;
     if (ring >= 0) {
         /* The range must lie in the ring's area; a block that will be given back must also
          * start where ring_alloc() could have put a payload, so that releasing it touches that
          * ring's block header and nothing else. A view that is not released may start inside
          * a block (a slice of an arena array). */
-        uint64_t area = ring_area(self, ring);
+        uint64_t area = ring_area(m, ring);
         if (!area) return NULL;
         long long rel = off - ring - RING_HEADER - BLOCK_HEADER;
         if (rel < 0 || (release && rel % LINE) || (uint64_t)(rel + BLOCK_HEADER + nbytes) > area) {
@@ -869,14 +907,25 @@ static PyObject *mapping_block(MappingObject *self, PyObject *args, PyObject *kw
     }
     BlockObject *b = PyObject_New(BlockObject, &BlockType);
     if (!b) return NULL;
-    Py_INCREF(self);
-    b->mapping = self;
+    Py_INCREF(m);
+    b->mapping = m;
     b->offset = off;
     b->nbytes = nbytes;
     b->ring = release ? ring : -1;
     b->sealed = sealed;
     b->weakrefs = NULL;
     return (PyObject *)b;
+}
+
+/* mapping.block(offset, nbytes, ring=-1, release=True, sealed=False): see new_block(). */
+static PyObject *mapping_block(MappingObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"offset", "nbytes", "ring", "release", "sealed", NULL};
+    long long off, nbytes, ring = -1;
+    int release = 1, sealed = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "LL|Lpp", kwlist, &off, &nbytes, &ring, &release,
+                                     &sealed))
+        return NULL;
+    return new_block(self, off, nbytes, ring, release, sealed);
 }
 
 static void block_dealloc(BlockObject *self) {
@@ -1067,6 +1116,334 @@ static PyObject *exit_with_parent(PyObject *m, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* ---- calls: tensor frames straight from and into the arena ------------------------------ */
+
+/* What one call costs in Python objects is what a small call costs in time: these two
+ * functions take a call's tensors into the arena and a frame out of it, and back, in one step
+ * each (ope.arena.Arena.encode/decode wrap them). */
+
+static PyObject *ndarray_type; /* numpy.ndarray, looked up on first use */
+
+static int need_ndarray(void) {
+    if (ndarray_type) return 0;
+    PyObject *numpy = PyImport_ImportModule("numpy");
+    if (!numpy) return -1;
+    ndarray_type = PyObject_GetAttrString(numpy, "ndarray");
+    Py_DECREF(numpy);
+    return ndarray_type ? 0 : -1;
+}
+
+static int worker_owned(unsigned long long seg) { return seg > 0 && seg % 2 == 0; }
+
+/* The Mapping and ring offset of a (Mapping, ring offset) pair. */
+static int read_ring(PyObject *pair, MappingObject **m, long long *ring) {
+    if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2 ||
+        !PyObject_TypeCheck(PyTuple_GET_ITEM(pair, 0), &MappingType)) {
+        PyErr_SetString(PyExc_TypeError, "a ring is named by a (Mapping, ring offset) pair");
+        return -1;
+    }
+    *m = (MappingObject *)PyTuple_GET_ITEM(pair, 0);
+    *ring = PyLong_AsLongLong(PyTuple_GET_ITEM(pair, 1));
+    return *ring == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
+/* The ring of segment `key` in `rings` (segment id -> (Mapping, ring offset)). */
+static int ring_of(PyObject *rings, PyObject *key, MappingObject **m, long long *ring) {
+    PyObject *pair = PyDict_GetItemWithError(rings, key);
+    if (!pair) {
+        if (!PyErr_Occurred()) PyErr_SetObject(PyExc_KeyError, key);
+        return -1;
+    }
+    return read_ring(pair, m, ring);
+}
+
+/* A new block of `nbytes` in one of our own rings (the newest first), growing the arena
+ * through `grow(nbytes) -> segment id` when none has room. */
+static int alloc_own(PyObject *own, PyObject *rings, PyObject *grow, Py_ssize_t nbytes,
+                     PyObject **seg, MappingObject **m, long long *ring, long long *payload) {
+    for (Py_ssize_t i = PyList_GET_SIZE(own) - 1; i >= -1; i--) {
+        PyObject *key = i >= 0 ? Py_NewRef(PyList_GET_ITEM(own, i))
+                               : PyObject_CallFunction(grow, "n", nbytes);
+        if (!key) return -1;
+        if (ring_of(rings, key, m, ring)) {
+            Py_DECREF(key);
+            return -1;
+        }
+        *payload = ring_alloc(*m, *ring, (uint64_t)nbytes);
+        if (*payload >= 0) {
+            *seg = key;
+            return 0;
+        }
+        Py_DECREF(key);
+        if (*payload == -2) return -1;
+    }
+    PyErr_SetString(PyExc_RuntimeError, "a segment grown for a tensor has no room for it");
+    return -1;
+}
+
+/* Where `array` (exporting `view`) already lies in one of our own segments: 1 and its segment
+ * id and payload offset, else 0. An array from model.empty() (or a C-contiguous slice of one)
+ * is a chain of ndarray views whose last base is a Block of one of our mappings. */
+static int find_in_arena(PyObject *array, const Py_buffer *view, PyObject *ids, PyObject *own,
+                         unsigned long long *seg, unsigned long long *offset) {
+    PyObject *base = Py_NewRef(array);
+    while (PyObject_TypeCheck(base, (PyTypeObject *)ndarray_type)) {
+        PyObject *next = PyObject_GetAttrString(base, "base");
+        Py_DECREF(base);
+        if (!next) return -1;
+        base = next;
+    }
+    int found = 0;
+    if (Py_TYPE(base) == &BlockType && PyBuffer_IsContiguous(view, 'C')) {
+        BlockObject *b = (BlockObject *)base;
+        PyObject *id = PyDict_GetItemWithError(ids, (PyObject *)b->mapping);
+        int mine = id ? PySequence_Contains(own, id) : (PyErr_Occurred() ? -1 : 0);
+        char *start = b->mapping->base + b->offset;
+        if (mine < 0) found = -1;
+        else if (mine && (char *)view->buf >= start && (char *)view->buf + view->len <= start + b->nbytes) {
+            *seg = PyLong_AsUnsignedLongLong(id);
+            *offset = (unsigned long long)(b->offset + ((char *)view->buf - start));
+            found = 1;
+        }
+    }
+    Py_DECREF(base);
+    return found;
+}
+
+/* Copies `array` (exporting `view`) to `payload` in `m`: one memcpy when it is C-contiguous,
+ * else numpy's strided assignment into a view of the destination. */
+static int copy_into(PyObject *array, const Py_buffer *view, MappingObject *m, long long payload,
+                     PyObject *dtype) {
+    if (PyBuffer_IsContiguous(view, 'C')) {
+        if (view->len < (1 << 16)) {
+            memcpy(m->base + payload, view->buf, (size_t)view->len);
+        } else { /* milliseconds for big tensors: let other threads run meanwhile */
+            Py_BEGIN_ALLOW_THREADS
+            memcpy(m->base + payload, view->buf, (size_t)view->len);
+            Py_END_ALLOW_THREADS
+        }
+        return 0;
+    }
+    PyObject *shape = PyObject_GetAttrString(array, "shape"), *dest = NULL;
+    if (shape) dest = PyObject_CallFunction(ndarray_type, "OOOL", shape, dtype, m, payload);
+    int failed = !dest || PyObject_SetItem(dest, Py_Ellipsis, array);
+    Py_XDECREF(dest);
+    Py_XDECREF(shape);
+    return failed ? -1 : 0;
+}
+
+/* The frame code of an array's dtype: `codes[dtype]`, else `code_of(dtype)`; -1 with no error
+ * set when it has none. */
+static long long code_of_dtype(PyObject *dtype, PyObject *codes, PyObject *code_of) {
+    PyObject *code = PyDict_GetItemWithError(codes, dtype);
+    if (code) return PyLong_AsLongLong(code);
+    if (PyErr_Occurred()) return -2;
+    code = PyObject_CallOneArg(code_of, dtype);
+    if (!code) return -2;
+    long long c = code == Py_None ? -1 : PyLong_AsLongLong(code);
+    Py_DECREF(code);
+    return c == -1 && PyErr_Occurred() ? -2 : c;
+}
+
+/* encode_frame(kind, call_id, tensors, own, rings, ids, codes, code_of, grow)
+ *     -> (frame, copied, scratch, in_place) or None
+ * Puts each tensor (name -> ndarray) in the arena and returns the frame naming them. With
+ * `ids` (Mapping -> segment id), an array that already lies in one of the `own` segments is
+ * named where it is (and listed in `in_place`); every other one is copied into a new block of
+ * an own ring (listed in `scratch` as (Mapping, ring, payload)). `copied` counts the bytes
+ * copied. None, with nothing allocated, when a value is not an ndarray or its dtype has no
+ * frame code: the caller's spec check then says what is wrong. */
+static PyObject *encode_frame(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 9) {
+        PyErr_SetString(PyExc_TypeError, "encode_frame takes 9 arguments");
+        return NULL;
+    }
+    PyObject *tensors = args[2], *own = args[3], *rings = args[4], *ids = args[5],
+             *codes = args[6], *code_of = args[7], *grow = args[8];
+    int kind = PyLong_AsLong(args[0]);
+    unsigned long long call_id = PyLong_AsUnsignedLongLong(args[1]);
+    if (PyErr_Occurred() || need_ndarray()) return NULL;
+    if (!PyDict_Check(tensors) || !PyList_Check(own) || !PyDict_Check(rings) || !PyDict_Check(codes) ||
+        (ids != Py_None && !PyDict_Check(ids))) {
+        PyErr_SetString(PyExc_TypeError, "encode_frame: tensors, rings and codes are dicts, own a list");
+        return NULL;
+    }
+    Py_ssize_t count = PyDict_GET_SIZE(tensors);
+    if (check_frame_size(kind, count)) return NULL;
+    Entry stack[4], *e = count <= 4 ? stack : PyMem_Malloc(sizeof(Entry) * (size_t)count);
+    PyObject *scratch = PyList_New(0), *in_place = PyList_New(0), *result = NULL;
+    if (!e || !scratch || !in_place) {
+        if (!e) PyErr_NoMemory();
+        goto done;
+    }
+    unsigned long long copied = 0;
+    PyObject *name, *array;
+    Py_ssize_t at = 0;
+    for (Py_ssize_t i = 0; i < count && PyDict_Next(tensors, &at, &name, &array); i++) {
+        if (!PyObject_TypeCheck(array, (PyTypeObject *)ndarray_type)) goto not_encodable;
+        PyObject *dtype = PyObject_GetAttrString(array, "dtype");
+        if (!dtype) goto fail;
+        long long code = code_of_dtype(dtype, codes, code_of);
+        if (code < 0) {
+            Py_DECREF(dtype);
+            if (code == -2) goto fail;
+            goto not_encodable;
+        }
+        Py_buffer view;
+        if (PyObject_GetBuffer(array, &view, PyBUF_STRIDES) < 0) {
+            Py_DECREF(dtype);
+            goto fail;
+        }
+        Entry *x = &e[i];
+        x->name = PyUnicode_AsUTF8AndSize(name, &x->name_len);
+        x->code = (unsigned long long)code;
+        x->itemsize = (unsigned long long)view.itemsize;
+        x->nbytes = (unsigned long long)view.len;
+        x->ndim = view.ndim;
+        int failed = !x->name || entry_in_range(x), found = 0;
+        for (Py_ssize_t d = 0; !failed && d < view.ndim; d++) x->dims[d] = (unsigned long long)view.shape[d];
+        if (!failed && ids != Py_None) {
+            found = find_in_arena(array, &view, ids, own, &x->seg, &x->offset);
+            failed = found < 0 || (found && PyList_Append(in_place, array));
+        }
+        if (!failed && !found) {
+            PyObject *seg = NULL, *block = NULL;
+            MappingObject *m;
+            long long ring, payload;
+            failed = alloc_own(own, rings, grow, view.len, &seg, &m, &ring, &payload);
+            if (!failed) {
+                block = Py_BuildValue("(OLL)", m, ring, payload);
+                if (!block || PyList_Append(scratch, block)) {
+                    if (ring_release(m, ring, payload)) PyErr_Clear();
+                    failed = 1;
+                } else {
+                    x->seg = PyLong_AsUnsignedLongLong(seg);
+                    x->offset = (unsigned long long)payload;
+                    failed = copy_into(array, &view, m, payload, dtype);
+                    copied += (unsigned long long)view.len;
+                }
+            }
+            Py_XDECREF(block);
+            Py_XDECREF(seg);
+        }
+        PyBuffer_Release(&view);
+        Py_DECREF(dtype);
+        if (failed) goto fail;
+    }
+    PyObject *frame = write_frame(kind, call_id, copied, e, count);
+    if (frame) result = Py_BuildValue("(NKOO)", frame, copied, scratch, in_place);
+    if (result) goto done;
+fail:
+not_encodable:;
+    /* Give back what this call allocated: the frame naming it is never sent. */
+    PyObject *exc_type, *exc, *tb;
+    PyErr_Fetch(&exc_type, &exc, &tb);
+    for (Py_ssize_t i = 0; scratch && i < PyList_GET_SIZE(scratch); i++) {
+        PyObject *b = PyList_GET_ITEM(scratch, i);
+        if (ring_release((MappingObject *)PyTuple_GET_ITEM(b, 0),
+                         PyLong_AsLongLong(PyTuple_GET_ITEM(b, 1)),
+                         PyLong_AsLongLong(PyTuple_GET_ITEM(b, 2))))
+            PyErr_Clear();
+    }
+    PyErr_Restore(exc_type, exc, tb);
+    if (!PyErr_Occurred()) result = Py_NewRef(Py_None);
+done:
+    if (e && e != stack) PyMem_Free(e);
+    Py_XDECREF(scratch);
+    Py_XDECREF(in_place);
+    return result;
+}
+
+/* The array an entry of the peer's frame names, viewing its bytes in place (a Block that the
+ * host gives back to the worker's ring when dropped; on the worker, sealed and not given
+ * back). The segment must be one the peer owns; one not mapped yet is mapped through
+ * `map_segment(id) -> (Mapping, ring offset)`. */
+static PyObject *entry_array(const Entry *e, int host, PyObject *rings, PyObject *dtypes,
+                             PyObject *string_dtype, PyObject *map_segment) {
+    if (worker_owned(e->seg) != host) {
+        PyErr_Format(PyExc_ValueError, "peer named segment id %llu, which it does not own", e->seg);
+        return NULL;
+    }
+    PyObject *key = PyLong_FromUnsignedLongLong(e->seg);
+    if (!key) return NULL;
+    PyObject *pair = Py_XNewRef(PyDict_GetItemWithError(rings, key));
+    if (!pair && !PyErr_Occurred()) pair = PyObject_CallOneArg(map_segment, key);
+    Py_DECREF(key);
+    MappingObject *m;
+    long long ring;
+    PyObject *block = !pair || read_ring(pair, &m, &ring) ? NULL
+        : new_block(m, (long long)e->offset, (long long)e->nbytes, ring, host, !host);
+    Py_XDECREF(pair);
+    if (!block) return NULL;
+    PyObject *dtype = e->code == STRING_CODE
+        ? PyObject_CallFunction(string_dtype, "K", e->itemsize)
+        : Py_XNewRef(PyTuple_GetItem(dtypes, (Py_ssize_t)e->code));
+    PyObject *shape = dtype ? entry_shape(e) : NULL, *array = NULL;
+    if (shape) array = PyObject_CallFunctionObjArgs(ndarray_type, shape, dtype, block, NULL);
+    Py_XDECREF(shape);
+    Py_XDECREF(dtype);
+    Py_DECREF(block);
+    return array;
+}
+
+/* decode_frame(data, host, rings, dtypes, string_dtype, map_segment)
+ *     -> (kind, call_id, copied, {name: array})
+ * The tensors of a frame the peer sent, as views on the arena (see entry_array()). The whole
+ * frame is checked before any view is made; ValueError (or numpy's refusal) if it is bad. */
+static PyObject *decode_frame(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "decode_frame takes 6 arguments");
+        return NULL;
+    }
+    int host = PyObject_IsTrue(args[1]);
+    PyObject *rings = args[2], *dtypes = args[3], *string_dtype = args[4], *map_segment = args[5];
+    if (host < 0 || need_ndarray()) return NULL;
+    if (!PyDict_Check(rings)) {
+        PyErr_SetString(PyExc_TypeError, "decode_frame: rings is a dict");
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) return NULL;
+    const char *p = view.buf;
+    Py_ssize_t len = view.len, pos = FRAME_HEADER, count = frame_count(p, len);
+    Entry stack[4], *e = count <= 4 ? stack : PyMem_Malloc(sizeof(Entry) * (size_t)(count > 0 ? count : 1));
+    PyObject *tensors = NULL, *result = NULL;
+    if (count < 0 || !e) {
+        if (!e) PyErr_NoMemory();
+        goto done;
+    }
+    Py_ssize_t starts[4], *start = count <= 4 ? starts : PyMem_Malloc(sizeof(Py_ssize_t) * (size_t)count);
+    if (!start) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        start[i] = pos;
+        if (parse_entry(p, &pos, len, &e[i])) goto done_starts;
+    }
+    if (pos != len) {
+        frame_error("bytes after the last entry", pos);
+        goto done_starts;
+    }
+    tensors = PyDict_New();
+    for (Py_ssize_t i = 0; tensors && i < count; i++) {
+        PyObject *name = entry_name(&e[i], start[i]), *array = NULL;
+        if (name) array = entry_array(&e[i], host, rings, dtypes, string_dtype, map_segment);
+        if (!array || PyDict_SetItem(tensors, name, array)) Py_CLEAR(tensors);
+        Py_XDECREF(name);
+        Py_XDECREF(array);
+    }
+    if (tensors)
+        result = Py_BuildValue("(iKKN)", (int)(uint8_t)p[1], (unsigned long long)get_u64(p + 8),
+                               (unsigned long long)get_u64(p + 16), tensors);
+done_starts:
+    if (start != starts) PyMem_Free(start);
+done:
+    if (e && e != stack) PyMem_Free(e);
+    PyBuffer_Release(&view);
+    return result;
+}
+
 /* address_of(obj) -> address of the first byte of a contiguous buffer. numpy offers this only
  * through __array_interface__, which builds a dict on every call (~3 µs on the call path). */
 static PyObject *address_of(PyObject *m, PyObject *obj) {
@@ -1083,6 +1460,10 @@ static PyMethodDef module_methods[] = {
      "pack_frame(kind, call_id, copied, entries) -> bytes: a tensor frame (ope/protocol.py)."},
     {"unpack_frame", unpack_frame, METH_O,
      "unpack_frame(data) -> (kind, call_id, copied, entries); ValueError if malformed."},
+    {"encode_frame", (PyCFunction)(void (*)(void))encode_frame, METH_FASTCALL,
+     "encode_frame(kind, call_id, tensors, own, rings, ids, codes, code_of, grow) -> (frame, copied, scratch, in_place) or None."},
+    {"decode_frame", (PyCFunction)(void (*)(void))decode_frame, METH_FASTCALL,
+     "decode_frame(data, host, rings, dtypes, string_dtype, map_segment) -> (kind, call_id, copied, tensors)."},
     {"exit_with_parent", exit_with_parent, METH_VARARGS,
      "exit_with_parent(pid, prefix): when parent `pid` is gone, unlink /dev/shm/<prefix>-* and SIGKILL this process."},
     {NULL}};

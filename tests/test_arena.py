@@ -15,6 +15,7 @@ import posix_ipc
 import pytest
 
 import ope
+from ope import protocol
 from ope.arena import SHM_DIR, Arena, gc_segments, segment_names
 from ope.ring import block_size
 
@@ -183,13 +184,22 @@ def test_gc_leaves_a_live_arena_alone(make_arena):
 
 # -- the worker's side --------------------------------------------------------------------
 
+UINT8 = protocol.DTYPE_CODES[np.dtype("uint8")]
+
+
+def peer_view(arena, seg_id, payload, nbytes):
+    """The Block under the uint8 view ``arena`` makes of a range its peer names in a frame."""
+    tensors = [("t", UINT8, 1, (nbytes,), seg_id, payload, nbytes)]
+    message = [protocol.RESULT, 1, tensors, 0] if arena.host else [protocol.INFER, 1, tensors]
+    return arena.decode(protocol.pack(message))[2]["t"].base
+
 
 def test_the_worker_sees_the_hosts_blocks_as_sealed_read_only_views(pair):
     host, worker = pair
     seg_id, block = host.new_block(64)
     host_view = np.frombuffer(block, np.float32)
     host_view[:] = np.arange(16)
-    peer = worker.peer_block(seg_id, block.offset, 64)
+    peer = peer_view(worker, seg_id, block.offset, 64)
     assert peer.sealed and memoryview(peer).readonly
     seen = np.frombuffer(peer, np.float32)
     np.testing.assert_array_equal(seen, np.arange(16))
@@ -206,7 +216,7 @@ def test_the_worker_maps_a_segment_the_host_grew_later(pair):
     seg_id, block = host.new_block(200 * KIB)
     assert seg_id == 1
     np.frombuffer(block, np.uint8)[-1] = 9
-    peer = worker.peer_block(seg_id, block.offset, 200 * KIB)
+    peer = peer_view(worker, seg_id, block.offset, 200 * KIB)
     assert np.frombuffer(peer, np.uint8)[-1] == 9
 
 
@@ -215,7 +225,7 @@ def test_the_host_sees_the_workers_blocks_and_gives_them_back(pair):
     seg_id, payload, ring = worker.alloc(32)
     assert seg_id == 2  # the worker's segments have even ids from first_id
     memoryview(worker.segment_mapping(seg_id))[payload:payload + 32] = bytes(range(32))
-    output = host.peer_block(seg_id, payload, 32)
+    output = peer_view(host, seg_id, payload, 32)
     assert not output.sealed
     assert bytes(output) == bytes(range(32))
     assert ring.used == block_size(32)
@@ -227,16 +237,14 @@ def test_the_host_sees_the_workers_blocks_and_gives_them_back(pair):
     (0, 1, 8),  # misaligned
     (0, 0, 8),  # the arena header
     (0, None, 1 << 30),  # runs past the ring
-    (0, None, -1),
     (1, 4096 + 128, 8),  # a host segment that does not exist
-    (-1, 0, 8),
-    ("0", 0, 8),
+    (2, 4096 + 128, 8),  # a segment the worker owns
 ])
 def test_the_worker_refuses_a_bad_range_with_protocol_error(pair, seg_id, offset, nbytes):
     host, worker = pair
     _, payload, ring = host.alloc(8)
     with pytest.raises(ope.ProtocolError):
-        worker.peer_block(seg_id, payload if offset is None else offset, nbytes)
+        peer_view(worker, seg_id, payload if offset is None else offset, nbytes)
     ring.release(payload)
 
 
@@ -277,3 +285,87 @@ def test_the_segment_header_describes_the_layout(make_arena):
     magic, layout, size, h2w, w2h, ring = struct.unpack_from("<QI4xQQQQ", mapping, 0)
     assert magic == 0x414E455241455045 and layout == 1 and size == mapping.size
     assert h2w == 4096 and w2h == h2w + 4 * KIB and ring == w2h + 4 * KIB
+
+
+# -- tensor frames straight into and out of the arena ---------------------------------------
+
+SENDABLE = {
+    "float32 matrix": np.arange(6, dtype=np.float32).reshape(2, 3),
+    "strided view": np.arange(24, dtype=np.int64).reshape(4, 6)[:, ::2],
+    "scalar": np.array(2.5),
+    "empty": np.zeros((0, 3), np.int16),
+    "bools": np.array([True, False, True]),
+    "strings": np.array([["ünï", ""], ["c😀de", "x"]]),
+}
+
+
+@pytest.mark.parametrize("kind", [protocol.INFER, protocol.RESULT])
+def test_encode_copies_each_tensor_once_and_the_peer_decodes_the_same_values(pair, kind):
+    host, worker = pair
+    sender, receiver = (host, worker) if kind == protocol.INFER else (worker, host)
+    before = sender.used_bytes()
+    frame, copied, scratch, in_place = sender.encode(kind, 7, dict(SENDABLE))
+    assert copied == sum(a.nbytes for a in SENDABLE.values()) and in_place == []
+    # The frame is the one the reference codec (protocol.pack of descriptors) describes.
+    message = protocol.unpack(frame)
+    assert message[:2] == [kind, 7]
+    for (name, array), desc, (mapping, _, payload) in zip(SENDABLE.items(), message[2], scratch):
+        assert desc == protocol.describe(name, array, sender.segment_id(mapping), payload)
+    received = receiver.decode(frame)
+    assert received[:2] == [kind, 7] and received[2].keys() == SENDABLE.keys()
+    for name, array in SENDABLE.items():
+        got = received[2][name]
+        assert got.dtype == array.dtype and got.shape == array.shape
+        np.testing.assert_array_equal(got, array)
+    del received, got
+    for mapping, ring, payload in scratch:
+        if kind == protocol.INFER:  # the host gives its input blocks back after the call
+            mapping.ring_release(ring, payload)
+    assert sender.used_bytes() == before
+
+
+def test_an_array_from_the_arena_is_sent_where_it_lies(pair):
+    host, worker = pair
+    seg_id, block = host.new_block(4 * 24)
+    array = np.ndarray((4, 6), np.float32, block)
+    array[...] = np.arange(24).reshape(4, 6)
+    tensors = {"whole": array, "rows": array[1:3], "columns": array[:, ::2]}
+    frame, copied, scratch, in_place = host.encode(protocol.INFER, 1, tensors, in_place=True)
+    assert [a is b for a, b in zip(in_place, [array, tensors["rows"]])] == [True, True]
+    assert copied == tensors["columns"].nbytes and len(scratch) == 1
+    descs = {d[0]: d for d in protocol.unpack(frame)[2]}
+    assert descs["whole"][4:6] == (seg_id, block.offset)
+    assert descs["rows"][4:6] == (seg_id, block.offset + 6 * 4)  # one row in
+    received = worker.decode(frame)[2]
+    for name, sent in tensors.items():
+        np.testing.assert_array_equal(received[name], sent)
+    mapping, ring, payload = scratch[0]
+    mapping.ring_release(ring, payload)
+    frame, copied, scratch, in_place = host.encode(protocol.INFER, 2, {"whole": array})
+    assert copied == array.nbytes and in_place == [], "without in_place every array is copied"
+    scratch[0][0].ring_release(*scratch[0][1:])
+
+
+@pytest.mark.parametrize("bad", [[1.0, 2.0], np.array([object()]), np.zeros(2, ">f4")],
+                         ids=["a list", "object dtype", "big-endian float"])
+def test_encode_of_what_a_frame_cannot_carry_is_none_and_allocates_nothing(pair, bad):
+    host, _ = pair
+    tensors = {"fine": np.ones(64, np.float32), "bad": bad}
+    assert host.encode(protocol.INFER, 1, tensors) is None
+    assert host.used_bytes() == 0
+
+
+def test_encode_grows_the_arena_for_a_big_tensor_and_the_peer_maps_the_new_segment(pair):
+    host, worker = pair
+    big = np.arange(100 * KIB, dtype=np.uint8)
+    frame, copied, scratch, _ = host.encode(protocol.INFER, 1, {"big": big})
+    assert host.segment_id(scratch[0][0]) == 1
+    np.testing.assert_array_equal(worker.decode(frame)[2]["big"], big)
+    scratch[0][0].ring_release(*scratch[0][1:])
+
+
+def test_encode_past_the_arena_limit_raises_arena_full_and_keeps_nothing(make_arena):
+    host = make_arena(max_bytes=256 * KIB)
+    with pytest.raises(ope.ArenaFull):
+        host.encode(protocol.INFER, 1, {"small": np.ones(8), "huge": np.ones(MIB)})
+    assert host.used_bytes() == 0

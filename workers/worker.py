@@ -27,8 +27,6 @@ from workers.runners import load_runner
 
 __all__ = ["Worker", "main", "runtime_info"]
 
-_describe = protocol.describe
-_dtype_code = protocol.dtype_code
 _TRACEBACK_LIMIT = 16_000  # characters; a traceback must fit a control message
 
 
@@ -65,7 +63,7 @@ class Worker:
             data = self.channel.receive()
             if data is None:
                 break
-            self.handle(protocol.unpack(data))
+            self.handle(protocol.unpack(data, self.arena))
 
     def handle(self, message):
         """Check and answer one decoded message."""
@@ -74,9 +72,10 @@ class Worker:
         if reply is not None:
             self._send(reply)
 
-    def _send(self, message):
+    def _send(self, message, data=None):
+        """Send ``message``; ``data`` is its encoding when the caller has it (a tensor frame)."""
         self.conversation.sent(message)
-        if not self.channel.send(protocol.pack(message)):
+        if not self.channel.send(protocol.pack(message) if data is None else data):
             self.running = False
 
     def _load(self, message):
@@ -95,34 +94,26 @@ class Worker:
         return [protocol.READY, runtime_info()]
 
     def _infer(self, message):
-        call_id = message[1]
+        call_id, arrays = message[1], message[2]
         try:
-            peer_block, arrays = self.arena.peer_block, {}
-            for desc in message[2]:
-                name, array = protocol.decode_tensor(desc, peer_block)
-                arrays[name] = array
-            outputs = self.runner.run(arrays)
-            if not self._encodable(outputs):
-                # The host validates outputs on every call; here only what cannot be sent as is
-                # gets the in-process check, which raises the same SpecError in-process would.
-                bindings = validate_inputs(self.package.inputs, arrays)[1]
-                outputs = validate_outputs(self.package.outputs, outputs, bindings)
-            descriptors, copied = self._write_outputs(outputs)
+            frame = self._encode_outputs(call_id, arrays, self.runner.run(arrays))
         except Exception as exc:
             return _error_message(call_id, exc)
-        return [protocol.RESULT, call_id, descriptors, copied]
+        self._send([protocol.RESULT, call_id], frame)
+        return None
 
-    def _encodable(self, outputs):
-        return type(outputs) is dict and outputs.keys() == self._output_names and all(
-            type(a) is np.ndarray and _dtype_code(a.dtype) is not None for a in outputs.values())
-
-    def _write_outputs(self, outputs):
-        descriptors, copied = [], 0
-        for name, array in outputs.items():
-            seg_id, payload, _ = self.arena.put(array)
-            copied += array.nbytes
-            descriptors.append(_describe(name, array, seg_id, payload))
-        return descriptors, copied
+    def _encode_outputs(self, call_id, inputs, outputs):
+        """The RESULT frame of ``outputs``, each written into the worker's ring once."""
+        encoded = None
+        if type(outputs) is dict and outputs.keys() == self._output_names:
+            encoded = self.arena.encode(protocol.RESULT, call_id, outputs)
+        if encoded is None:
+            # The host validates outputs on every call; here only what cannot be sent as is
+            # gets the in-process check, which raises the same SpecError in-process would.
+            bindings = validate_inputs(self.package.inputs, inputs)[1]
+            outputs = validate_outputs(self.package.outputs, outputs, bindings)
+            encoded = self.arena.encode(protocol.RESULT, call_id, outputs)
+        return encoded[0]
 
     def _shutdown(self, message):
         self.running = False
