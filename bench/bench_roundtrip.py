@@ -336,7 +336,8 @@ def python_floor_us(rounds):
     if pid == 0:
         worker = Arena.attach(arena.prefix, first_id=2)
         _, y_at, y_ring = worker.alloc(16)
-        _python_floor_serve(worker.channel, worker.peer_block(seg_id, x_at, 16), y_ring.mapping, y_at)
+        x_block = worker.segment_mapping(seg_id).block(x_at, 16, ring.offset, False, True)
+        _python_floor_serve(worker.channel, x_block, y_ring.mapping, y_at)
         os._exit(0)
     channel, x = arena.channel, np.zeros(4, np.float32)
     mapping, request = channel.mapping, b"r" * 40  # a message of a frame's size
@@ -344,7 +345,8 @@ def python_floor_us(rounds):
     def call():
         mapping.write(x_at, x)
         mapping.queue_push(channel.out_q, request, -1.0, SPIN_S)
-        mapping.queue_pop(channel.in_q, -1.0, SPIN_S)
+        if mapping.queue_pop(channel.in_q, PEER_TIMEOUT_S, SPIN_S) is None:
+            raise RuntimeError("the Python floor's peer stopped answering")
         return np.ndarray(4, np.float32, ring.mapping, x_at)
     median, _ = _measure(call, rounds, 0.2)
     mapping.queue_push(channel.out_q, b"", -1.0, SPIN_S)
