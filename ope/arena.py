@@ -35,7 +35,6 @@ import re
 import secrets
 import struct
 
-import numpy as np
 import posix_ipc
 import psutil
 
@@ -217,15 +216,6 @@ class Arena:
         seg_id = self._grow(nbytes)
         ring = self._segments[seg_id].ring
         return seg_id, ring.alloc(nbytes), ring
-
-    def put(self, array):
-        """(segment id, payload offset, ring) of a new block holding a copy of ``array``."""
-        seg_id, payload, ring = self.alloc(array.nbytes)
-        if array.flags.c_contiguous:
-            ring.mapping.write(payload, array)
-        else:
-            np.ndarray(array.shape, array.dtype, ring.mapping, payload)[...] = array
-        return seg_id, payload, ring
 
     def new_block(self, nbytes):
         """(segment id, Block) of ``nbytes`` that returns to its ring when dropped."""

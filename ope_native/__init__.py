@@ -5,10 +5,10 @@ the byte layouts it implements are documented in ope/ring.py, ope/channel.py and
 ope/protocol.py."""
 
 from ope_native._native import (
-    BLOCK_HEADER, LINE, QUEUE_HEADER, RING_HEADER, Block, Mapping, address_of, decode_frame,
+    BLOCK_HEADER, LINE, QUEUE_HEADER, RING_HEADER, Block, Mapping, decode_frame,
     encode_frame, exit_with_parent, pack_frame, unpack_frame,
 )
 
 __all__ = ["BLOCK_HEADER", "LINE", "QUEUE_HEADER", "RING_HEADER", "Block", "Mapping",
-           "address_of", "decode_frame", "encode_frame", "exit_with_parent", "pack_frame",
+           "decode_frame", "encode_frame", "exit_with_parent", "pack_frame",
            "unpack_frame"]

@@ -449,29 +449,6 @@ static PyObject *mapping_ring_release(MappingObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* write(off, obj): copies a C-contiguous buffer into the mapping at `off` (one memcpy; numpy's
- * own copy of a small array costs more in building the destination view than in copying). */
-static PyObject *mapping_write(MappingObject *self, PyObject *args) {
-    long long off;
-    PyObject *obj;
-    if (!PyArg_ParseTuple(args, "LO", &off, &obj)) return NULL;
-    Py_buffer view;
-    if (PyObject_GetBuffer(obj, &view, PyBUF_C_CONTIGUOUS) < 0) return NULL;
-    PyObject *result = NULL;
-    if (!check_range(self, off, view.len, 1)) {
-        if (view.len < (1 << 16)) {
-            memcpy(self->base + off, view.buf, (size_t)view.len);
-        } else { /* milliseconds for big tensors: let other threads run meanwhile */
-            Py_BEGIN_ALLOW_THREADS
-            memcpy(self->base + off, view.buf, (size_t)view.len);
-            Py_END_ALLOW_THREADS
-        }
-        result = Py_NewRef(Py_None);
-    }
-    PyBuffer_Release(&view);
-    return result;
-}
-
 /* ---- message queue (layout: ope/channel.py) --------------------------------------------- */
 
 typedef struct {
@@ -1016,8 +993,6 @@ static PyMethodDef mapping_methods[] = {
     {"ring_alloc", (PyCFunction)mapping_ring_alloc, METH_VARARGS,
      "ring_alloc(ring, nbytes) -> payload offset, or -1 when full."},
     {"ring_release", (PyCFunction)mapping_ring_release, METH_VARARGS, "ring_release(ring, payload)"},
-    {"write", (PyCFunction)mapping_write, METH_VARARGS,
-     "write(off, obj): copy a C-contiguous buffer into the mapping at off."},
     {"queue_init", (PyCFunction)mapping_queue_init, METH_VARARGS, "queue_init(off, size)"},
     {"queue_push", (PyCFunction)mapping_queue_push, METH_VARARGS,
      "queue_push(q, data, timeout_s, spin_s) -> queued"},
@@ -1444,18 +1419,7 @@ done:
     return result;
 }
 
-/* address_of(obj) -> address of the first byte of a contiguous buffer. numpy offers this only
- * through __array_interface__, which builds a dict on every call (~3 µs on the call path). */
-static PyObject *address_of(PyObject *m, PyObject *obj) {
-    Py_buffer view;
-    if (PyObject_GetBuffer(obj, &view, PyBUF_ANY_CONTIGUOUS) < 0) return NULL;
-    PyObject *result = PyLong_FromVoidPtr(view.buf);
-    PyBuffer_Release(&view);
-    return result;
-}
-
 static PyMethodDef module_methods[] = {
-    {"address_of", address_of, METH_O, "address_of(obj): address of a contiguous buffer's data."},
     {"pack_frame", pack_frame, METH_VARARGS,
      "pack_frame(kind, call_id, copied, entries) -> bytes: a tensor frame (ope/protocol.py)."},
     {"unpack_frame", unpack_frame, METH_O,

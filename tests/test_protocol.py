@@ -468,10 +468,16 @@ def test_bad_descriptors_raise_protocol_error_and_never_view_outside_a_ring(aren
     assert block.sealed == (side == "worker")
 
 
+def put(arena, array):
+    """(segment id, payload, Ring) of a copy of ``array`` that ``arena`` put in its own ring."""
+    _, _, [(mapping, ring, payload)], _ = arena.encode(INFER, 1, {"t": array})
+    return arena.segment_id(mapping), payload, Ring(mapping, ring)
+
+
 def test_a_worker_output_decodes_on_the_host_to_a_view_of_its_bytes(arenas):
     host, worker = arenas
     expected = np.arange(6, dtype=np.float32).reshape(2, 3)
-    seg_id, payload, ring = worker.put(expected)
+    seg_id, payload, ring = put(worker, expected)
     assert seg_id == 2
     desc = protocol.describe("y", expected, seg_id, payload)
     array = host.decode(protocol.pack([RESULT, 1, [desc], 24]))[2]["y"]
@@ -483,7 +489,7 @@ def test_a_worker_output_decodes_on_the_host_to_a_view_of_its_bytes(arenas):
 
 def test_a_host_input_decodes_on_the_worker_to_a_sealed_view_of_its_bytes(arenas):
     host, worker = arenas
-    seg_id, payload, ring = host.put(np.arange(8, dtype=np.uint8))
+    seg_id, payload, ring = put(host, np.arange(8, dtype=np.uint8))
     array = decode_one(worker, ("x", protocol.DTYPE_CODES[np.dtype("uint8")], 1, (8,), seg_id,
                                 payload, 8))
     assert array.tobytes() == bytes(range(8))
@@ -499,7 +505,7 @@ def test_a_host_input_decodes_on_the_worker_to_a_sealed_view_of_its_bytes(arenas
 def test_a_string_tensor_travels_through_the_arena(arenas, strings):
     host, worker = arenas
     array = np.array(strings, dtype=str)
-    seg_id, payload, ring = host.put(array[::-1] if array.ndim == 1 else array)
+    seg_id, payload, ring = put(host, array[::-1] if array.ndim == 1 else array)
     sent = array[::-1] if array.ndim == 1 else array
     desc = protocol.describe("s", sent, seg_id, payload)
     got = decode_one(worker, desc)
