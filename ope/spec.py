@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+import ope_native
 from ope.errors import SpecError
 
 __all__ = ["DTYPES", "TensorSpec", "as_specs", "check_shape", "validate_inputs",
@@ -150,7 +151,7 @@ class _NeverAValue:
 
 
 class _Plan:
-    __slots__ = ("specs", "role", "names", "checks", "count", "rows")
+    __slots__ = ("specs", "role", "names", "checks", "count", "rows", "native_rows")
 
     def __init__(self, specs, role):
         self.specs = specs
@@ -161,6 +162,11 @@ class _Plan:
         # The check loop unpacks one tuple per tensor: cheaper than reading each attribute.
         self.rows = tuple((c.name, c.as_is_type, c.dtype, c.rank, c.fixed_dims, c.fixed_sizes,
                            c.symbols, c) for c in self.checks)
+        # The same rules for ope_native.check_plain, which runs the success path in C.
+        self.native_rows = tuple(
+            (c.name, c.as_is_type, c.dtype, c.rank,
+             tuple((i, d) for i, d in enumerate(c.spec.shape) if type(d) is int), c.symbols)
+            for c in self.checks)
 
 
 class _SymbolConflict(Exception):
@@ -177,6 +183,9 @@ class _SymbolConflict(Exception):
 _INPUT_PLANS = {}
 _OUTPUT_PLANS = {}
 _MAX_PLANS = 256
+
+
+_check_plain = ope_native.check_plain
 
 
 def _plan_for(cache, specs, role):
@@ -223,6 +232,15 @@ def check_shape(spec, shape, role="input"):
 
 
 def _check_tensors(plan, values, sizes, bound_by_inputs=None):
+    """Plain arrays that pass take the rules in one C call (ope_native.check_plain); the
+    loop in Python converts the rest and words every error."""
+    arrays = _check_plain(plan.native_rows, values, sizes)
+    if arrays is None:
+        arrays = _check_each(plan, values, sizes, bound_by_inputs)
+    return arrays
+
+
+def _check_each(plan, values, sizes, bound_by_inputs=None):
     """The one check loop: names, then per tensor conversion, dtype, rank, dims, symbols."""
     if type(values) is not dict and not isinstance(values, Mapping):
         _raise_not_a_mapping(plan, values)

@@ -1091,6 +1091,82 @@ static PyObject *exit_with_parent(PyObject *m, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* ---- spec checks: the success path (the rules: ope/spec.py) -------------------------- */
+
+static PyObject *str_dtype, *str_shape; /* interned attribute names */
+
+static int dim_is(PyObject *shape, PyObject *index, PyObject **dim) {
+    Py_ssize_t i = PyLong_AsSsize_t(index);
+    if (i == -1 && PyErr_Occurred()) return -1;
+    *dim = PyTuple_GET_ITEM(shape, i);
+    return 0;
+}
+
+/* 1 if `value` passes `row` = (name, exact type, dtype, rank, ((dim, size), ...),
+ * ((dim, symbol), ...)) with symbol sizes in `sizes` (bound here as they are first seen),
+ * 0 if not, -1 on error. */
+static int passes(PyObject *row, PyObject *value, PyObject *sizes) {
+    if (!PyTuple_Check(row) || PyTuple_GET_SIZE(row) != 6) {
+        PyErr_SetString(PyExc_TypeError, "a check row is a 6-tuple");
+        return -1;
+    }
+    if ((PyObject *)Py_TYPE(value) != PyTuple_GET_ITEM(row, 1)) return 0;
+    PyObject *dtype = PyObject_GetAttr(value, str_dtype);
+    if (!dtype) return -1;
+    Py_DECREF(dtype); /* the value keeps it alive; only its identity matters */
+    if (dtype != PyTuple_GET_ITEM(row, 2)) return 0;
+    PyObject *shape = PyObject_GetAttr(value, str_shape);
+    if (!shape) return -1;
+    int ok = PyTuple_Check(shape) && PyTuple_GET_SIZE(shape) == PyLong_AsSsize_t(PyTuple_GET_ITEM(row, 3));
+    PyObject *fixed = PyTuple_GET_ITEM(row, 4), *symbols = PyTuple_GET_ITEM(row, 5), *dim;
+    for (Py_ssize_t k = 0; ok > 0 && k < PyTuple_GET_SIZE(fixed); k++) {
+        PyObject *pair = PyTuple_GET_ITEM(fixed, k);
+        ok = dim_is(shape, PyTuple_GET_ITEM(pair, 0), &dim) ? -1
+             : PyObject_RichCompareBool(dim, PyTuple_GET_ITEM(pair, 1), Py_EQ);
+    }
+    for (Py_ssize_t k = 0; ok > 0 && k < PyTuple_GET_SIZE(symbols); k++) {
+        PyObject *pair = PyTuple_GET_ITEM(symbols, k), *symbol = PyTuple_GET_ITEM(pair, 1);
+        if (dim_is(shape, PyTuple_GET_ITEM(pair, 0), &dim)) {
+            ok = -1;
+            break;
+        }
+        PyObject *bound = PyDict_GetItemWithError(sizes, symbol);
+        if (bound) ok = PyObject_RichCompareBool(dim, bound, Py_EQ);
+        else ok = PyErr_Occurred() ? -1 : PyDict_SetItem(sizes, symbol, dim) ? -1 : 1;
+    }
+    Py_DECREF(shape);
+    if (ok < 0 && !PyErr_Occurred()) ok = 0;
+    return ok;
+}
+
+/* check_plain(rows, values, sizes) -> {name: array}, or None
+ * The success path of ope.spec's check loop in one call: `values` is a dict holding, for
+ * each row, a value of exactly the row's type (plain ndarrays) with the row's dtype object,
+ * rank, fixed dims and symbol sizes. None as soon as anything else is seen: the Python loop
+ * then converts what it may and words the error. */
+static PyObject *check_plain(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3 || !PyTuple_Check(args[0]) || !PyDict_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "check_plain(rows: tuple, values, sizes: dict)");
+        return NULL;
+    }
+    PyObject *rows = args[0], *values = args[1], *sizes = args[2];
+    if (!PyDict_CheckExact(values) || PyDict_GET_SIZE(values) != PyTuple_GET_SIZE(rows))
+        Py_RETURN_NONE;
+    PyObject *arrays = PyDict_New();
+    for (Py_ssize_t i = 0; arrays && i < PyTuple_GET_SIZE(rows); i++) {
+        PyObject *row = PyTuple_GET_ITEM(rows, i), *name = PyTuple_GetItem(row, 0);
+        PyObject *value = name ? PyDict_GetItemWithError(values, name) : NULL;
+        int ok = value ? passes(row, value, sizes) : PyErr_Occurred() ? -1 : 0;
+        if (ok > 0 && PyDict_SetItem(arrays, name, value)) ok = -1;
+        if (ok < 0) Py_CLEAR(arrays);
+        if (ok == 0) {
+            Py_DECREF(arrays);
+            Py_RETURN_NONE;
+        }
+    }
+    return arrays;
+}
+
 /* ---- calls: tensor frames straight from and into the arena ------------------------------ */
 
 /* What one call costs in Python objects is what a small call costs in time: these two
@@ -1428,6 +1504,8 @@ static PyMethodDef module_methods[] = {
      "encode_frame(kind, call_id, tensors, own, rings, ids, codes, code_of, grow) -> (frame, copied, scratch, in_place) or None."},
     {"decode_frame", (PyCFunction)(void (*)(void))decode_frame, METH_FASTCALL,
      "decode_frame(data, host, rings, dtypes, string_dtype, map_segment) -> (kind, call_id, copied, tensors)."},
+    {"check_plain", (PyCFunction)(void (*)(void))check_plain, METH_FASTCALL,
+     "check_plain(rows, values, sizes) -> {name: array} or None: ope.spec's success path."},
     {"exit_with_parent", exit_with_parent, METH_VARARGS,
      "exit_with_parent(pid, prefix): when parent `pid` is gone, unlink /dev/shm/<prefix>-* and SIGKILL this process."},
     {NULL}};
@@ -1438,6 +1516,9 @@ static struct PyModuleDef native_module = {
 
 PyMODINIT_FUNC PyInit__native(void) {
     if (PyType_Ready(&MappingType) < 0 || PyType_Ready(&BlockType) < 0) return NULL;
+    str_dtype = PyUnicode_InternFromString("dtype");
+    str_shape = PyUnicode_InternFromString("shape");
+    if (!str_dtype || !str_shape) return NULL;
     PyObject *m = PyModule_Create(&native_module);
     if (!m) return NULL;
     if (PyModule_AddObjectRef(m, "Mapping", (PyObject *)&MappingType) ||

@@ -13,6 +13,8 @@ import struct
 import numpy as np
 import posix_ipc
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import ope
 from ope import protocol
@@ -369,3 +371,35 @@ def test_encode_past_the_arena_limit_raises_arena_full_and_keeps_nothing(make_ar
     with pytest.raises(ope.ArenaFull):
         host.encode(protocol.INFER, 1, {"small": np.ones(8), "huge": np.ones(MIB)})
     assert host.used_bytes() == 0
+
+
+@st.composite
+def sendable_arrays(draw):
+    """Any array a frame carries: every dtype code, 0 to 3 dims, C order or a strided view."""
+    dtype = np.dtype(draw(st.sampled_from([d for d in ope.spec.DTYPES if d != "string"] + ["U3"])))
+    shape = tuple(draw(st.lists(st.integers(0, 5), max_size=3)))
+    array = np.arange(int(np.prod(shape, dtype=np.int64)), dtype=np.int64).reshape(shape)
+    array = array.astype(str).astype(dtype) if dtype.kind == "U" else array.astype(dtype)
+    if array.ndim and draw(st.booleans()):
+        array = array[..., ::-1]
+    return array
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tensors=st.dictionaries(st.text(min_size=1, max_size=8), sendable_arrays(), max_size=4),
+       kind=st.sampled_from([protocol.INFER, protocol.RESULT]))
+def test_what_one_side_encodes_the_other_decodes_to_the_same_arrays(pair, tensors, kind):
+    host, worker = pair
+    sender, receiver = (host, worker) if kind == protocol.INFER else (worker, host)
+    frame, copied, scratch, _ = sender.encode(kind, 3, tensors)
+    assert copied == sum(a.nbytes for a in tensors.values()) and len(scratch) == len(tensors)
+    received = receiver.decode(frame)[2]
+    assert received.keys() == tensors.keys()
+    for name, array in tensors.items():
+        assert received[name].dtype == array.dtype and received[name].shape == array.shape
+        np.testing.assert_array_equal(received[name], array)
+    del received
+    if kind == protocol.INFER:
+        for mapping, ring, payload in scratch:
+            mapping.ring_release(ring, payload)
+    assert host.used_bytes() == 0 and worker.used_bytes() == 0

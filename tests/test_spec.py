@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ope
+import ope_native
 from ope import SpecError, TensorSpec
 from ope.spec import DTYPES
 
@@ -358,3 +359,33 @@ def test_bad_torch_tensors_are_refused(load_model, pair_path, tensor, message):
 def test_duplicate_names_are_refused():
     with pytest.raises(SpecError, match="duplicate input name 'x'"):
         ope.spec.validate_inputs([TensorSpec("x", "int8", ()), TensorSpec("x", "int8", ())], {})
+
+
+# --- the success path in C agrees with the rules ---------------------------------------------
+
+DIMS = st.lists(st.one_of(st.integers(0, 3), st.none(), st.sampled_from("pq")), max_size=3)
+
+
+@settings(max_examples=300, deadline=None)
+@given(spec_shapes=st.lists(DIMS, min_size=1, max_size=3),
+       shapes=st.lists(st.lists(st.integers(0, 3), max_size=3).map(tuple), min_size=1, max_size=3),
+       dtypes=st.lists(st.sampled_from(["int8", "float32"]), min_size=3, max_size=3),
+       bound=st.dictionaries(st.sampled_from("pq"), st.integers(0, 3)))
+def test_the_native_success_path_accepts_exactly_what_the_python_loop_accepts(
+        spec_shapes, shapes, dtypes, bound):
+    """ope_native.check_plain takes plain arrays in one C call and leaves everything else to
+    the Python loop: whatever it accepts, the loop accepts with the same symbol sizes, and
+    whatever the loop accepts from plain arrays, it accepts too."""
+    specs = tuple(TensorSpec(f"t{i}", "int8", dims) for i, dims in enumerate(spec_shapes))
+    values = {f"t{i}": np.zeros(shape, dtypes[i]) for i, shape in enumerate(shapes)}
+    plan = ope.spec._Plan(specs, "output")
+    native_sizes, python_sizes = dict(bound), dict(bound)
+    native = ope_native.check_plain(plan.native_rows, values, native_sizes)
+    try:
+        expected = ope.spec._check_each(plan, values, python_sizes, bound)
+    except SpecError:
+        assert native is None
+        return
+    assert native is not None and native.keys() == expected.keys()
+    assert all(native[name] is expected[name] for name in expected)
+    assert native_sizes == python_sizes
