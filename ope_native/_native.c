@@ -19,6 +19,8 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
+#define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
+#include <numpy/arrayobject.h>
 #include <dirent.h>
 #include <errno.h>
 #include <limits.h>
@@ -1093,15 +1095,6 @@ static PyObject *exit_with_parent(PyObject *m, PyObject *args) {
 
 /* ---- spec checks: the success path (the rules: ope/spec.py) -------------------------- */
 
-static PyObject *str_dtype, *str_shape; /* interned attribute names */
-
-static int dim_is(PyObject *shape, PyObject *index, PyObject **dim) {
-    Py_ssize_t i = PyLong_AsSsize_t(index);
-    if (i == -1 && PyErr_Occurred()) return -1;
-    *dim = PyTuple_GET_ITEM(shape, i);
-    return 0;
-}
-
 /* 1 if `value` passes `row` = (name, exact type, dtype, rank, ((dim, size), ...),
  * ((dim, symbol), ...)) with symbol sizes in `sizes` (bound here as they are first seen),
  * 0 if not, -1 on error. */
@@ -1110,33 +1103,41 @@ static int passes(PyObject *row, PyObject *value, PyObject *sizes) {
         PyErr_SetString(PyExc_TypeError, "a check row is a 6-tuple");
         return -1;
     }
-    if ((PyObject *)Py_TYPE(value) != PyTuple_GET_ITEM(row, 1)) return 0;
-    PyObject *dtype = PyObject_GetAttr(value, str_dtype);
-    if (!dtype) return -1;
-    Py_DECREF(dtype); /* the value keeps it alive; only its identity matters */
-    if (dtype != PyTuple_GET_ITEM(row, 2)) return 0;
-    PyObject *shape = PyObject_GetAttr(value, str_shape);
-    if (!shape) return -1;
-    int ok = PyTuple_Check(shape) && PyTuple_GET_SIZE(shape) == PyLong_AsSsize_t(PyTuple_GET_ITEM(row, 3));
-    PyObject *fixed = PyTuple_GET_ITEM(row, 4), *symbols = PyTuple_GET_ITEM(row, 5), *dim;
-    for (Py_ssize_t k = 0; ok > 0 && k < PyTuple_GET_SIZE(fixed); k++) {
+    /* Exactly the row's type, which is numpy.ndarray whenever it can match. */
+    if ((PyObject *)Py_TYPE(value) != PyTuple_GET_ITEM(row, 1) || !PyArray_Check(value)) return 0;
+    PyArrayObject *array = (PyArrayObject *)value;
+    if ((PyObject *)PyArray_DESCR(array) != PyTuple_GET_ITEM(row, 2)) return 0;
+    Py_ssize_t rank = PyLong_AsSsize_t(PyTuple_GET_ITEM(row, 3));
+    if (rank == -1 && PyErr_Occurred()) return -1;
+    if (PyArray_NDIM(array) != rank) return 0;
+    npy_intp *dims = PyArray_DIMS(array);
+    PyObject *fixed = PyTuple_GET_ITEM(row, 4), *symbols = PyTuple_GET_ITEM(row, 5);
+    for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(fixed); k++) {
         PyObject *pair = PyTuple_GET_ITEM(fixed, k);
-        ok = dim_is(shape, PyTuple_GET_ITEM(pair, 0), &dim) ? -1
-             : PyObject_RichCompareBool(dim, PyTuple_GET_ITEM(pair, 1), Py_EQ);
+        Py_ssize_t index = PyLong_AsSsize_t(PyTuple_GET_ITEM(pair, 0)),
+                   size = PyLong_AsSsize_t(PyTuple_GET_ITEM(pair, 1));
+        if (PyErr_Occurred()) return -1;
+        if (index < 0 || index >= rank || dims[index] != size) return 0;
     }
-    for (Py_ssize_t k = 0; ok > 0 && k < PyTuple_GET_SIZE(symbols); k++) {
+    for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(symbols); k++) {
         PyObject *pair = PyTuple_GET_ITEM(symbols, k), *symbol = PyTuple_GET_ITEM(pair, 1);
-        if (dim_is(shape, PyTuple_GET_ITEM(pair, 0), &dim)) {
-            ok = -1;
-            break;
-        }
+        Py_ssize_t index = PyLong_AsSsize_t(PyTuple_GET_ITEM(pair, 0));
+        if (index == -1 && PyErr_Occurred()) return -1;
+        if (index < 0 || index >= rank) return 0;
         PyObject *bound = PyDict_GetItemWithError(sizes, symbol);
-        if (bound) ok = PyObject_RichCompareBool(dim, bound, Py_EQ);
-        else ok = PyErr_Occurred() ? -1 : PyDict_SetItem(sizes, symbol, dim) ? -1 : 1;
+        if (bound) {
+            Py_ssize_t size = PyLong_AsSsize_t(bound);
+            if (size == -1 && PyErr_Occurred()) return -1;
+            if (size != dims[index]) return 0;
+            continue;
+        }
+        if (PyErr_Occurred()) return -1;
+        PyObject *size = PyLong_FromSsize_t(dims[index]);
+        int failed = !size || PyDict_SetItem(sizes, symbol, size);
+        Py_XDECREF(size);
+        if (failed) return -1;
     }
-    Py_DECREF(shape);
-    if (ok < 0 && !PyErr_Occurred()) ok = 0;
-    return ok;
+    return 1;
 }
 
 /* check_plain(rows, values, sizes) -> {name: array}, or None
@@ -1172,17 +1173,6 @@ static PyObject *check_plain(PyObject *mod, PyObject *const *args, Py_ssize_t na
 /* What one call costs in Python objects is what a small call costs in time: these two
  * functions take a call's tensors into the arena and a frame out of it, and back, in one step
  * each (ope.arena.Arena.encode/decode wrap them). */
-
-static PyObject *ndarray_type; /* numpy.ndarray, looked up on first use */
-
-static int need_ndarray(void) {
-    if (ndarray_type) return 0;
-    PyObject *numpy = PyImport_ImportModule("numpy");
-    if (!numpy) return -1;
-    ndarray_type = PyObject_GetAttrString(numpy, "ndarray");
-    Py_DECREF(numpy);
-    return ndarray_type ? 0 : -1;
-}
 
 static int worker_owned(unsigned long long seg) { return seg > 0 && seg % 2 == 0; }
 
@@ -1232,54 +1222,59 @@ static int alloc_own(PyObject *own, PyObject *rings, PyObject *grow, Py_ssize_t 
     return -1;
 }
 
-/* Where `array` (exporting `view`) already lies in one of our own segments: 1 and its segment
- * id and payload offset, else 0. An array from model.empty() (or a C-contiguous slice of one)
- * is a chain of ndarray views whose last base is a Block of one of our mappings. */
-static int find_in_arena(PyObject *array, const Py_buffer *view, PyObject *ids, PyObject *own,
+/* Where `array` already lies in one of our own segments: 1 and its segment id and payload
+ * offset, else 0. An array from model.empty() (or a C-contiguous slice of one) is a chain of
+ * ndarray views whose last base is a Block of one of our mappings. */
+static int find_in_arena(PyArrayObject *array, PyObject *ids, PyObject *own,
                          unsigned long long *seg, unsigned long long *offset) {
-    PyObject *base = Py_NewRef(array);
-    while (PyObject_TypeCheck(base, (PyTypeObject *)ndarray_type)) {
-        PyObject *next = PyObject_GetAttrString(base, "base");
-        Py_DECREF(base);
-        if (!next) return -1;
-        base = next;
-    }
-    int found = 0;
-    if (Py_TYPE(base) == &BlockType && PyBuffer_IsContiguous(view, 'C')) {
-        BlockObject *b = (BlockObject *)base;
-        PyObject *id = PyDict_GetItemWithError(ids, (PyObject *)b->mapping);
-        int mine = id ? PySequence_Contains(own, id) : (PyErr_Occurred() ? -1 : 0);
-        char *start = b->mapping->base + b->offset;
-        if (mine < 0) found = -1;
-        else if (mine && (char *)view->buf >= start && (char *)view->buf + view->len <= start + b->nbytes) {
-            *seg = PyLong_AsUnsignedLongLong(id);
-            *offset = (unsigned long long)(b->offset + ((char *)view->buf - start));
-            found = 1;
-        }
-    }
-    Py_DECREF(base);
-    return found;
+    if (!PyArray_IS_C_CONTIGUOUS(array)) return 0;
+    PyObject *base = PyArray_BASE(array);
+    while (base && PyArray_Check(base)) base = PyArray_BASE((PyArrayObject *)base);
+    if (!base || Py_TYPE(base) != &BlockType) return 0;
+    BlockObject *b = (BlockObject *)base;
+    PyObject *id = PyDict_GetItemWithError(ids, (PyObject *)b->mapping);
+    int mine = id ? PySequence_Contains(own, id) : (PyErr_Occurred() ? -1 : 0);
+    char *start = b->mapping->base + b->offset, *data = PyArray_BYTES(array);
+    if (mine <= 0) return mine;
+    if (data < start || data + PyArray_NBYTES(array) > start + b->nbytes) return 0;
+    *seg = PyLong_AsUnsignedLongLong(id);
+    *offset = (unsigned long long)(b->offset + (data - start));
+    return 1;
 }
 
-/* Copies `array` (exporting `view`) to `payload` in `m`: one memcpy when it is C-contiguous,
- * else numpy's strided assignment into a view of the destination. */
-static int copy_into(PyObject *array, const Py_buffer *view, MappingObject *m, long long payload,
-                     PyObject *dtype) {
-    if (PyBuffer_IsContiguous(view, 'C')) {
-        if (view->len < (1 << 16)) {
-            memcpy(m->base + payload, view->buf, (size_t)view->len);
+/* An array of `descr` (a new reference, which this steals) and `dims` over `nbytes` at `data`,
+ * kept alive by `base` (a new reference, stolen too). */
+static PyObject *array_over(PyArray_Descr *descr, int ndim, npy_intp *dims, char *data, int writable,
+                            PyObject *base) {
+    PyObject *array = PyArray_NewFromDescr(&PyArray_Type, descr, ndim, dims, NULL, data,
+                                           writable ? NPY_ARRAY_WRITEABLE : 0, NULL);
+    if (!array || PyArray_SetBaseObject((PyArrayObject *)array, base)) {
+        if (!array) Py_DECREF(base);
+        Py_XDECREF(array);
+        return NULL;
+    }
+    return array;
+}
+
+/* Copies `array` to `payload` in `m`: one memcpy when it is C-contiguous, else numpy's strided
+ * copy into a view of the destination. */
+static int copy_into(PyArrayObject *array, MappingObject *m, long long payload) {
+    npy_intp nbytes = PyArray_NBYTES(array);
+    if (PyArray_IS_C_CONTIGUOUS(array)) {
+        if (nbytes < (1 << 16)) {
+            memcpy(m->base + payload, PyArray_BYTES(array), (size_t)nbytes);
         } else { /* milliseconds for big tensors: let other threads run meanwhile */
             Py_BEGIN_ALLOW_THREADS
-            memcpy(m->base + payload, view->buf, (size_t)view->len);
+            memcpy(m->base + payload, PyArray_BYTES(array), (size_t)nbytes);
             Py_END_ALLOW_THREADS
         }
         return 0;
     }
-    PyObject *shape = PyObject_GetAttrString(array, "shape"), *dest = NULL;
-    if (shape) dest = PyObject_CallFunction(ndarray_type, "OOOL", shape, dtype, m, payload);
-    int failed = !dest || PyObject_SetItem(dest, Py_Ellipsis, array);
+    Py_INCREF(PyArray_DESCR(array));
+    PyObject *dest = array_over(PyArray_DESCR(array), PyArray_NDIM(array), PyArray_DIMS(array),
+                                m->base + payload, 1, Py_NewRef((PyObject *)m));
+    int failed = !dest || PyArray_CopyInto((PyArrayObject *)dest, array);
     Py_XDECREF(dest);
-    Py_XDECREF(shape);
     return failed ? -1 : 0;
 }
 
@@ -1313,7 +1308,7 @@ static PyObject *encode_frame(PyObject *mod, PyObject *const *args, Py_ssize_t n
              *codes = args[6], *code_of = args[7], *grow = args[8];
     int kind = PyLong_AsLong(args[0]);
     unsigned long long call_id = PyLong_AsUnsignedLongLong(args[1]);
-    if (PyErr_Occurred() || need_ndarray()) return NULL;
+    if (PyErr_Occurred()) return NULL;
     if (!PyDict_Check(tensors) || !PyList_Check(own) || !PyDict_Check(rings) || !PyDict_Check(codes) ||
         (ids != Py_None && !PyDict_Check(ids))) {
         PyErr_SetString(PyExc_TypeError, "encode_frame: tensors, rings and codes are dicts, own a list");
@@ -1331,55 +1326,38 @@ static PyObject *encode_frame(PyObject *mod, PyObject *const *args, Py_ssize_t n
     PyObject *name, *array;
     Py_ssize_t at = 0;
     for (Py_ssize_t i = 0; i < count && PyDict_Next(tensors, &at, &name, &array); i++) {
-        if (!PyObject_TypeCheck(array, (PyTypeObject *)ndarray_type)) goto not_encodable;
-        PyObject *dtype = PyObject_GetAttrString(array, "dtype");
-        if (!dtype) goto fail;
-        long long code = code_of_dtype(dtype, codes, code_of);
-        if (code < 0) {
-            Py_DECREF(dtype);
-            if (code == -2) goto fail;
-            goto not_encodable;
-        }
-        Py_buffer view;
-        if (PyObject_GetBuffer(array, &view, PyBUF_STRIDES) < 0) {
-            Py_DECREF(dtype);
-            goto fail;
-        }
+        if (!PyArray_Check(array)) goto not_encodable;
+        PyArrayObject *a = (PyArrayObject *)array;
+        long long code = code_of_dtype((PyObject *)PyArray_DESCR(a), codes, code_of);
+        if (code == -2) goto fail;
+        if (code < 0) goto not_encodable;
         Entry *x = &e[i];
         x->name = PyUnicode_AsUTF8AndSize(name, &x->name_len);
         x->code = (unsigned long long)code;
-        x->itemsize = (unsigned long long)view.itemsize;
-        x->nbytes = (unsigned long long)view.len;
-        x->ndim = view.ndim;
-        int failed = !x->name || entry_in_range(x), found = 0;
-        for (Py_ssize_t d = 0; !failed && d < view.ndim; d++) x->dims[d] = (unsigned long long)view.shape[d];
-        if (!failed && ids != Py_None) {
-            found = find_in_arena(array, &view, ids, own, &x->seg, &x->offset);
-            failed = found < 0 || (found && PyList_Append(in_place, array));
-        }
-        if (!failed && !found) {
-            PyObject *seg = NULL, *block = NULL;
-            MappingObject *m;
-            long long ring, payload;
-            failed = alloc_own(own, rings, grow, view.len, &seg, &m, &ring, &payload);
-            if (!failed) {
-                block = Py_BuildValue("(OLL)", m, ring, payload);
-                if (!block || PyList_Append(scratch, block)) {
-                    if (ring_release(m, ring, payload)) PyErr_Clear();
-                    failed = 1;
-                } else {
-                    x->seg = PyLong_AsUnsignedLongLong(seg);
-                    x->offset = (unsigned long long)payload;
-                    failed = copy_into(array, &view, m, payload, dtype);
-                    copied += (unsigned long long)view.len;
-                }
-            }
+        x->itemsize = (unsigned long long)PyArray_ITEMSIZE(a);
+        x->nbytes = (unsigned long long)PyArray_NBYTES(a);
+        x->ndim = PyArray_NDIM(a);
+        if (!x->name || entry_in_range(x)) goto fail;
+        for (Py_ssize_t d = 0; d < x->ndim; d++) x->dims[d] = (unsigned long long)PyArray_DIMS(a)[d];
+        int found = ids == Py_None ? 0 : find_in_arena(a, ids, own, &x->seg, &x->offset);
+        if (found < 0 || (found && PyList_Append(in_place, array))) goto fail;
+        if (found) continue;
+        PyObject *seg, *block;
+        MappingObject *m;
+        long long ring, payload;
+        if (alloc_own(own, rings, grow, PyArray_NBYTES(a), &seg, &m, &ring, &payload)) goto fail;
+        x->seg = PyLong_AsUnsignedLongLong(seg);
+        x->offset = (unsigned long long)payload;
+        Py_DECREF(seg);
+        block = Py_BuildValue("(OLL)", m, ring, payload);
+        if (!block || PyList_Append(scratch, block)) {
             Py_XDECREF(block);
-            Py_XDECREF(seg);
+            if (ring_release(m, ring, payload)) PyErr_Clear();
+            goto fail;
         }
-        PyBuffer_Release(&view);
-        Py_DECREF(dtype);
-        if (failed) goto fail;
+        Py_DECREF(block);
+        if (copy_into(a, m, payload)) goto fail;
+        copied += x->nbytes;
     }
     PyObject *frame = write_frame(kind, call_id, copied, e, count);
     if (frame) result = Py_BuildValue("(NKOO)", frame, copied, scratch, in_place);
@@ -1429,12 +1407,17 @@ static PyObject *entry_array(const Entry *e, int host, PyObject *rings, PyObject
     PyObject *dtype = e->code == STRING_CODE
         ? PyObject_CallFunction(string_dtype, "K", e->itemsize)
         : Py_XNewRef(PyTuple_GetItem(dtypes, (Py_ssize_t)e->code));
-    PyObject *shape = dtype ? entry_shape(e) : NULL, *array = NULL;
-    if (shape) array = PyObject_CallFunctionObjArgs(ndarray_type, shape, dtype, block, NULL);
-    Py_XDECREF(shape);
-    Py_XDECREF(dtype);
-    Py_DECREF(block);
-    return array;
+    if (!dtype || !PyArray_DescrCheck(dtype)) {
+        if (dtype) PyErr_SetString(PyExc_TypeError, "dtypes must be numpy dtypes");
+        Py_XDECREF(dtype);
+        Py_DECREF(block);
+        return NULL;
+    }
+    npy_intp dims[FRAME_MAX_DIMS];
+    for (Py_ssize_t d = 0; d < e->ndim; d++) dims[d] = (npy_intp)e->dims[d];
+    BlockObject *b = (BlockObject *)block;
+    return array_over((PyArray_Descr *)dtype, (int)e->ndim, dims, b->mapping->base + b->offset,
+                      !b->sealed, block);
 }
 
 /* decode_frame(data, host, rings, dtypes, string_dtype, map_segment)
@@ -1448,7 +1431,7 @@ static PyObject *decode_frame(PyObject *mod, PyObject *const *args, Py_ssize_t n
     }
     int host = PyObject_IsTrue(args[1]);
     PyObject *rings = args[2], *dtypes = args[3], *string_dtype = args[4], *map_segment = args[5];
-    if (host < 0 || need_ndarray()) return NULL;
+    if (host < 0) return NULL;
     if (!PyDict_Check(rings)) {
         PyErr_SetString(PyExc_TypeError, "decode_frame: rings is a dict");
         return NULL;
@@ -1516,9 +1499,7 @@ static struct PyModuleDef native_module = {
 
 PyMODINIT_FUNC PyInit__native(void) {
     if (PyType_Ready(&MappingType) < 0 || PyType_Ready(&BlockType) < 0) return NULL;
-    str_dtype = PyUnicode_InternFromString("dtype");
-    str_shape = PyUnicode_InternFromString("shape");
-    if (!str_dtype || !str_shape) return NULL;
+    import_array();
     PyObject *m = PyModule_Create(&native_module);
     if (!m) return NULL;
     if (PyModule_AddObjectRef(m, "Mapping", (PyObject *)&MappingType) ||
