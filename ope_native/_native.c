@@ -1116,7 +1116,12 @@ static int passes(PyObject *row, PyObject *value, PyObject *sizes) {
         PyObject *pair = PyTuple_GET_ITEM(fixed, k);
         Py_ssize_t index = PyLong_AsSsize_t(PyTuple_GET_ITEM(pair, 0)),
                    size = PyLong_AsSsize_t(PyTuple_GET_ITEM(pair, 1));
-        if (PyErr_Occurred()) return -1;
+        if (PyErr_Occurred()) {
+            /* A spec may fix a dim past any array's size: no array passes it. */
+            if (!PyErr_ExceptionMatches(PyExc_OverflowError)) return -1;
+            PyErr_Clear();
+            return 0;
+        }
         if (index < 0 || index >= rank || dims[index] != size) return 0;
     }
     for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(symbols); k++) {
@@ -1314,8 +1319,15 @@ static PyObject *encode_frame(PyObject *mod, PyObject *const *args, Py_ssize_t n
         PyErr_SetString(PyExc_TypeError, "encode_frame: tensors, rings and codes are dicts, own a list");
         return NULL;
     }
-    Py_ssize_t count = PyDict_GET_SIZE(tensors);
-    if (check_frame_size(kind, count)) return NULL;
+    /* The items are held for the whole call: callbacks (code_of, grow) and big copies (which
+     * let other threads run) may see the caller's dict change meanwhile. */
+    PyObject *items = PyDict_Items(tensors);
+    if (!items) return NULL;
+    Py_ssize_t count = PyList_GET_SIZE(items);
+    if (check_frame_size(kind, count)) {
+        Py_DECREF(items);
+        return NULL;
+    }
     Entry stack[4], *e = count <= 4 ? stack : PyMem_Malloc(sizeof(Entry) * (size_t)count);
     PyObject *scratch = PyList_New(0), *in_place = PyList_New(0), *result = NULL;
     if (!e || !scratch || !in_place) {
@@ -1323,9 +1335,9 @@ static PyObject *encode_frame(PyObject *mod, PyObject *const *args, Py_ssize_t n
         goto done;
     }
     unsigned long long copied = 0;
-    PyObject *name, *array;
-    Py_ssize_t at = 0;
-    for (Py_ssize_t i = 0; i < count && PyDict_Next(tensors, &at, &name, &array); i++) {
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *name = PyTuple_GET_ITEM(PyList_GET_ITEM(items, i), 0),
+                 *array = PyTuple_GET_ITEM(PyList_GET_ITEM(items, i), 1);
         if (!PyArray_Check(array)) goto not_encodable;
         PyArrayObject *a = (PyArrayObject *)array;
         long long code = code_of_dtype((PyObject *)PyArray_DESCR(a), codes, code_of);
@@ -1380,6 +1392,7 @@ done:
     if (e && e != stack) PyMem_Free(e);
     Py_XDECREF(scratch);
     Py_XDECREF(in_place);
+    Py_DECREF(items);
     return result;
 }
 

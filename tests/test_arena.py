@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ope
+import ope_native
 from ope import protocol
 from ope.arena import SHM_DIR, Arena, gc_segments, segment_names
 from ope.ring import block_size
@@ -403,3 +404,25 @@ def test_what_one_side_encodes_the_other_decodes_to_the_same_arrays(pair, tensor
         for mapping, ring, payload in scratch:
             mapping.ring_release(ring, payload)
     assert host.used_bytes() == 0 and worker.used_bytes() == 0
+
+
+def test_encode_holds_its_tensors_while_a_callback_changes_the_callers_dict(pair):
+    """Callbacks (and big copies, which let other threads run) may see the caller's dict
+    change during encode_frame: the arrays and names it encodes must stay alive."""
+    host, worker = pair
+    tensors = {"s": np.array(["ab", "c"]), "x": np.arange(4.0)}
+
+    def code_of(dtype):  # asked for the string dtype, which has no fixed code
+        tensors.clear()
+        return protocol.dtype_code(dtype)
+
+    frame, copied, scratch, _ = ope_native.encode_frame(
+        protocol.INFER, 1, tensors, host._own, host._rings, None, protocol.DTYPE_CODES, code_of,
+        host._grow)
+    received = worker.decode(frame)[2]
+    assert list(received) == ["s", "x"]
+    np.testing.assert_array_equal(received["s"], ["ab", "c"])
+    np.testing.assert_array_equal(received["x"], np.arange(4.0))
+    del received
+    for mapping, ring, payload in scratch:
+        mapping.ring_release(ring, payload)

@@ -389,3 +389,9 @@ def test_the_native_success_path_accepts_exactly_what_the_python_loop_accepts(
     assert native is not None and native.keys() == expected.keys()
     assert all(native[name] is expected[name] for name in expected)
     assert native_sizes == python_sizes
+
+
+def test_a_fixed_dim_no_array_can_have_is_a_spec_error_not_an_overflow():
+    specs = (TensorSpec("x", "float32", (2 ** 63,)),)
+    with pytest.raises(SpecError, match="dim 0 expected size 9223372036854775808, got 3"):
+        ope.spec.validate_inputs(specs, {"x": np.zeros(3, np.float32)})
