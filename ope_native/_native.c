@@ -7,6 +7,10 @@
  * - The data ring allocator, the message queue and the tensor frames of every call, whose byte
  *   layouts are described once, in the docstrings of ope/ring.py, ope/channel.py and
  *   ope/protocol.py. This file implements those layouts; read the docstrings first.
+ * - A call's tensors into the arena and into a frame, and a frame back into views on the
+ *   arena, in one call each (encode_frame, decode_frame; views through numpy's C API), and
+ *   the success path of ope/spec.py's checks (check_plain): per-call Python costs more than
+ *   all the copying of a small call.
  * - Atomic loads/stores and futex wait/wake on shared words, with waits that spin briefly and
  *   then block, the GIL released throughout.
  *
