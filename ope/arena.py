@@ -130,18 +130,12 @@ def gc_segments():
     return removed
 
 
-class _Segment:
-    __slots__ = ("mapping", "ring")
-
-    def __init__(self, mapping, ring):
-        self.mapping = mapping
-        self.ring = ring
-
-
 class Arena:
     """The segments of one worker's arena, as seen from one side.
 
     ``host`` is True on the host side. Use :meth:`create` (host) and :meth:`attach` (worker).
+    A segment is known by its (Mapping, ring offset), the form ope_native's frame codec reads:
+    our own in the order we made them (allocation tries the newest first), the peer's by id.
     """
 
     def __init__(self, prefix, host, max_bytes, next_id):
@@ -149,11 +143,8 @@ class Arena:
         self.host = host
         self.max_bytes = max_bytes
         self._next_id = next_id
-        self._segments = {}
-        self._rings = {}  # segment id -> (Mapping, ring offset), as ope_native's frame codec reads them
-        self._ids = {}
-        self._own = []
-        self._own_bytes = 0
+        self._own = []  # (segment id, Mapping, ring offset)
+        self._peer = {}  # segment id -> (Mapping, ring offset)
         self._queues = None
         self.channel = None
 
@@ -170,7 +161,8 @@ class Arena:
         _HEADER.pack_into(mapping, 0, _MAGIC, _LAYOUT, size, h2w_q, w2h_q, ring)
         arena._queues = (h2w_q, w2h_q, queue_bytes)
         arena.reset_channel(mapping)
-        arena._add(0, mapping, Ring(mapping, ring, size - ring), own=True)
+        mapping.ring_init(ring, size - ring)
+        arena._own.append((0, mapping, ring))
         return arena
 
     @classmethod
@@ -180,12 +172,12 @@ class Arena:
         mapping = _open_segment(arena.name_of(0))
         h2w_q, w2h_q, ring = _check_header(mapping, arena.name_of(0))
         arena.channel = Channel(mapping, out_q=w2h_q, in_q=h2w_q)
-        arena._add(0, mapping, Ring(mapping, ring))
+        arena._peer[0] = (mapping, ring)
         return arena
 
     def reset_channel(self, mapping=None):
         """Host side: empty both queues (for a new worker) and return the host's channel."""
-        mapping = mapping or self._segments[0].mapping
+        mapping = mapping or self._own[0][1]
         h2w_q, w2h_q, size = self._queues
         Channel.init_queue(mapping, h2w_q, size)
         Channel.init_queue(mapping, w2h_q, size)
@@ -195,26 +187,18 @@ class Arena:
     def name_of(self, seg_id):
         return f"{self.prefix}-{seg_id}"
 
-    def _add(self, seg_id, mapping, ring, own=False):
-        self._segments[seg_id] = _Segment(mapping, ring)
-        self._rings[seg_id] = (mapping, ring.offset)
-        self._ids[mapping] = seg_id
-        if own:
-            self._own.append(seg_id)
-            self._own_bytes += mapping.size
-
     # -- allocation from our own rings --------------------------------------------------
 
     def alloc(self, nbytes):
         """(segment id, payload offset, ring) of a new block in one of our rings, growing the
         arena if none has room. Raises ArenaFull past ``max_bytes``."""
-        for seg_id in reversed(self._own):
-            ring = self._segments[seg_id].ring
+        for seg_id, mapping, offset in reversed(self._own):
+            ring = Ring(mapping, offset)
             payload = ring.alloc(nbytes)
             if payload is not None:
                 return seg_id, payload, ring
-        seg_id = self._grow(nbytes)
-        ring = self._segments[seg_id].ring
+        seg_id, mapping, offset = self._grow(nbytes)
+        ring = Ring(mapping, offset)
         return seg_id, ring.alloc(nbytes), ring
 
     def new_block(self, nbytes):
@@ -223,19 +207,22 @@ class Arena:
         return seg_id, ring.block(payload, nbytes)
 
     def _grow(self, nbytes):
+        """(segment id, Mapping, ring offset) of a new own segment with room for ``nbytes``."""
+        owned = self.own_bytes
         need = _round_page(_PAGE + RING_HEADER + block_size(nbytes))
-        size = max(need, _round_page(self._own_bytes))
-        if self._own_bytes + size > self.max_bytes:
+        size = max(need, _round_page(owned))
+        if owned + size > self.max_bytes:
             size = need
-        if self._own_bytes + size > self.max_bytes:
+        if owned + size > self.max_bytes:
             raise ArenaFull(
-                f"a tensor of {nbytes} bytes does not fit: the arena holds {self._own_bytes} bytes "
+                f"a tensor of {nbytes} bytes does not fit: the arena holds {owned} bytes "
                 f"and may grow to {self.max_bytes} (raise arena_max_mb, or release held outputs)")
         seg_id = self._take_id()
         mapping = _create_segment(self.name_of(seg_id), size)
         _HEADER.pack_into(mapping, 0, _MAGIC, _LAYOUT, size, 0, 0, 0)
-        self._add(seg_id, mapping, Ring(mapping, _PAGE, size - _PAGE), own=True)
-        return seg_id
+        mapping.ring_init(_PAGE, size - _PAGE)
+        self._own.append((seg_id, mapping, _PAGE))
+        return self._own[-1]
 
     def _take_id(self):
         seg_id = self._next_id
@@ -245,15 +232,16 @@ class Arena:
     # -- the peer's blocks ----------------------------------------------------------------
 
     def segment_mapping(self, seg_id):
-        return self._segments[seg_id].mapping
+        own = [m for i, m, _ in self._own if i == seg_id]
+        return own[0] if own else self._peer[seg_id][0]
 
     def segment_id(self, mapping):
-        """Id of a segment of this arena by its Mapping, or None."""
-        return self._ids.get(mapping)
+        """Id of one of this side's own segments by its Mapping, or None."""
+        return next((i for i, m, _ in self._own if m is mapping), None)
 
     def owns(self, mapping):
         """Whether ``mapping`` is one of this side's own segments."""
-        return self.segment_id(mapping) in self._own
+        return self.segment_id(mapping) is not None
 
     # -- tensor frames ------------------------------------------------------------------
 
@@ -267,8 +255,8 @@ class Arena:
         (Mapping, ring, payload) blocks copied into, for the sender to release when the peer
         is done with them. None, with nothing allocated, if a value is not an ndarray of a
         dtype a frame can carry."""
-        return _encode_frame(kind, call_id, tensors, self._own, self._rings,
-                             self._ids if in_place else None, DTYPE_CODES, dtype_code, self._grow)
+        return _encode_frame(kind, call_id, tensors, self._own, in_place, DTYPE_CODES, dtype_code,
+                             self._grow)
 
     def decode(self, data):
         """The message of a tensor frame the peer sent, its tensors as views on the peer's
@@ -280,37 +268,42 @@ class Arena:
         drops it; on the worker (inputs) views are sealed and the host gives the blocks back."""
         try:
             kind, call_id, copied, tensors = _decode_frame(
-                data, self.host, self._rings, DTYPES_BY_CODE, string_dtype, self._map_peer_segment)
+                data, self.host, self._peer, DTYPES_BY_CODE, string_dtype, self._map_peer_segment)
         except (ValueError, TypeError, OverflowError) as exc:  # numpy's refusals too
             raise ProtocolError(f"bad tensor frame ({len(data)} bytes) from the peer: {exc}") from None
         return frame_message(kind, call_id, copied, tensors)
 
     def _map_peer_segment(self, seg_id):
+        """(Mapping, ring offset) of a segment the peer names for the first time."""
+        if _worker_owned(seg_id) != self.host:
+            raise ProtocolError(f"peer named segment id {seg_id}, which it does not own")
         name = self.name_of(seg_id)
         mapping = _open_segment(name)
         _check_header(mapping, name)
-        self._add(seg_id, mapping, Ring(mapping, _PAGE))
-        return self._rings[seg_id]
+        self._peer[seg_id] = (mapping, _PAGE)
+        return self._peer[seg_id]
 
     # -- accounting and teardown --------------------------------------------------------
 
-    # list(): the receiving thread may map a peer segment meanwhile.
+    def _rings(self):
+        # list(): the receiving thread may map a peer segment meanwhile.
+        pairs = [(m, offset) for _, m, offset in self._own] + list(self._peer.values())
+        return [Ring(m, offset) for m, offset in pairs]
+
     def used_bytes(self):
-        return sum(s.ring.used for s in list(self._segments.values()))
+        return sum(ring.used for ring in self._rings())
 
     def high_water_bytes(self):
-        return sum(s.ring.high_water for s in list(self._segments.values()))
+        return sum(ring.high_water for ring in self._rings())
 
     @property
     def own_bytes(self):
-        return self._own_bytes
+        return sum(m.size for _, m, _ in self._own)
 
     def forget_peer_segments(self):
         """Host side, after its worker died: drop our references to the worker's segments
         (views the caller holds keep their mappings alive) and unlink their names."""
-        for seg_id in [i for i in self._segments if _worker_owned(i)]:
-            del self._ids[self._segments.pop(seg_id).mapping]
-            del self._rings[seg_id]
+        self._peer.clear()
         for name in segment_names(self.prefix):
             if _worker_owned(int(name.rsplit("-", 1)[1])):
                 _unlink(name)
@@ -326,7 +319,6 @@ class Arena:
             self.channel.close()
         if self.host:
             self.unlink_all()
-        self._segments.clear()
-        self._rings.clear()
-        self._ids.clear()
+        self._own.clear()
+        self._peer.clear()
         self.channel = None

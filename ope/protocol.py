@@ -74,7 +74,7 @@ from ope.spec import DTYPES
 
 __all__ = [
     "VERSION", "HELLO", "LOAD", "READY", "INFER", "ERROR", "RESULT", "SHUTDOWN",
-    "Conversation", "pack", "unpack", "frame_message", "describe", "dtype_code", "string_dtype",
+    "Conversation", "pack", "unpack", "frame_message", "dtype_code", "string_dtype",
     "DTYPE_CODES", "DTYPES_BY_CODE", "STRING_CODE",
     "error_fields", "error_from_message",
 ]
@@ -213,12 +213,6 @@ def dtype_code(dtype):
     if code is None and dtype.kind == "U" and dtype.isnative:
         return STRING_CODE
     return code
-
-
-def describe(name, array, seg_id, payload):
-    """The descriptor of ``array``, whose bytes lie at ``payload`` in segment ``seg_id``."""
-    return (name, dtype_code(array.dtype), array.itemsize, array.shape, seg_id, payload,
-            array.nbytes)
 
 
 @functools.lru_cache(maxsize=64)  # the peer picks the widths: the cache must stay bounded

@@ -1183,72 +1183,67 @@ static PyObject *check_plain(PyObject *mod, PyObject *const *args, Py_ssize_t na
  * functions take a call's tensors into the arena and a frame out of it, and back, in one step
  * each (ope.arena.Arena.encode/decode wrap them). */
 
-static int worker_owned(unsigned long long seg) { return seg > 0 && seg % 2 == 0; }
-
-/* The Mapping and ring offset of a (Mapping, ring offset) pair. */
-static int read_ring(PyObject *pair, MappingObject **m, long long *ring) {
-    if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2 ||
-        !PyObject_TypeCheck(PyTuple_GET_ITEM(pair, 0), &MappingType)) {
-        PyErr_SetString(PyExc_TypeError, "a ring is named by a (Mapping, ring offset) pair");
+/* The Mapping and ring offset of a (Mapping, ring offset) pair, or of the last two items of
+ * a (segment id, Mapping, ring offset) triple. */
+static int read_ring(PyObject *t, MappingObject **m, long long *ring) {
+    Py_ssize_t n = PyTuple_Check(t) ? PyTuple_GET_SIZE(t) : 0;
+    if (n < 2 || !PyObject_TypeCheck(PyTuple_GET_ITEM(t, n - 2), &MappingType)) {
+        PyErr_SetString(PyExc_TypeError, "a ring is named by (..., Mapping, ring offset)");
         return -1;
     }
-    *m = (MappingObject *)PyTuple_GET_ITEM(pair, 0);
-    *ring = PyLong_AsLongLong(PyTuple_GET_ITEM(pair, 1));
+    *m = (MappingObject *)PyTuple_GET_ITEM(t, n - 2);
+    *ring = PyLong_AsLongLong(PyTuple_GET_ITEM(t, n - 1));
     return *ring == -1 && PyErr_Occurred() ? -1 : 0;
 }
 
-/* The ring of segment `key` in `rings` (segment id -> (Mapping, ring offset)). */
-static int ring_of(PyObject *rings, PyObject *key, MappingObject **m, long long *ring) {
-    PyObject *pair = PyDict_GetItemWithError(rings, key);
-    if (!pair) {
-        if (!PyErr_Occurred()) PyErr_SetObject(PyExc_KeyError, key);
-        return -1;
-    }
-    return read_ring(pair, m, ring);
-}
-
-/* A new block of `nbytes` in one of our own rings (the newest first), growing the arena
- * through `grow(nbytes) -> segment id` when none has room. */
-static int alloc_own(PyObject *own, PyObject *rings, PyObject *grow, Py_ssize_t nbytes,
-                     PyObject **seg, MappingObject **m, long long *ring, long long *payload) {
+/* A new block of `nbytes` in one of our own rings (`own`: (segment id, Mapping, ring offset),
+ * the newest last and tried first), growing the arena through `grow(nbytes)`, which returns
+ * the new segment's triple, when none has room. */
+static int alloc_own(PyObject *own, PyObject *grow, Py_ssize_t nbytes, PyObject **seg,
+                     MappingObject **m, long long *ring, long long *payload) {
     for (Py_ssize_t i = PyList_GET_SIZE(own) - 1; i >= -1; i--) {
-        PyObject *key = i >= 0 ? Py_NewRef(PyList_GET_ITEM(own, i))
-                               : PyObject_CallFunction(grow, "n", nbytes);
-        if (!key) return -1;
-        if (ring_of(rings, key, m, ring)) {
-            Py_DECREF(key);
+        PyObject *t = i >= 0 ? Py_NewRef(PyList_GET_ITEM(own, i))
+                             : PyObject_CallFunction(grow, "n", nbytes);
+        if (!t || read_ring(t, m, ring) || PyTuple_GET_SIZE(t) != 3) {
+            if (t && !PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "own rings are triples");
+            Py_XDECREF(t);
             return -1;
         }
         *payload = ring_alloc(*m, *ring, (uint64_t)nbytes);
         if (*payload >= 0) {
-            *seg = key;
+            *seg = Py_NewRef(PyTuple_GET_ITEM(t, 0));
+            Py_DECREF(t);
             return 0;
         }
-        Py_DECREF(key);
+        Py_DECREF(t);
         if (*payload == -2) return -1;
     }
     PyErr_SetString(PyExc_RuntimeError, "a segment grown for a tensor has no room for it");
     return -1;
 }
 
-/* Where `array` already lies in one of our own segments: 1 and its segment id and payload
+/* Where `array` already lies in one of our `own` segments: 1 and its segment id and payload
  * offset, else 0. An array from model.empty() (or a C-contiguous slice of one) is a chain of
  * ndarray views whose last base is a Block of one of our mappings. */
-static int find_in_arena(PyArrayObject *array, PyObject *ids, PyObject *own,
-                         unsigned long long *seg, unsigned long long *offset) {
+static int find_in_arena(PyArrayObject *array, PyObject *own, unsigned long long *seg,
+                         unsigned long long *offset) {
     if (!PyArray_IS_C_CONTIGUOUS(array)) return 0;
     PyObject *base = PyArray_BASE(array);
     while (base && PyArray_Check(base)) base = PyArray_BASE((PyArrayObject *)base);
     if (!base || Py_TYPE(base) != &BlockType) return 0;
     BlockObject *b = (BlockObject *)base;
-    PyObject *id = PyDict_GetItemWithError(ids, (PyObject *)b->mapping);
-    int mine = id ? PySequence_Contains(own, id) : (PyErr_Occurred() ? -1 : 0);
     char *start = b->mapping->base + b->offset, *data = PyArray_BYTES(array);
-    if (mine <= 0) return mine;
     if (data < start || data + PyArray_NBYTES(array) > start + b->nbytes) return 0;
-    *seg = PyLong_AsUnsignedLongLong(id);
-    *offset = (unsigned long long)(b->offset + (data - start));
-    return 1;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(own); i++) {
+        PyObject *t = PyList_GET_ITEM(own, i);
+        if (PyTuple_Check(t) && PyTuple_GET_SIZE(t) == 3 &&
+            PyTuple_GET_ITEM(t, 1) == (PyObject *)b->mapping) {
+            *seg = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(t, 0));
+            *offset = (unsigned long long)(b->offset + (data - start));
+            return PyErr_Occurred() ? -1 : 1;
+        }
+    }
+    return 0;
 }
 
 /* An array of `descr` (a new reference, which this steals) and `dims` over `nbytes` at `data`,
@@ -1300,27 +1295,26 @@ static long long code_of_dtype(PyObject *dtype, PyObject *codes, PyObject *code_
     return c == -1 && PyErr_Occurred() ? -2 : c;
 }
 
-/* encode_frame(kind, call_id, tensors, own, rings, ids, codes, code_of, grow)
+/* encode_frame(kind, call_id, tensors, own, in_place, codes, code_of, grow)
  *     -> (frame, copied, scratch, in_place) or None
  * Puts each tensor (name -> ndarray) in the arena and returns the frame naming them. With
- * `ids` (Mapping -> segment id), an array that already lies in one of the `own` segments is
- * named where it is (and listed in `in_place`); every other one is copied into a new block of
- * an own ring (listed in `scratch` as (Mapping, ring, payload)). `copied` counts the bytes
+ * `in_place` true, an array that already lies in one of the `own` segments (see alloc_own())
+ * is named where it is (and listed in `in_place`); every other one is copied into a new block
+ * of an own ring (listed in `scratch` as (Mapping, ring, payload)). `copied` counts the bytes
  * copied. None, with nothing allocated, when a value is not an ndarray or its dtype has no
  * frame code: the caller's spec check then says what is wrong. */
 static PyObject *encode_frame(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 9) {
-        PyErr_SetString(PyExc_TypeError, "encode_frame takes 9 arguments");
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError, "encode_frame takes 8 arguments");
         return NULL;
     }
-    PyObject *tensors = args[2], *own = args[3], *rings = args[4], *ids = args[5],
-             *codes = args[6], *code_of = args[7], *grow = args[8];
-    int kind = PyLong_AsLong(args[0]);
+    PyObject *tensors = args[2], *own = args[3], *codes = args[5], *code_of = args[6],
+             *grow = args[7];
+    int kind = PyLong_AsLong(args[0]), look_in_arena = PyObject_IsTrue(args[4]);
     unsigned long long call_id = PyLong_AsUnsignedLongLong(args[1]);
     if (PyErr_Occurred()) return NULL;
-    if (!PyDict_Check(tensors) || !PyList_Check(own) || !PyDict_Check(rings) || !PyDict_Check(codes) ||
-        (ids != Py_None && !PyDict_Check(ids))) {
-        PyErr_SetString(PyExc_TypeError, "encode_frame: tensors, rings and codes are dicts, own a list");
+    if (!PyDict_Check(tensors) || !PyList_Check(own) || !PyDict_Check(codes)) {
+        PyErr_SetString(PyExc_TypeError, "encode_frame: tensors and codes are dicts, own a list");
         return NULL;
     }
     /* The items are held for the whole call: callbacks (code_of, grow) and big copies (which
@@ -1355,13 +1349,13 @@ static PyObject *encode_frame(PyObject *mod, PyObject *const *args, Py_ssize_t n
         x->ndim = PyArray_NDIM(a);
         if (!x->name || entry_in_range(x)) goto fail;
         for (Py_ssize_t d = 0; d < x->ndim; d++) x->dims[d] = (unsigned long long)PyArray_DIMS(a)[d];
-        int found = ids == Py_None ? 0 : find_in_arena(a, ids, own, &x->seg, &x->offset);
+        int found = look_in_arena ? find_in_arena(a, own, &x->seg, &x->offset) : 0;
         if (found < 0 || (found && PyList_Append(in_place, array))) goto fail;
         if (found) continue;
         PyObject *seg, *block;
         MappingObject *m;
         long long ring, payload;
-        if (alloc_own(own, rings, grow, PyArray_NBYTES(a), &seg, &m, &ring, &payload)) goto fail;
+        if (alloc_own(own, grow, PyArray_NBYTES(a), &seg, &m, &ring, &payload)) goto fail;
         x->seg = PyLong_AsUnsignedLongLong(seg);
         x->offset = (unsigned long long)payload;
         Py_DECREF(seg);
@@ -1402,14 +1396,10 @@ done:
 
 /* The array an entry of the peer's frame names, viewing its bytes in place (a Block that the
  * host gives back to the worker's ring when dropped; on the worker, sealed and not given
- * back). The segment must be one the peer owns; one not mapped yet is mapped through
- * `map_segment(id) -> (Mapping, ring offset)`. */
+ * back). `rings` holds the peer's segments mapped so far; `map_segment(id) -> (Mapping, ring
+ * offset)` maps another, and refuses an id the peer does not own. */
 static PyObject *entry_array(const Entry *e, int host, PyObject *rings, PyObject *dtypes,
                              PyObject *string_dtype, PyObject *map_segment) {
-    if (worker_owned(e->seg) != host) {
-        PyErr_Format(PyExc_ValueError, "peer named segment id %llu, which it does not own", e->seg);
-        return NULL;
-    }
     PyObject *key = PyLong_FromUnsignedLongLong(e->seg);
     if (!key) return NULL;
     PyObject *pair = Py_XNewRef(PyDict_GetItemWithError(rings, key));
@@ -1437,7 +1427,7 @@ static PyObject *entry_array(const Entry *e, int host, PyObject *rings, PyObject
                       !b->sealed, block);
 }
 
-/* decode_frame(data, host, rings, dtypes, string_dtype, map_segment)
+/* decode_frame(data, host, peer rings, dtypes, string_dtype, map_segment)
  *     -> (kind, call_id, copied, {name: array})
  * The tensors of a frame the peer sent, as views on the arena (see entry_array()). The whole
  * frame is checked before any view is made; ValueError (or numpy's refusal) if it is bad. */
@@ -1501,9 +1491,9 @@ static PyMethodDef module_methods[] = {
     {"unpack_frame", unpack_frame, METH_O,
      "unpack_frame(data) -> (kind, call_id, copied, entries); ValueError if malformed."},
     {"encode_frame", (PyCFunction)(void (*)(void))encode_frame, METH_FASTCALL,
-     "encode_frame(kind, call_id, tensors, own, rings, ids, codes, code_of, grow) -> (frame, copied, scratch, in_place) or None."},
+     "encode_frame(kind, call_id, tensors, own, in_place, codes, code_of, grow) -> (frame, copied, scratch, in_place) or None."},
     {"decode_frame", (PyCFunction)(void (*)(void))decode_frame, METH_FASTCALL,
-     "decode_frame(data, host, rings, dtypes, string_dtype, map_segment) -> (kind, call_id, copied, tensors)."},
+     "decode_frame(data, host, peer_rings, dtypes, string_dtype, map_segment) -> (kind, call_id, copied, tensors)."},
     {"check_plain", (PyCFunction)(void (*)(void))check_plain, METH_FASTCALL,
      "check_plain(rows, values, sizes) -> {name: array} or None: ope.spec's success path."},
     {"exit_with_parent", exit_with_parent, METH_VARARGS,

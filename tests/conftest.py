@@ -20,6 +20,13 @@ import models  # tests/ is on sys.path: pytest puts a rootless conftest's folder
 MODES = ["in_process", "out_of_process"]
 
 
+def describe(name, array, seg_id, payload):
+    """The frame descriptor (ope/protocol.py) of ``array``, whose bytes lie at ``payload`` in
+    segment ``seg_id``: what tests expect a frame to say, and how they write frames by hand."""
+    return (name, ope.protocol.dtype_code(array.dtype), array.itemsize, array.shape, seg_id,
+            payload, array.nbytes)
+
+
 @pytest.fixture(params=MODES)
 def mode(request):
     return request.param

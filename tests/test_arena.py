@@ -22,6 +22,8 @@ from ope import protocol
 from ope.arena import SHM_DIR, Arena, gc_segments, segment_names
 from ope.ring import block_size
 
+from conftest import describe
+
 KIB, MIB = 1 << 10, 1 << 20
 
 
@@ -313,7 +315,7 @@ def test_encode_copies_each_tensor_once_and_the_peer_decodes_the_same_values(pai
     message = protocol.unpack(frame)
     assert message[:2] == [kind, 7]
     for (name, array), desc, (mapping, _, payload) in zip(SENDABLE.items(), message[2], scratch):
-        assert desc == protocol.describe(name, array, sender.segment_id(mapping), payload)
+        assert desc == describe(name, array, sender.segment_id(mapping), payload)
     received = receiver.decode(frame)
     assert received[:2] == [kind, 7] and received[2].keys() == SENDABLE.keys()
     for name, array in SENDABLE.items():
@@ -417,8 +419,7 @@ def test_encode_holds_its_tensors_while_a_callback_changes_the_callers_dict(pair
         return protocol.dtype_code(dtype)
 
     frame, copied, scratch, _ = ope_native.encode_frame(
-        protocol.INFER, 1, tensors, host._own, host._rings, None, protocol.DTYPE_CODES, code_of,
-        host._grow)
+        protocol.INFER, 1, tensors, host._own, False, protocol.DTYPE_CODES, code_of, host._grow)
     received = worker.decode(frame)[2]
     assert list(received) == ["s", "x"]
     np.testing.assert_array_equal(received["s"], ["ab", "c"])

@@ -19,6 +19,8 @@ from ope.protocol import (ERROR, HELLO, INFER, LOAD, READY, RESULT, SHUTDOWN, VE
                           Conversation)
 from ope.ring import BLOCK_HEADER, LINE, RING_HEADER, Ring
 
+from conftest import describe
+
 FUZZ = settings(max_examples=100, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 FUZZ_OBJECTS = settings(FUZZ, max_examples=40)  # generating nested objects is what costs
@@ -479,7 +481,7 @@ def test_a_worker_output_decodes_on_the_host_to_a_view_of_its_bytes(arenas):
     expected = np.arange(6, dtype=np.float32).reshape(2, 3)
     seg_id, payload, ring = put(worker, expected)
     assert seg_id == 2
-    desc = protocol.describe("y", expected, seg_id, payload)
+    desc = describe("y", expected, seg_id, payload)
     array = host.decode(protocol.pack([RESULT, 1, [desc], 24]))[2]["y"]
     np.testing.assert_array_equal(array, expected)
     assert ring.used > 0
@@ -507,7 +509,7 @@ def test_a_string_tensor_travels_through_the_arena(arenas, strings):
     array = np.array(strings, dtype=str)
     seg_id, payload, ring = put(host, array[::-1] if array.ndim == 1 else array)
     sent = array[::-1] if array.ndim == 1 else array
-    desc = protocol.describe("s", sent, seg_id, payload)
+    desc = describe("s", sent, seg_id, payload)
     got = decode_one(worker, desc)
     assert got.dtype == sent.dtype
     np.testing.assert_array_equal(got, sent)
