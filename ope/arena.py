@@ -255,8 +255,14 @@ class Arena:
         (Mapping, ring, payload) blocks copied into, for the sender to release when the peer
         is done with them. None, with nothing allocated, if a value is not an ndarray of a
         dtype a frame can carry."""
-        return _encode_frame(kind, call_id, tensors, self._own, in_place, DTYPE_CODES, dtype_code,
-                             self._grow)
+        own, codes, code_of, grow = self.encoding
+        return _encode_frame(kind, call_id, tensors, own, in_place, codes, code_of, grow)
+
+    @property
+    def encoding(self):
+        """What ope_native's encode_frame needs of this side: its rings, the dtype codes, and
+        how to grow."""
+        return self._own, DTYPE_CODES, dtype_code, self._grow
 
     def decode(self, data):
         """The message of a tensor frame the peer sent, its tensors as views on the peer's
@@ -267,11 +273,16 @@ class Arena:
         On the host (outputs) a view's block goes back to the worker's ring when the caller
         drops it; on the worker (inputs) views are sealed and the host gives the blocks back."""
         try:
-            kind, call_id, copied, tensors = _decode_frame(
-                data, self.host, self._peer, DTYPES_BY_CODE, string_dtype, self._map_peer_segment)
+            kind, call_id, copied, tensors = _decode_frame(data, *self.decoding)
         except (ValueError, TypeError, OverflowError) as exc:  # numpy's refusals too
             raise ProtocolError(f"bad tensor frame ({len(data)} bytes) from the peer: {exc}") from None
         return frame_message(kind, call_id, copied, tensors)
+
+    @property
+    def decoding(self):
+        """What ope_native's decode_frame needs after the frame: this side, the peer's rings,
+        the dtypes by code, and how to map a segment the peer names for the first time."""
+        return self.host, self._peer, DTYPES_BY_CODE, string_dtype, self._map_peer_segment
 
     def _map_peer_segment(self, seg_id):
         """(Mapping, ring offset) of a segment the peer names for the first time."""

@@ -38,8 +38,6 @@ other process wrote before copying, so a corrupt queue raises instead of reading
 The implementation is ope_native (_native.c, queue_*).
 """
 
-import time
-
 import ope_native
 
 from ope.errors import ProtocolError
@@ -48,12 +46,7 @@ __all__ = ["Channel", "QUEUE_HEADER", "SPIN_S"]
 
 QUEUE_HEADER = ope_native.QUEUE_HEADER
 
-# How long a waiter spins before it sleeps. A wake-up costs ~40 µs on this kind of VM, so with
-# a spin shorter than a round trip that includes one wake-up, both sides fall into sleeping on
-# every message (measured: 50 µs spin -> 75-120 µs per queue round trip, 200 µs -> 3 µs).
-# Long enough for that; short enough that a host waiting on a long call wastes little CPU.
-SPIN_S = 200e-6
-_now = time.perf_counter
+SPIN_S = ope_native.SPIN_S  # why this long: _native.c, at SPIN_S
 
 
 class Channel:
@@ -80,17 +73,12 @@ class Channel:
             raise ProtocolError(f"outgoing control queue is corrupt: {exc}") from None
 
     def receive(self, timeout_s=-1.0):
-        """The next message, or None on timeout or when the queue was closed and drained."""
-        start = _now()
+        """The next message, or None on timeout or when the queue was closed and drained.
+        Spins next time only if this one came within the spin window (ope_native)."""
         try:
-            data = self.mapping.queue_pop(self.in_q, timeout_s, self.spin_s)
+            data, self.spin_s = self.mapping.queue_pop(self.in_q, timeout_s, self.spin_s)
         except ValueError as exc:
             raise ProtocolError(f"incoming control queue is corrupt: {exc}") from None
-        if data is not None:
-            # Spin next time only if this answer came within the spin window. When answers
-            # take longer (a model computing for milliseconds), spinning only burns a CPU that
-            # computing workers need; a short wait (even one that slept) turns it back on.
-            self.spin_s = SPIN_S if _now() - start < 2 * SPIN_S else 0.0
         return data
 
     def close(self):

@@ -493,33 +493,28 @@ static PyObject *mapping_queue_init(MappingObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* push(q, data, timeout_s, spin_s) -> True once queued, False if the queue is closed or stayed
- * full until the timeout. */
-static PyObject *mapping_queue_push(MappingObject *self, PyObject *args) {
-    long long q;
-    Py_buffer msg;
-    double timeout_s, spin_s;
-    if (!PyArg_ParseTuple(args, "Ly*dd", &q, &msg, &timeout_s, &spin_s)) return NULL;
+/* Queues `len` bytes at `buf`. Returns 1 once queued, 0 if the queue is closed or stayed full
+ * until the timeout, -1 with an exception set. Called with the GIL held; releases it to wait. */
+static int queue_push_record(MappingObject *m, long long q, const char *buf, Py_ssize_t len,
+                             double timeout_s, double spin_s) {
     Queue Q;
-    PyObject *result = NULL;
-    if (queue_open(self, q, &Q)) goto done;
-    uint64_t rec = RECORD_HEADER + round_up((uint64_t)msg.len, 8);
-    if ((uint64_t)msg.len >= RECORD_WRAP || rec > Q.capacity / 2) {
+    if (queue_open(m, q, &Q)) return -1;
+    uint64_t rec = RECORD_HEADER + round_up((uint64_t)len, 8);
+    if ((uint64_t)len >= RECORD_WRAP || rec > Q.capacity / 2) {
         PyErr_Format(PyExc_OverflowError, "message of %zd bytes exceeds the control queue (%llu bytes)",
-                     msg.len, (unsigned long long)Q.capacity);
-        goto done;
+                     len, (unsigned long long)Q.capacity);
+        return -1;
     }
     uint64_t *head = u64_at(Q.hdr, Q_HEAD), *tail = u64_at(Q.hdr, Q_TAIL);
     uint64_t h = *head; /* only this process writes head */
-    int status = WAIT_CHANGED;
     for (;;) {
-        /* SYNC POINT with the consumer's release store of tail in queue_pop(). */
+        /* SYNC POINT with the consumer's release store of tail in queue_pop_record(). */
         uint64_t t = __atomic_load_n(tail, __ATOMIC_ACQUIRE);
         uint64_t idx = h % Q.capacity, pad = idx + rec > Q.capacity ? Q.capacity - idx : 0;
-        if (__atomic_load_n(u32_at(Q.hdr, Q_CLOSED), __ATOMIC_ACQUIRE)) { status = WAIT_CLOSED; break; }
+        if (__atomic_load_n(u32_at(Q.hdr, Q_CLOSED), __ATOMIC_ACQUIRE)) return 0;
         if (h - t > Q.capacity || h % 8 || t % 8) {
             PyErr_SetString(PyExc_ValueError, "queue head/tail out of range: corrupt queue");
-            goto done;
+            return -1;
         }
         if (Q.capacity - (h - t) >= pad + rec) {
             if (pad) {
@@ -527,48 +522,66 @@ static PyObject *mapping_queue_push(MappingObject *self, PyObject *args) {
                 h += pad;
                 idx = 0;
             }
-            *u32_at(Q.data, idx) = (uint32_t)msg.len;
-            memcpy(Q.data + idx + RECORD_HEADER, msg.buf, (size_t)msg.len);
+            *u32_at(Q.data, idx) = (uint32_t)len;
+            memcpy(Q.data + idx + RECORD_HEADER, buf, (size_t)len);
             /* Relaxed: where we run, a hint for the consumer's spin (wait_for_change). */
             __atomic_store_n(u32_at(Q.hdr, Q_PRODUCER_CPU), (uint32_t)sched_getcpu(), __ATOMIC_RELAXED);
-            /* SYNC POINT with the acquire load of head in queue_pop()/wait_for_change(). */
+            /* SYNC POINT with the acquire load of head in queue_pop_record()/wait_for_change(). */
             __atomic_store_n(head, h + rec, __ATOMIC_RELEASE);
             ring_bell(u32_at(Q.hdr, Q_DATA_BELL), u32_at(Q.hdr, Q_CONSUMER_SLEEPING));
-            break;
+            return 1;
         }
+        int status;
         Py_BEGIN_ALLOW_THREADS
         status = wait_for_change(tail, t, u32_at(Q.hdr, Q_CLOSED), u32_at(Q.hdr, Q_SPACE_BELL),
                                  u32_at(Q.hdr, Q_PRODUCER_SLEEPING), u32_at(Q.hdr, Q_CONSUMER_CPU),
                                  spin_s, timeout_s);
         Py_END_ALLOW_THREADS
-        if (status != WAIT_CHANGED) break;
+        if (status == WAIT_ERROR) return -1;
+        if (status != WAIT_CHANGED) return 0;
     }
-    if (status == WAIT_ERROR) goto done;
-    result = PyBool_FromLong(status == WAIT_CHANGED);
-done:
-    PyBuffer_Release(&msg);
-    return result;
 }
 
-/* pop(q, timeout_s, spin_s) -> bytes, or None if nothing came before the timeout or the
- * queue was closed with nothing left in it. */
-static PyObject *mapping_queue_pop(MappingObject *self, PyObject *args) {
+/* push(q, data, timeout_s, spin_s) -> True once queued, False if the queue is closed or stayed
+ * full until the timeout. */
+static PyObject *mapping_queue_push(MappingObject *self, PyObject *args) {
     long long q;
+    Py_buffer msg;
     double timeout_s, spin_s;
-    if (!PyArg_ParseTuple(args, "Ldd", &q, &timeout_s, &spin_s)) return NULL;
+    if (!PyArg_ParseTuple(args, "Ly*dd", &q, &msg, &timeout_s, &spin_s)) return NULL;
+    int status = queue_push_record(self, q, msg.buf, msg.len, timeout_s, spin_s);
+    PyBuffer_Release(&msg);
+    return status < 0 ? NULL : PyBool_FromLong(status);
+}
+
+/* How long a waiter spins before it sleeps. A wake-up costs ~40 us on this kind of VM, so with a
+ * spin shorter than a round trip that includes one wake-up, both sides fall into sleeping on
+ * every message (measured: 50 us spin -> 75-120 us per queue round trip, 200 us -> 3 us). Long
+ * enough for that; short enough that a host waiting on a long call wastes little CPU. */
+#define SPIN_S 200e-6
+
+/* The next record, as new bytes; None (a new reference) if nothing came before the timeout or
+ * the queue was closed with nothing left in it; NULL with an exception set. `*spin_s` is the
+ * spin for this wait and becomes the one for the next: SPIN_S only if this message came within
+ * the spin window. When answers take longer (a model computing for milliseconds), spinning only
+ * burns a CPU that computing workers need; a short wait (even one that slept) turns it back on.
+ * Called with the GIL held; releases it to wait. */
+static PyObject *queue_pop_record(MappingObject *m, long long q, double timeout_s, double *spin_s) {
     Queue Q;
-    if (queue_open(self, q, &Q)) return NULL;
+    if (queue_open(m, q, &Q)) return NULL;
     uint64_t *head = u64_at(Q.hdr, Q_HEAD), *tail = u64_at(Q.hdr, Q_TAIL);
     uint64_t t = *tail; /* only this process writes tail */
+    double start = 0.0;
     for (;;) {
-        /* SYNC POINT with the producer's release store of head in queue_push(). */
+        /* SYNC POINT with the producer's release store of head in queue_push_record(). */
         uint64_t h = __atomic_load_n(head, __ATOMIC_ACQUIRE);
         if (h == t) {
             int status;
+            if (start == 0.0) start = monotonic_now();
             Py_BEGIN_ALLOW_THREADS
             status = wait_for_change(head, t, u32_at(Q.hdr, Q_CLOSED), u32_at(Q.hdr, Q_DATA_BELL),
                                      u32_at(Q.hdr, Q_CONSUMER_SLEEPING),
-                                     u32_at(Q.hdr, Q_PRODUCER_CPU), spin_s, timeout_s);
+                                     u32_at(Q.hdr, Q_PRODUCER_CPU), *spin_s, timeout_s);
             Py_END_ALLOW_THREADS
             if (status == WAIT_ERROR) return NULL;
             if (status != WAIT_CHANGED) Py_RETURN_NONE;
@@ -598,11 +611,22 @@ static PyObject *mapping_queue_pop(MappingObject *self, PyObject *args) {
         if (!out) return NULL;
         /* Relaxed: where we run, a hint for the producer's spin (wait_for_change). */
         __atomic_store_n(u32_at(Q.hdr, Q_CONSUMER_CPU), (uint32_t)sched_getcpu(), __ATOMIC_RELAXED);
-        /* SYNC POINT with the acquire load of tail in queue_push(). */
+        /* SYNC POINT with the acquire load of tail in queue_push_record(). */
         __atomic_store_n(tail, t + rec, __ATOMIC_RELEASE);
         ring_bell(u32_at(Q.hdr, Q_SPACE_BELL), u32_at(Q.hdr, Q_PRODUCER_SLEEPING));
+        *spin_s = start == 0.0 || monotonic_now() - start < 2 * SPIN_S ? SPIN_S : 0.0;
         return out;
     }
+}
+
+/* pop(q, timeout_s, spin_s) -> (data, spin_s for the next pop): data is bytes, or None if
+ * nothing came before the timeout or the queue was closed with nothing left in it. */
+static PyObject *mapping_queue_pop(MappingObject *self, PyObject *args) {
+    long long q;
+    double timeout_s, spin_s;
+    if (!PyArg_ParseTuple(args, "Ldd", &q, &timeout_s, &spin_s)) return NULL;
+    PyObject *data = queue_pop_record(self, q, timeout_s, &spin_s);
+    return data ? Py_BuildValue("(Nd)", data, spin_s) : NULL;
 }
 
 /* close(q): marks the queue closed and wakes both ends, whichever process calls it. */
@@ -610,7 +634,7 @@ static PyObject *mapping_queue_close(MappingObject *self, PyObject *arg) {
     long long q = PyLong_AsLongLong(arg);
     Queue Q;
     if ((q == -1 && PyErr_Occurred()) || queue_open(self, q, &Q)) return NULL;
-    /* SYNC POINT with the acquire loads of closed in wait_for_change() and queue_push(). */
+    /* SYNC POINT with the acquire loads of closed in wait_for_change() and queue_push_record(). */
     __atomic_store_n(u32_at(Q.hdr, Q_CLOSED), 1, __ATOMIC_SEQ_CST);
     ring_bell(u32_at(Q.hdr, Q_DATA_BELL), u32_at(Q.hdr, Q_CONSUMER_SLEEPING));
     ring_bell(u32_at(Q.hdr, Q_SPACE_BELL), u32_at(Q.hdr, Q_PRODUCER_SLEEPING));
@@ -620,6 +644,8 @@ static PyObject *mapping_queue_close(MappingObject *self, PyObject *arg) {
 /* ---- tensor frames (layout: ope/protocol.py) --------------------------------------------- */
 
 #define FRAME_MARKER 0xC1 /* a byte msgpack never uses */
+#define MSG_INFER 4     /* message types, as in ope/protocol.py */
+#define MSG_RESULT 6
 #define FRAME_HEADER 24
 #define ENTRY_HEADER 32
 #define FRAME_MAX_DIMS 32
@@ -1003,7 +1029,7 @@ static PyMethodDef mapping_methods[] = {
     {"queue_push", (PyCFunction)mapping_queue_push, METH_VARARGS,
      "queue_push(q, data, timeout_s, spin_s) -> queued"},
     {"queue_pop", (PyCFunction)mapping_queue_pop, METH_VARARGS,
-     "queue_pop(q, timeout_s, spin_s) -> bytes or None"},
+     "queue_pop(q, timeout_s, spin_s) -> (bytes or None, spin_s for the next pop)"},
     {"queue_close", (PyCFunction)mapping_queue_close, METH_O, "queue_close(q)"},
     {"block", (PyCFunction)(void (*)(void))mapping_block, METH_VARARGS | METH_KEYWORDS,
      "block(offset, nbytes, ring=-1, release=True, sealed=False) -> Block"},
@@ -1485,6 +1511,125 @@ done:
     return result;
 }
 
+/* ---- the worker's loop for calls ------------------------------------------------------- */
+
+/* The exception being raised, normalised and with its traceback attached, as a new reference
+ * (the error indicator is cleared): a value Python can format later. */
+static PyObject *take_exception(void) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb && value) PyException_SetTraceback(value, tb);
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    return value;
+}
+
+/* Whether `outputs` is a dict whose keys are exactly the set `names`. */
+static int has_exactly(PyObject *outputs, PyObject *names) {
+    if (!PyDict_CheckExact(outputs) || PyDict_GET_SIZE(outputs) != PySet_GET_SIZE(names)) return 0;
+    Py_ssize_t pos = 0;
+    PyObject *key, *value;
+    while (PyDict_Next(outputs, &pos, &key, &value)) {
+        int in = PySet_Contains(names, key);
+        if (in != 1) {
+            PyErr_Clear(); /* an unhashable key: Python's check words it */
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* Runs one INFER the loop decoded: the model, then its RESULT frame into the queue. Returns 1
+ * when answered, 0 when the queue closed, -1 with an exception set, or 2 with `*left` set to
+ * the (call_id, arrays, outputs, exception) that Python must answer: the model raised, or its
+ * outputs are not a dict of the spec's names that a frame carries as they are. */
+static int answer_call(PyObject *message, PyObject *run, PyObject *names, PyObject *const *encoding,
+                       MappingObject *m, long long out_q, double spin_s, PyObject **left) {
+    PyObject *call_id = PyTuple_GET_ITEM(message, 1), *arrays = PyTuple_GET_ITEM(message, 3);
+    PyObject *outputs = PyObject_CallOneArg(run, arrays), *encoded = NULL, *error = NULL;
+    if (outputs && has_exactly(outputs, names)) {
+        PyObject *kind = PyLong_FromLong(MSG_RESULT); /* a cached small int: cannot fail */
+        PyObject *args[8] = {kind, call_id, outputs, encoding[0], Py_False, encoding[1],
+                             encoding[2], encoding[3]};
+        encoded = encode_frame(NULL, args, 8);
+        Py_DECREF(kind);
+    }
+    if (PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_Exception)) { /* KeyboardInterrupt, SystemExit */
+            Py_XDECREF(outputs);
+            return -1;
+        }
+        error = take_exception();
+    }
+    if (encoded && encoded != Py_None) {
+        PyObject *frame = PyTuple_GET_ITEM(encoded, 0);
+        int pushed = queue_push_record(m, out_q, PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame),
+                                       -1.0, spin_s);
+        Py_DECREF(encoded);
+        Py_DECREF(outputs);
+        return pushed;
+    }
+    Py_XDECREF(encoded);
+    *left = Py_BuildValue("(OONN)", call_id, arrays, outputs ? outputs : Py_NewRef(Py_None),
+                          error ? error : Py_NewRef(Py_None));
+    return *left ? 2 : -1;
+}
+
+/* serve_calls(mapping, in_q, out_q, spin_s, decoding, encoding, run, output_names)
+ *     -> (spin_s, data, call)
+ * The worker's loop while calls come (workers/worker.py): it pops each message, and while it
+ * is an INFER frame, decodes it (decode_frame with the `decoding` arguments after data), runs
+ * `run(arrays)`, encodes the outputs (encode_frame with the `encoding` arguments: own, codes,
+ * code_of, grow) and pushes the RESULT, with no Python of its own in between. It returns, with
+ * the spin to use next, what it leaves to Python: data None once the queue closed; any other
+ * message, or a frame that does not decode, as `data` with call None; or an INFER it ran but
+ * could not answer as `call` (see answer_call()). */
+static PyObject *serve_calls(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 8 || !PyObject_TypeCheck(args[0], &MappingType) || !PyTuple_Check(args[4]) ||
+        PyTuple_GET_SIZE(args[4]) != 5 || !PyTuple_Check(args[5]) || PyTuple_GET_SIZE(args[5]) != 4 ||
+        !PyAnySet_Check(args[7])) {
+        PyErr_SetString(PyExc_TypeError, "serve_calls(mapping, in_q, out_q, spin_s, "
+                                         "(5 decoding args), (4 encoding args), run, output_names)");
+        return NULL;
+    }
+    MappingObject *m = (MappingObject *)args[0];
+    long long in_q = PyLong_AsLongLong(args[1]), out_q = PyLong_AsLongLong(args[2]);
+    double spin_s = PyFloat_AsDouble(args[3]);
+    if (PyErr_Occurred()) return NULL;
+    PyObject *decode_args[6];
+    for (int i = 0; i < 5; i++) decode_args[i + 1] = PyTuple_GET_ITEM(args[4], i);
+    for (;;) {
+        PyObject *data = queue_pop_record(m, in_q, -1.0, &spin_s), *message = NULL, *call = NULL;
+        if (!data) return NULL;
+        if (data != Py_None && PyBytes_GET_SIZE(data) >= FRAME_HEADER &&
+            (uint8_t)PyBytes_AS_STRING(data)[0] == FRAME_MARKER && PyBytes_AS_STRING(data)[1] == MSG_INFER) {
+            decode_args[0] = data;
+            message = decode_frame(NULL, decode_args, 6);
+            if (!message && PyErr_ExceptionMatches(PyExc_Exception))
+                PyErr_Clear(); /* Python decodes it again, and words the ProtocolError */
+            else if (!message) {
+                Py_DECREF(data);
+                return NULL;
+            }
+        }
+        if (!message) return Py_BuildValue("(dNO)", spin_s, data, Py_None);
+        int answered = answer_call(message, args[6], args[7], &PyTuple_GET_ITEM(args[5], 0), m,
+                                   out_q, spin_s, &call);
+        Py_DECREF(message);
+        if (answered == 1) {
+            Py_DECREF(data);
+            continue;
+        }
+        if (answered == 0) Py_SETREF(data, Py_NewRef(Py_None));
+        if (answered < 0) {
+            Py_DECREF(data);
+            return NULL;
+        }
+        return Py_BuildValue("(dNN)", spin_s, data, call ? call : Py_NewRef(Py_None));
+    }
+}
+
 static PyMethodDef module_methods[] = {
     {"pack_frame", pack_frame, METH_VARARGS,
      "pack_frame(kind, call_id, copied, entries) -> bytes: a tensor frame (ope/protocol.py)."},
@@ -1494,6 +1639,8 @@ static PyMethodDef module_methods[] = {
      "encode_frame(kind, call_id, tensors, own, in_place, codes, code_of, grow) -> (frame, copied, scratch, in_place) or None."},
     {"decode_frame", (PyCFunction)(void (*)(void))decode_frame, METH_FASTCALL,
      "decode_frame(data, host, peer_rings, dtypes, string_dtype, map_segment) -> (kind, call_id, copied, tensors)."},
+    {"serve_calls", (PyCFunction)(void (*)(void))serve_calls, METH_FASTCALL,
+     "serve_calls(mapping, in_q, out_q, spin_s, decoding, encoding, run, output_names) -> (spin_s, data, call): the worker's loop for calls."},
     {"check_plain", (PyCFunction)(void (*)(void))check_plain, METH_FASTCALL,
      "check_plain(rows, values, sizes) -> {name: array} or None: ope.spec's success path."},
     {"exit_with_parent", exit_with_parent, METH_VARARGS,
@@ -1514,7 +1661,8 @@ PyMODINIT_FUNC PyInit__native(void) {
         PyModule_AddIntConstant(m, "LINE", LINE) ||
         PyModule_AddIntConstant(m, "RING_HEADER", RING_HEADER) ||
         PyModule_AddIntConstant(m, "BLOCK_HEADER", BLOCK_HEADER) ||
-        PyModule_AddIntConstant(m, "QUEUE_HEADER", Q_DATA)) {
+        PyModule_AddIntConstant(m, "QUEUE_HEADER", Q_DATA) ||
+        PyModule_AddObject(m, "SPIN_S", PyFloat_FromDouble(SPIN_S))) {
         Py_DECREF(m);
         return NULL;
     }

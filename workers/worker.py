@@ -28,6 +28,7 @@ from workers.runners import load_runner
 __all__ = ["Worker", "main", "runtime_info"]
 
 _TRACEBACK_LIMIT = 16_000  # characters; a traceback must fit a control message
+_serve_calls = ope_native.serve_calls
 
 
 def runtime_info():
@@ -60,10 +61,26 @@ class Worker:
         """Say HELLO, then answer messages until SHUTDOWN or the channel closes."""
         self._send([protocol.HELLO, protocol.VERSION, runtime_info()])
         while self.running:
-            data = self.channel.receive()
+            data, call = self._next_message()
             if data is None:
                 break
-            self.handle(protocol.unpack(data, self.arena))
+            if call is None:
+                self.handle(protocol.unpack(data, self.arena))
+            else:
+                self._finish_call(*call)
+
+    def _next_message(self):
+        """(data, call): the next message for Python to handle, or a call for it to finish;
+        data None once the channel closed. While the model is ready, ope_native's loop answers
+        calls itself (serve_calls: decode, run, encode, send with no Python of ours between)
+        and returns only what it leaves to Python."""
+        if self.conversation.state != "ready":
+            return self.channel.receive(), None
+        arena = self.arena
+        self.channel.spin_s, data, call = _serve_calls(
+            self.channel.mapping, self.channel.in_q, self.channel.out_q, self.channel.spin_s,
+            arena.decoding, arena.encoding, self.runner.run, self._output_names)
+        return data, call
 
     def handle(self, message):
         """Check and answer one decoded message."""
@@ -90,13 +107,30 @@ class Worker:
                 sys.modules["torch"].set_num_threads(options["threads"])
         except Exception as exc:
             return _error_message(None, exc)
-        self._output_names = {spec.name for spec in self.package.outputs}
+        self._output_names = frozenset(spec.name for spec in self.package.outputs)
         return [protocol.READY, runtime_info()]
 
     def _infer(self, message):
         call_id, arrays = message[1], message[2]
         try:
-            frame = self._encode_outputs(call_id, arrays, self.runner.run(arrays))
+            outputs = self.runner.run(arrays)
+        except Exception as exc:
+            return _error_message(call_id, exc)
+        return self._answer(call_id, arrays, outputs)
+
+    def _finish_call(self, call_id, arrays, outputs, error):
+        """Answer a call that serve_calls decoded and ran, and left to Python: the model
+        raised ``error``, or its ``outputs`` need the spec's check (or its error)."""
+        self.conversation.received([protocol.INFER, call_id, arrays])
+        reply = _error_message(call_id, error) if error is not None \
+            else self._answer(call_id, arrays, outputs)
+        if reply is not None:
+            self._send(reply)
+
+    def _answer(self, call_id, arrays, outputs):
+        """Send the RESULT of ``outputs``; the ERROR to send instead if they cannot be."""
+        try:
+            frame = self._encode_outputs(call_id, arrays, outputs)
         except Exception as exc:
             return _error_message(call_id, exc)
         self._send([protocol.RESULT, call_id], frame)
@@ -122,8 +156,9 @@ class Worker:
 def _error_message(call_id, exc):
     """An ERROR message for ``exc``; exceptions that are not ope's own become ModelError."""
     if not isinstance(exc, OpeError):
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         exc = ModelError(f"{type(exc).__name__}: {exc}", error_type=type(exc).__name__,
-                         traceback_text=traceback.format_exc())
+                         traceback_text=text)
     return [protocol.ERROR, call_id, type(exc).__name__, OpeError.__str__(exc),
             protocol.error_fields(exc, _TRACEBACK_LIMIT)]
 
