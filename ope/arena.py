@@ -145,6 +145,11 @@ class Arena:
         self._next_id = next_id
         self._own = []  # (segment id, Mapping, ring offset)
         self._peer = {}  # segment id -> (Mapping, ring offset)
+        # What ope_native's frame codec needs of this side, made once (calls pass them on):
+        # encode_frame: our rings, the dtype codes, and how to grow; decode_frame: this side,
+        # the peer's rings, the dtypes by code, and how to map a segment the peer names.
+        self.encoding = (self._own, DTYPE_CODES, dtype_code, self._grow)
+        self.decoding = (host, self._peer, DTYPES_BY_CODE, string_dtype, self._map_peer_segment)
         self._queues = None
         self.channel = None
 
@@ -258,12 +263,6 @@ class Arena:
         own, codes, code_of, grow = self.encoding
         return _encode_frame(kind, call_id, tensors, own, in_place, codes, code_of, grow)
 
-    @property
-    def encoding(self):
-        """What ope_native's encode_frame needs of this side: its rings, the dtype codes, and
-        how to grow."""
-        return self._own, DTYPE_CODES, dtype_code, self._grow
-
     def decode(self, data):
         """The message of a tensor frame the peer sent, its tensors as views on the peer's
         blocks. Every range is checked against the ring it names (in ope_native) before the
@@ -277,12 +276,6 @@ class Arena:
         except (ValueError, TypeError, OverflowError) as exc:  # numpy's refusals too
             raise ProtocolError(f"bad tensor frame ({len(data)} bytes) from the peer: {exc}") from None
         return frame_message(kind, call_id, copied, tensors)
-
-    @property
-    def decoding(self):
-        """What ope_native's decode_frame needs after the frame: this side, the peer's rings,
-        the dtypes by code, and how to map a segment the peer names for the first time."""
-        return self.host, self._peer, DTYPES_BY_CODE, string_dtype, self._map_peer_segment
 
     def _map_peer_segment(self, seg_id):
         """(Mapping, ring offset) of a segment the peer names for the first time."""
@@ -333,3 +326,4 @@ class Arena:
         self._own.clear()
         self._peer.clear()
         self.channel = None
+        self.encoding = self.decoding = None  # they hold bound methods: no cycle outlives close

@@ -258,7 +258,53 @@ class OutOfProcessModel(Model):
     # its error and every call behind it, whose requests died with the worker.
 
     def _run(self, arrays, bindings, timeout_s):
-        return self._collect(self._send_call(arrays, bindings, timeout_s, None))
+        if not self._pending and self._recv_lock.acquire(blocking=False):
+            try:
+                with self._send_lock:
+                    call, reply = self._call_alone(arrays, bindings, timeout_s)
+            finally:
+                self._recv_lock.release()
+        else:
+            call, reply = self._send_call(arrays, bindings, timeout_s, None), None
+        return call.result() if call.done else self._collect(call, reply)
+
+    def _call_alone(self, arrays, bindings, timeout_s):
+        """A call with no other in flight (the caller holds both locks): send it and wait for
+        its answer within the spin window, holding the send lock so that no other call comes
+        between. The common short call ends here, settled, and never enters the pending queue
+        or the conversation: a lone INFER and its answer leave both as they found them.
+        Anything else (a slow call, a reply that breaks the protocol) goes the general way:
+        the call joins the queue. Returns (call, the reply received for it or None)."""
+        if self._pending or self._state != "ready":
+            return self._send_call(arrays, bindings, timeout_s, None), None
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        call_id = next(self._call_ids)
+        frame, scratch, sealed = self._encode_inputs(call_id, arrays)
+        call = _Call(None if timeout_s is None else time.monotonic() + timeout_s,
+                     scratch, sealed, bindings, None)
+        channel = self._arena.channel
+        if not channel.send(frame):
+            call.release_inputs()
+            raise ProtocolError("the control channel to the worker is closed or full")
+        try:
+            data = channel.receive(channel.spin_s)
+            reply = None if data is None else protocol.unpack(data, self._arena)
+        except ProtocolError as exc:
+            reply = exc
+        except BaseException:  # interrupted: the reply is still due, to the queued call
+            self._join_queue(call, call_id)
+            raise
+        if type(reply) is list and self._conversation.answers_alone(reply, call_id):
+            call.settle(*self._read_reply(call, reply))
+            return call, None
+        self._join_queue(call, call_id)
+        return call, reply
+
+    def _join_queue(self, call, call_id):
+        """Queue a lone call that was sent without telling the conversation (_call_alone)."""
+        self._conversation.sent([protocol.INFER, call_id])
+        self._pending.append(call)
+        self._state = "busy"
 
     def _submit(self, arrays, bindings, timeout_s):
         future = _CallFuture(self)
@@ -298,8 +344,9 @@ class OutOfProcessModel(Model):
             self._state = "busy"
         return call
 
-    def _collect(self, call):
+    def _collect(self, call, reply=None):
         """Collect replies until ``call`` is done; returns its raw outputs or raises its error.
+        ``reply``: the next reply, when the caller has already received it.
 
         A reply is decoded (which may fail) before its call leaves the queue, and a call is
         announced to its future (which runs callbacks, and they may ask for other results,
@@ -307,22 +354,35 @@ class OutOfProcessModel(Model):
         with self._recv_lock:
             while not call.done:
                 head = self._pending[0]
-                try:
-                    reply = self._receive(head.deadline, "running a call")
-                    self._conversation.received(reply)
-                    outputs, error = self._read_reply(head, reply)
-                except OpeError as exc:
-                    self._fail_pending(exc)
-                    continue
-                self._pending.popleft()
-                head.settle(outputs, error)
-                head.announce()
+                if reply is None:
+                    try:
+                        reply = self._receive(head.deadline, "running a call")
+                    except OpeError as exc:
+                        reply = exc
+                if self._take_reply(head, reply):
+                    head.announce()
+                reply = None
             call.announce()  # settled by an outer frame of this thread: announce it here
             if not self._pending and self._state == "busy":
                 self._state = "ready"
-        if call.error is not None:
-            raise call.error
-        return call.outputs
+        return call.result()
+
+    def _take_reply(self, head, reply):
+        """Settle ``head``, the oldest call in flight, with ``reply``: the worker's message, or
+        the error that came instead of one. Returns whether it did; when the reply breaks the
+        protocol, or the worker failed, every pending call fails instead (_fail_pending).
+        A reply is decoded and checked before its call leaves the queue."""
+        try:
+            if isinstance(reply, OpeError):
+                raise reply
+            self._conversation.received(reply)
+            outputs, error = self._read_reply(head, reply)
+        except OpeError as exc:
+            self._fail_pending(exc)
+            return False
+        self._pending.popleft()
+        head.settle(outputs, error)
+        return True
 
     def _read_reply(self, call, reply):
         """(outputs, error) of ``call`` from the worker's reply; ProtocolError if the reply
@@ -497,6 +557,12 @@ class _Call:
 
     def settle(self, outputs, error):
         self.done, self.outputs, self.error = True, outputs, error
+
+    def result(self):
+        """The outputs of a settled call, or its error raised."""
+        if self.error is not None:
+            raise self.error
+        return self.outputs
 
     def announce(self):
         if self.announced:

@@ -191,6 +191,13 @@ class Conversation:
             self._answer(message[1], kind)
         self.state = after
 
+    def answers_alone(self, message, call_id):
+        """Whether ``message`` from the worker answers call ``call_id``, sent in state "ready"
+        with no other call pending and not told to this conversation: such an INFER and its
+        answer leave the conversation as they found it, so a side may skip telling it both."""
+        return (self.state == "ready" and not self.pending and message[0] in _ANSWERS
+                and message[1] == call_id)
+
     def _answer(self, call_id, kind):
         if not self.pending:
             raise ProtocolError(f"worker sent {_NAMES[kind]} for call {call_id!r} with no call pending")

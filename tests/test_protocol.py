@@ -152,6 +152,32 @@ def test_every_transition_in_the_table_is_exercised_by_an_allowed_conversation()
     assert seen == set(protocol.TRANSITIONS)
 
 
+REPLIES = [[RESULT, 7, {}, 0], [RESULT, 8, {}, 0], [ERROR, 7, "SpecError", "bad", {}],
+           [ERROR, 8, "SpecError", "bad", {}], [READY, {}], [HELLO, VERSION, {}]]
+
+
+@pytest.mark.parametrize("sequence", [v[0] for v in ALLOWED.values()], ids=ALLOWED.keys())
+@pytest.mark.parametrize("reply", REPLIES, ids=lambda m: f"{protocol._NAMES[m[0]]}-{m[1]}")
+def test_a_lone_call_may_skip_the_conversation_exactly_when_the_table_leaves_it_unchanged(
+        sequence, reply):
+    """answers_alone() is the host's shortcut for a call with none other in flight: it must
+    agree with telling the conversation the INFER and the reply, and finding it as it was."""
+    shortcut = Conversation("host")
+    for sender, message in sequence:
+        feed(shortcut, sender, message)
+    told = Conversation("host")
+    for sender, message in sequence:
+        feed(told, sender, message)
+    before = (told.state, list(told.pending))
+    try:
+        told.sent([INFER, 7])
+        told.received(reply)
+        unchanged = (told.state, list(told.pending)) == before
+    except ope.ProtocolError:
+        unchanged = False
+    assert shortcut.answers_alone(reply, 7) == unchanged
+
+
 # -- decoding messages --------------------------------------------------------------------
 
 
