@@ -261,46 +261,54 @@ class OutOfProcessModel(Model):
         if not self._pending and self._recv_lock.acquire(blocking=False):
             try:
                 with self._send_lock:
-                    call, reply = self._call_alone(arrays, bindings, timeout_s)
+                    done, result = self._call_alone(arrays, bindings, timeout_s)
             finally:
                 self._recv_lock.release()
+            if done:
+                return result
+            call, reply = result
         else:
             call, reply = self._send_call(arrays, bindings, timeout_s, None), None
-        return call.result() if call.done else self._collect(call, reply)
+        return self._collect(call, reply)
 
     def _call_alone(self, arrays, bindings, timeout_s):
         """A call with no other in flight (the caller holds both locks): send it and wait for
         its answer within the spin window, holding the send lock so that no other call comes
-        between. The common short call ends here, settled, and never enters the pending queue
-        or the conversation: a lone INFER and its answer leave both as they found them.
-        Anything else (a slow call, a reply that breaks the protocol) goes the general way:
-        the call joins the queue. Returns (call, the reply received for it or None)."""
+        between. The common short call ends here and never enters the pending queue or the
+        conversation: a lone INFER and its answer leave both as they found them. Returns
+        (True, outputs), or raises the call's error; or (False, (call, reply)): anything else
+        (a slow call, a reply that breaks the protocol) joins the queue and goes the general
+        way, with the reply already received, if any."""
         if self._pending or self._state != "ready":
-            return self._send_call(arrays, bindings, timeout_s, None), None
-        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+            return False, (self._send_call(arrays, bindings, timeout_s, None), None)
         call_id = next(self._call_ids)
         frame, scratch, sealed = self._encode_inputs(call_id, arrays)
-        call = _Call(None if timeout_s is None else time.monotonic() + timeout_s,
-                     scratch, sealed, bindings, None)
         channel = self._arena.channel
-        if not channel.send(frame):
-            call.release_inputs()
-            raise ProtocolError("the control channel to the worker is closed or full")
+        try:
+            if not channel.send(frame):
+                raise ProtocolError("the control channel to the worker is closed or full")
+        except BaseException:
+            _release_inputs(scratch, sealed)
+            raise
         try:
             data = channel.receive(channel.spin_s)
             reply = None if data is None else protocol.unpack(data, self._arena)
         except ProtocolError as exc:
             reply = exc
         except BaseException:  # interrupted: the reply is still due, to the queued call
-            self._join_queue(call, call_id)
+            self._join_queue(call_id, _Call.start(self, timeout_s, scratch, sealed, bindings, None))
             raise
         if type(reply) is list and self._conversation.answers_alone(reply, call_id):
-            call.settle(*self._read_reply(call, reply))
-            return call, None
-        self._join_queue(call, call_id)
-        return call, reply
+            _release_inputs(scratch, sealed)
+            outputs, error = self._outcome(reply)
+            if error is not None:
+                raise error
+            return True, outputs
+        call = _Call.start(self, timeout_s, scratch, sealed, bindings, None)
+        self._join_queue(call_id, call)
+        return False, (call, reply)
 
-    def _join_queue(self, call, call_id):
+    def _join_queue(self, call_id, call):
         """Queue a lone call that was sent without telling the conversation (_call_alone)."""
         self._conversation.sent([protocol.INFER, call_id])
         self._pending.append(call)
@@ -321,7 +329,6 @@ class OutOfProcessModel(Model):
         return len(self._pending)
 
     def _send_call(self, arrays, bindings, timeout_s, future):
-        timeout_s = self.timeout_s if timeout_s is None else timeout_s
         while self._worker is None and not self._closed:
             with self._recv_lock, self._send_lock:
                 if self._worker is None and not self._closed:
@@ -333,8 +340,7 @@ class OutOfProcessModel(Model):
                 return self._send_call(arrays, bindings, timeout_s, future)
             call_id = next(self._call_ids)
             frame, scratch, sealed = self._encode_inputs(call_id, arrays)
-            call = _Call(None if timeout_s is None else time.monotonic() + timeout_s,
-                         scratch, sealed, bindings, future)
+            call = _Call.start(self, timeout_s, scratch, sealed, bindings, future)
             try:
                 self._send([protocol.INFER, call_id], self._arena.channel, data=frame)
             except OpeError:
@@ -385,20 +391,24 @@ class OutOfProcessModel(Model):
         return True
 
     def _read_reply(self, call, reply):
-        """(outputs, error) of ``call`` from the worker's reply; ProtocolError if the reply
-        does not decode."""
+        """(outputs, error) of ``call`` from the worker's reply (RESULT or ERROR)."""
         call.release_inputs()
+        outputs, error = self._outcome(reply)
+        if error is None and call.future is not None:  # infer() validates in Model.infer
+            try:
+                outputs = validate_outputs(self.outputs, outputs, call.bindings, self._output_plan)
+            except OpeError as exc:
+                return None, exc
+        return outputs, error
+
+    def _outcome(self, reply):
+        """(outputs, error) that a RESULT or ERROR reports; a served call ends a run of
+        failures for the restart policy."""
         self._policy.in_a_row = 0
         if reply[0] == protocol.ERROR:
             return None, protocol.error_from_message(reply)
         self._copied_out += reply[3]
-        outputs = reply[2]
-        if call.future is not None:  # infer() validates in Model.infer; a future here
-            try:
-                outputs = validate_outputs(self.outputs, outputs, call.bindings)
-            except OpeError as exc:
-                return None, exc
-        return outputs, None
+        return reply[2], None
 
     def _fail_pending(self, exc):
         """Fail the head call with ``exc`` and the calls queued behind it as lost with it.
@@ -536,6 +546,13 @@ class _Call:
     __slots__ = ("deadline", "scratch", "sealed", "bindings", "future", "done", "outputs",
                  "error", "announced")
 
+    @classmethod
+    def start(cls, model, timeout_s, scratch, sealed, bindings, future):
+        """A call of ``model`` sent now; ``timeout_s`` None takes the model's default."""
+        timeout_s = model.timeout_s if timeout_s is None else timeout_s
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        return cls(deadline, scratch, sealed, bindings, future)
+
     def __init__(self, deadline, scratch, sealed, bindings, future):
         self.deadline = deadline
         self.scratch = scratch
@@ -548,11 +565,7 @@ class _Call:
         self.announced = False
 
     def release_inputs(self):
-        """Give back the arena copies of the inputs and unseal the caller's arena arrays."""
-        for mapping, ring, payload in self.scratch:
-            mapping.ring_release(ring, payload)
-        for array in self.sealed:
-            array.flags.writeable = True
+        _release_inputs(self.scratch, self.sealed)
         self.scratch = self.sealed = ()
 
     def settle(self, outputs, error):
@@ -648,6 +661,14 @@ class _WakingList(list):
     def append(self, waiter):
         super().append(waiter)
         self._wake()
+
+
+def _release_inputs(scratch, sealed):
+    """Give back the arena copies of a call's inputs and unseal the caller's arena arrays."""
+    for mapping, ring, payload in scratch:
+        mapping.ring_release(ring, payload)
+    for array in sealed:
+        array.flags.writeable = True
 
 
 def _arena_block(array):

@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from ope.errors import ModelClosed, OpeError, SpecError
-from ope.spec import check_shape, validate_inputs, validate_outputs
+from ope.spec import check_shape, input_plan, output_plan, validate_inputs, validate_outputs
 from workers.runners import load_runner
 
 __all__ = ["Model", "InProcessModel", "when_settled"]
@@ -39,6 +39,8 @@ class Model(abc.ABC):
         self.name = package.name
         self.inputs = package.inputs
         self.outputs = package.outputs
+        self._input_plan = input_plan(self.inputs)
+        self._output_plan = output_plan(self.outputs)
         self._closed = False
         self._stats_lock = threading.Lock()
         self._calls = 0
@@ -57,7 +59,7 @@ class Model(abc.ABC):
         try:
             arrays, bindings = self._validate_inputs(inputs)
             outputs = validate_outputs(self.outputs, self._run(arrays, bindings, timeout_s),
-                                       bindings)
+                                       bindings, self._output_plan)
         except BaseException:
             self._record(start, failed=True)
             raise
@@ -86,7 +88,7 @@ class Model(abc.ABC):
     def _validate_inputs(self, inputs):
         if self._closed:
             raise ModelClosed(f"model {self.name!r} is closed")
-        return validate_inputs(self.inputs, inputs)
+        return validate_inputs(self.inputs, inputs, self._input_plan)
 
     def _record(self, start_ns, failed):
         elapsed = time.perf_counter_ns() - start_ns
@@ -102,7 +104,7 @@ class Model(abc.ABC):
         future = concurrent.futures.Future()
         try:
             future.set_result(validate_outputs(self.outputs, self._run(arrays, bindings, timeout_s),
-                                               bindings))
+                                               bindings, self._output_plan))
         except OpeError as exc:
             future.set_exception(exc)
         return future

@@ -18,9 +18,14 @@ each point::
 
 The worker answers calls in the order they came, so a RESULT or ERROR must carry the call id
 of the oldest pending call. :class:`Conversation` checks every message against this table on
-both sides; anything else is a :class:`ope.ProtocolError`. The first message's layout
-``[HELLO, version, ...]`` never changes, so a host can refuse a worker runtime of another
-protocol version before anything else is read.
+both sides; anything else is a :class:`ope.ProtocolError`. Two shortcuts keep the table's
+rule without its cost per call: the worker's loop in C (ope_native.serve_calls) answers INFER
+in state "ready" and leaves every other message to the Conversation; and the host sends a call
+with no other in flight without telling its Conversation, which then checks with
+:meth:`Conversation.answers_alone` that the answer is one the table takes and that leaves the
+conversation as it was. The first message's layout ``[HELLO, version, ...]`` never changes,
+so a host can refuse a worker runtime of another protocol version before anything else is
+read.
 
 An ERROR names the ope error type (ope/errors.py) and carries its extra fields (for a
 ModelError: the model's exception type and traceback text), so the host raises the same error

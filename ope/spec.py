@@ -28,7 +28,7 @@ import ope_native
 from ope.errors import SpecError
 
 __all__ = ["DTYPES", "TensorSpec", "as_specs", "check_shape", "validate_inputs",
-           "validate_outputs"]
+           "validate_outputs", "input_plan", "output_plan"]
 
 DTYPES = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
           "float16", "float32", "float64", "string")
@@ -151,6 +151,10 @@ class _NeverAValue:
 
 
 class _Plan:
+    """The checks of one tuple of specs in one role, made once: :meth:`check` runs them.
+    A model holds its two (:func:`input_plan`, :func:`output_plan`) and checks every call
+    with them."""
+
     __slots__ = ("specs", "role", "names", "checks", "count", "rows", "native_rows")
 
     def __init__(self, specs, role):
@@ -167,6 +171,15 @@ class _Plan:
             (c.name, c.as_is_type, c.dtype, c.rank,
              tuple((i, d) for i, d in enumerate(c.spec.shape) if type(d) is int), c.symbols)
             for c in self.checks)
+
+    def check(self, values, sizes, bound_by_inputs=None):
+        """The arrays of ``values`` by name, if they pass; ``sizes`` collects the size of each
+        symbol. Plain arrays that pass take the rules in one C call (ope_native.check_plain);
+        the loop in Python converts the rest and words every error."""
+        arrays = _check_plain(self.native_rows, values, sizes)
+        if arrays is None:
+            arrays = _check_each(self, values, sizes, bound_by_inputs)
+        return arrays
 
 
 class _SymbolConflict(Exception):
@@ -200,22 +213,33 @@ def _plan_for(cache, specs, role):
     return plan
 
 
-def validate_inputs(specs, inputs):
-    """Check ``inputs`` (a mapping name -> array) against ``specs``.
+def input_plan(specs):
+    """The checks of ``specs`` as inputs, for :func:`validate_inputs` with a plan held."""
+    return _plan_for(_INPUT_PLANS, specs, "input")
+
+
+def output_plan(specs):
+    """The checks of ``specs`` as outputs, for :func:`validate_outputs` with a plan held."""
+    return _plan_for(_OUTPUT_PLANS, specs, "output")
+
+
+def validate_inputs(specs, inputs, plan=None):
+    """Check ``inputs`` (a mapping name -> array) against ``specs`` (or their ``plan``, from
+    :func:`input_plan`, which a caller checking every call holds).
 
     Returns ``(arrays, bindings)``: arrays by name (the caller's numpy arrays, torch tensors
     as no-copy numpy views, strings as kind "U" arrays) and the size of each symbol.
     Raises SpecError naming the tensor and what was expected vs got.
     """
     bindings = {}
-    return _check_tensors(_plan_for(_INPUT_PLANS, specs, "input"), inputs, bindings), bindings
+    return (plan or input_plan(specs)).check(inputs, bindings), bindings
 
 
-def validate_outputs(specs, outputs, bindings):
-    """Check what a model returned against ``specs``; symbols must agree with ``bindings``
-    (from :func:`validate_inputs`). Returns the output arrays by name, without copying."""
-    return _check_tensors(_plan_for(_OUTPUT_PLANS, specs, "output"), outputs, dict(bindings),
-                          bindings)
+def validate_outputs(specs, outputs, bindings, plan=None):
+    """Check what a model returned against ``specs`` (or their ``plan``, from
+    :func:`output_plan`); symbols must agree with ``bindings`` (from :func:`validate_inputs`).
+    Returns the output arrays by name, without copying."""
+    return (plan or output_plan(specs)).check(outputs, dict(bindings), bindings)
 
 
 def check_shape(spec, shape, role="input"):
@@ -228,16 +252,7 @@ def check_shape(spec, shape, role="input"):
     except (TypeError, ValueError):
         raise SpecError(f"{role} {spec.name!r}: shape must be a tuple of ints >= 0, "
                         f"got {shape!r}") from None
-    _check_tensors(_Plan((spec,), role), {spec.name: probe}, {})
-
-
-def _check_tensors(plan, values, sizes, bound_by_inputs=None):
-    """Plain arrays that pass take the rules in one C call (ope_native.check_plain); the
-    loop in Python converts the rest and words every error."""
-    arrays = _check_plain(plan.native_rows, values, sizes)
-    if arrays is None:
-        arrays = _check_each(plan, values, sizes, bound_by_inputs)
-    return arrays
+    _Plan((spec,), role).check({spec.name: probe}, {})
 
 
 def _check_each(plan, values, sizes, bound_by_inputs=None):
