@@ -12,13 +12,15 @@ ran on the same CPU, since the answer cannot come while it holds that CPU.
 Queue layout (little-endian, 64-byte aligned; fields that different processes write sit on
 different cache lines)::
 
-       0  u64 magic              "OPEQUE1"
+       0  u64 magic              "OPEQUE2"
        8  u64 capacity           bytes of the data area, a multiple of 8
       64  u64 head               bytes ever written                       [producer, release]
      128  u64 tail               bytes ever read                          [consumer, release]
      192  u32 data_bell          +1 after each publish; futex word         [producer]
      196  u32 consumer_sleeping  1 while the consumer sleeps on data_bell  [consumer]
      200  u32 producer_cpu       CPU of the last publish (hint, relaxed)   [producer]
+     208  u64 rang_ns            CLOCK_MONOTONIC ns of the last wake-up of
+                                 a sleeping consumer (hint, relaxed)       [producer]
      256  u32 space_bell         +1 after each consume; futex word         [consumer]
      260  u32 producer_sleeping  1 while a full queue's producer sleeps    [producer]
      264  u32 consumer_cpu       CPU of the last consume (hint, relaxed)   [consumer]

@@ -66,7 +66,7 @@
 #define BLOCK_FREE 0x45455246u /* "FREE" */
 #define BLOCK_USED 0x44455355u /* "USED" */
 
-#define QUEUE_MAGIC 0x3145555145504FULL /* "OPEQUE1" */
+#define QUEUE_MAGIC 0x3245555145504FULL /* "OPEQUE2" */
 #define Q_MAGIC 0
 #define Q_CAPACITY 8
 #define Q_HEAD 64
@@ -74,6 +74,7 @@
 #define Q_DATA_BELL 192
 #define Q_CONSUMER_SLEEPING 196
 #define Q_PRODUCER_CPU 200
+#define Q_RANG_NS 208
 #define Q_SPACE_BELL 256
 #define Q_PRODUCER_SLEEPING 260
 #define Q_CONSUMER_CPU 264
@@ -86,6 +87,12 @@ static inline uint64_t round_up(uint64_t n, uint64_t to) { return (n + to - 1) /
 
 static inline uint64_t *u64_at(char *base, uint64_t off) { return (uint64_t *)(base + off); }
 static inline uint32_t *u32_at(char *base, uint64_t off) { return (uint32_t *)(base + off); }
+
+static uint64_t monotonic_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
 
 static double monotonic_now(void) {
     struct timespec ts;
@@ -111,11 +118,15 @@ static void futex_wake(uint32_t *word) { syscall(SYS_futex, word, FUTEX_WAKE, IN
 /* Rings `bell` after the caller published a change. Pairs with wait_for_change(): the
  * seq_cst increment and the load of `sleeping` form a Dekker pair with the waiter's seq_cst
  * store of `sleeping` and its re-check of the watched word, so a waiter either sees the change
- * or is woken. */
-static void ring_bell(uint32_t *bell, uint32_t *sleeping) {
+ * or is woken. When it wakes a sleeper, it first stamps the time in `rang_ns` (if given): the
+ * sleeper learns when the change came, which its own late wake-up would hide. */
+static void ring_bell(uint32_t *bell, uint32_t *sleeping, uint64_t *rang_ns) {
     __atomic_add_fetch(bell, 1, __ATOMIC_SEQ_CST);
-    if (__atomic_load_n(sleeping, __ATOMIC_SEQ_CST))
+    if (__atomic_load_n(sleeping, __ATOMIC_SEQ_CST)) {
+        /* Relaxed: a hint for the waker's spin policy (queue_pop_record), not data. */
+        if (rang_ns) __atomic_store_n(rang_ns, monotonic_ns(), __ATOMIC_RELAXED);
         futex_wake(bell);
+    }
 }
 
 enum wait_result { WAIT_CHANGED = 1, WAIT_TIMEOUT = 0, WAIT_CLOSED = -1, WAIT_ERROR = -2 };
@@ -129,7 +140,7 @@ enum wait_result { WAIT_CHANGED = 1, WAIT_TIMEOUT = 0, WAIT_CLOSED = -1, WAIT_ER
  * re-takes it only to deliver signals. Returns an enum wait_result. */
 static int wait_for_change(uint64_t *watch, uint64_t expected, uint32_t *closed, uint32_t *bell,
                            uint32_t *sleeping, const uint32_t *peer_cpu, double spin_s,
-                           double timeout_s) {
+                           double timeout_s, int *slept) {
     double start = monotonic_now();
     double deadline = timeout_s < 0 ? -1.0 : start + timeout_s;
     double spin_until = start + spin_s;
@@ -164,6 +175,7 @@ static int wait_for_change(uint64_t *watch, uint64_t expected, uint32_t *closed,
             remaining = deadline - monotonic_now();
             if (remaining <= 0) result = WAIT_TIMEOUT;
         }
+        if (result == 2 && slept) *slept = 1;
         if (result == 2 && futex_wait(bell, seen, remaining) != 0 && errno == EINTR) {
             __atomic_store_n(sleeping, 0, __ATOMIC_SEQ_CST);
             PyGILState_STATE g = PyGILState_Ensure();
@@ -528,14 +540,15 @@ static int queue_push_record(MappingObject *m, long long q, const char *buf, Py_
             __atomic_store_n(u32_at(Q.hdr, Q_PRODUCER_CPU), (uint32_t)sched_getcpu(), __ATOMIC_RELAXED);
             /* SYNC POINT with the acquire load of head in queue_pop_record()/wait_for_change(). */
             __atomic_store_n(head, h + rec, __ATOMIC_RELEASE);
-            ring_bell(u32_at(Q.hdr, Q_DATA_BELL), u32_at(Q.hdr, Q_CONSUMER_SLEEPING));
+            ring_bell(u32_at(Q.hdr, Q_DATA_BELL), u32_at(Q.hdr, Q_CONSUMER_SLEEPING),
+                      u64_at(Q.hdr, Q_RANG_NS));
             return 1;
         }
         int status;
         Py_BEGIN_ALLOW_THREADS
         status = wait_for_change(tail, t, u32_at(Q.hdr, Q_CLOSED), u32_at(Q.hdr, Q_SPACE_BELL),
                                  u32_at(Q.hdr, Q_PRODUCER_SLEEPING), u32_at(Q.hdr, Q_CONSUMER_CPU),
-                                 spin_s, timeout_s);
+                                 spin_s, timeout_s, NULL);
         Py_END_ALLOW_THREADS
         if (status == WAIT_ERROR) return -1;
         if (status != WAIT_CHANGED) return 0;
@@ -563,8 +576,11 @@ static PyObject *mapping_queue_push(MappingObject *self, PyObject *args) {
 /* The next record, as new bytes; None (a new reference) if nothing came before the timeout or
  * the queue was closed with nothing left in it; NULL with an exception set. `*spin_s` is the
  * spin for this wait and becomes the one for the next: SPIN_S only if this message came within
- * the spin window. When answers take longer (a model computing for milliseconds), spinning only
- * burns a CPU that computing workers need; a short wait (even one that slept) turns it back on.
+ * twice the spin window of the wait's start. When answers take longer (a model computing for
+ * milliseconds), spinning only burns a CPU that computing workers need. A wait that slept
+ * judges by when the producer rang (Q_RANG_NS), not by when this process ran again: on a VM a
+ * wake-up can take milliseconds, and counting it would keep both sides asleep on every message
+ * (~300 us a call, measured) long after answers came quickly again.
  * Called with the GIL held; releases it to wait. */
 static PyObject *queue_pop_record(MappingObject *m, long long q, double timeout_s, double *spin_s) {
     Queue Q;
@@ -572,6 +588,7 @@ static PyObject *queue_pop_record(MappingObject *m, long long q, double timeout_
     uint64_t *head = u64_at(Q.hdr, Q_HEAD), *tail = u64_at(Q.hdr, Q_TAIL);
     uint64_t t = *tail; /* only this process writes tail */
     double start = 0.0;
+    int slept = 0;
     for (;;) {
         /* SYNC POINT with the producer's release store of head in queue_push_record(). */
         uint64_t h = __atomic_load_n(head, __ATOMIC_ACQUIRE);
@@ -581,7 +598,7 @@ static PyObject *queue_pop_record(MappingObject *m, long long q, double timeout_
             Py_BEGIN_ALLOW_THREADS
             status = wait_for_change(head, t, u32_at(Q.hdr, Q_CLOSED), u32_at(Q.hdr, Q_DATA_BELL),
                                      u32_at(Q.hdr, Q_CONSUMER_SLEEPING),
-                                     u32_at(Q.hdr, Q_PRODUCER_CPU), *spin_s, timeout_s);
+                                     u32_at(Q.hdr, Q_PRODUCER_CPU), *spin_s, timeout_s, &slept);
             Py_END_ALLOW_THREADS
             if (status == WAIT_ERROR) return NULL;
             if (status != WAIT_CHANGED) Py_RETURN_NONE;
@@ -613,8 +630,11 @@ static PyObject *queue_pop_record(MappingObject *m, long long q, double timeout_
         __atomic_store_n(u32_at(Q.hdr, Q_CONSUMER_CPU), (uint32_t)sched_getcpu(), __ATOMIC_RELAXED);
         /* SYNC POINT with the acquire load of tail in queue_push_record(). */
         __atomic_store_n(tail, t + rec, __ATOMIC_RELEASE);
-        ring_bell(u32_at(Q.hdr, Q_SPACE_BELL), u32_at(Q.hdr, Q_PRODUCER_SLEEPING));
-        *spin_s = start == 0.0 || monotonic_now() - start < 2 * SPIN_S ? SPIN_S : 0.0;
+        ring_bell(u32_at(Q.hdr, Q_SPACE_BELL), u32_at(Q.hdr, Q_PRODUCER_SLEEPING), NULL);
+        /* Relaxed: the producer's stamp is a hint (see ring_bell), checked for sense here. */
+        double came = slept ? (double)__atomic_load_n(u64_at(Q.hdr, Q_RANG_NS), __ATOMIC_RELAXED) * 1e-9
+                            : monotonic_now();
+        *spin_s = start == 0.0 || (came >= start && came - start < 2 * SPIN_S) ? SPIN_S : 0.0;
         return out;
     }
 }
@@ -636,8 +656,8 @@ static PyObject *mapping_queue_close(MappingObject *self, PyObject *arg) {
     if ((q == -1 && PyErr_Occurred()) || queue_open(self, q, &Q)) return NULL;
     /* SYNC POINT with the acquire loads of closed in wait_for_change() and queue_push_record(). */
     __atomic_store_n(u32_at(Q.hdr, Q_CLOSED), 1, __ATOMIC_SEQ_CST);
-    ring_bell(u32_at(Q.hdr, Q_DATA_BELL), u32_at(Q.hdr, Q_CONSUMER_SLEEPING));
-    ring_bell(u32_at(Q.hdr, Q_SPACE_BELL), u32_at(Q.hdr, Q_PRODUCER_SLEEPING));
+    ring_bell(u32_at(Q.hdr, Q_DATA_BELL), u32_at(Q.hdr, Q_CONSUMER_SLEEPING), NULL);
+    ring_bell(u32_at(Q.hdr, Q_SPACE_BELL), u32_at(Q.hdr, Q_PRODUCER_SLEEPING), NULL);
     Py_RETURN_NONE;
 }
 

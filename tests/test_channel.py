@@ -11,19 +11,21 @@ import collections
 import os
 import struct
 import threading
+import time
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from forked import memfd_mapping, reap, run_in_child
-from ope.channel import QUEUE_HEADER, Channel
+from ope.channel import QUEUE_HEADER, SPIN_S, Channel
 from ope.errors import ProtocolError
 
 QUEUE_BYTES = 4096
 CAPACITY = (QUEUE_BYTES - QUEUE_HEADER) // 8 * 8
 MAX_MESSAGE = (CAPACITY // 2 - 8) // 8 * 8  # a record (8-byte header, padded) fills half
 HEAD, TAIL, CONSUMER_SLEEPING, PRODUCER_SLEEPING, CLOSED = 64, 128, 196, 260, 320
+RANG_NS = 208
 WRAP = 0xFFFFFFFF
 JOIN_S = 10.0  # generous bound for a thread or child that should finish at once
 
@@ -181,6 +183,33 @@ def test_a_blocked_consumer_wakes_for_a_message(pair):
     wait_until_sleeping(worker, worker.in_q, CONSUMER_SLEEPING)
     assert host.send(b"hello", timeout_s=0)
     assert consumer.finish() == b"hello"
+
+
+@pytest.mark.parametrize("answer_after_s, spins_next", [(0.0, True), (0.02, False)])
+def test_a_sleeping_receiver_spins_next_time_only_if_the_message_came_soon(
+        pair, answer_after_s, spins_next):
+    """The spin policy judges a wait that slept by when the sender rang, which the sender
+    stamps: a slow wake-up of the receiver (milliseconds on a VM) must not turn spinning off."""
+    host, worker = pair
+    worker.spin_s = 0.0  # sleeps at once
+    consumer = Call(lambda: worker.receive(timeout_s=60))
+    consumer.start()
+    wait_until_sleeping(worker, worker.in_q, CONSUMER_SLEEPING)
+    time.sleep(answer_after_s)
+    before = time.monotonic_ns()
+    assert host.send(b"hello", timeout_s=0)
+    rang = worker.mapping.load64(worker.in_q + RANG_NS)
+    assert consumer.finish() == b"hello"
+    assert before <= rang <= time.monotonic_ns()
+    assert worker.spin_s == (SPIN_S if spins_next else 0.0)
+
+
+def test_a_receiver_that_finds_its_message_while_spinning_keeps_spinning(pair):
+    host, worker = pair
+    assert host.send(b"hello", timeout_s=0)
+    worker.spin_s = 0.0
+    assert worker.receive(timeout_s=0) == b"hello"
+    assert worker.spin_s == SPIN_S
 
 
 @pytest.mark.parametrize("timeout_s", [0, 0.01])
