@@ -37,7 +37,6 @@ from ope.arena import Arena, gc_segments
 from ope.errors import (MemoryLimitExceeded, ModelBroken, ModelClosed, OpeError, ProtocolError,
                         WorkerCrashed, WorkerTimeout)
 from ope.model import Model
-from ope.spec import validate_outputs
 from ope.supervisor import (LIVENESS_SLICE_S, RestartPolicy, Supervisor, WorkerProcess,
                             child_environment, describe_exit, private_rss)
 
@@ -262,14 +261,11 @@ class OutOfProcessModel(Model):
             try:
                 with self._send_lock:
                     done, result = self._call_alone(arrays, bindings, timeout_s)
+                # Still under the receive lock: a reply received for the call is the next one.
+                return result if done else self._collect(*result)
             finally:
                 self._recv_lock.release()
-            if done:
-                return result
-            call, reply = result
-        else:
-            call, reply = self._send_call(arrays, bindings, timeout_s, None), None
-        return self._collect(call, reply)
+        return self._collect(self._send_call(arrays, bindings, timeout_s, None))
 
     def _call_alone(self, arrays, bindings, timeout_s):
         """A call with no other in flight (the caller holds both locks): send it and wait for
@@ -396,7 +392,7 @@ class OutOfProcessModel(Model):
         outputs, error = self._outcome(reply)
         if error is None and call.future is not None:  # infer() validates in Model.infer
             try:
-                outputs = validate_outputs(self.outputs, outputs, call.bindings, self._output_plan)
+                outputs = self._validate_outputs(outputs, call.bindings)
             except OpeError as exc:
                 return None, exc
         return outputs, error

@@ -20,12 +20,13 @@ import time
 import numpy as np
 
 from ope.errors import ModelClosed, OpeError, SpecError
-from ope.spec import check_shape, input_plan, output_plan, validate_inputs, validate_outputs
+from ope.spec import check_shape, input_plan, output_plan
 from workers.runners import load_runner
 
 __all__ = ["Model", "InProcessModel", "when_settled"]
 
 _log = logging.getLogger("ope")
+_now_ns = time.perf_counter_ns
 
 # Latency percentiles come from the most recent calls only, so stats() stays O(window).
 _LATENCY_WINDOW = 4096
@@ -55,11 +56,10 @@ class Model(abc.ABC):
         """Run the model on ``inputs`` (name -> numpy array, CPU torch tensor, or list of str
         for string tensors); returns outputs by name as numpy arrays. SpecError before
         running if an input does not match the spec, ModelError if the model raised."""
-        start = time.perf_counter_ns()
+        start = _now_ns()
         try:
             arrays, bindings = self._validate_inputs(inputs)
-            outputs = validate_outputs(self.outputs, self._run(arrays, bindings, timeout_s),
-                                       bindings, self._output_plan)
+            outputs = self._validate_outputs(self._run(arrays, bindings, timeout_s), bindings)
         except BaseException:
             self._record(start, failed=True)
             raise
@@ -71,7 +71,7 @@ class Model(abc.ABC):
         checked here (SpecError raises at once); the call's own errors come from the future.
         Calls to one model complete in the order they were submitted; out of process, calls
         to different models run in parallel."""
-        start = time.perf_counter_ns()
+        start = _now_ns()
         try:
             arrays, bindings = self._validate_inputs(inputs)
             future = self._submit(arrays, bindings, timeout_s)
@@ -86,12 +86,18 @@ class Model(abc.ABC):
         return await asyncio.wrap_future(self.submit(inputs, timeout_s=timeout_s))
 
     def _validate_inputs(self, inputs):
+        """spec.validate_inputs with the plan made once, on an open model."""
         if self._closed:
             raise ModelClosed(f"model {self.name!r} is closed")
-        return validate_inputs(self.inputs, inputs, self._input_plan)
+        bindings = {}
+        return self._input_plan.check(inputs, bindings), bindings
+
+    def _validate_outputs(self, outputs, bindings):
+        """spec.validate_outputs, with the plan made once."""
+        return self._output_plan.check(outputs, dict(bindings), bindings)
 
     def _record(self, start_ns, failed):
-        elapsed = time.perf_counter_ns() - start_ns
+        elapsed = _now_ns() - start_ns
         with self._stats_lock:
             self._calls += 1
             if failed:
@@ -103,8 +109,7 @@ class Model(abc.ABC):
         """A future of the validated outputs. By default the call runs now, in this thread."""
         future = concurrent.futures.Future()
         try:
-            future.set_result(validate_outputs(self.outputs, self._run(arrays, bindings, timeout_s),
-                                               bindings, self._output_plan))
+            future.set_result(self._validate_outputs(self._run(arrays, bindings, timeout_s), bindings))
         except OpeError as exc:
             future.set_exception(exc)
         return future

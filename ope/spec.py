@@ -214,32 +214,32 @@ def _plan_for(cache, specs, role):
 
 
 def input_plan(specs):
-    """The checks of ``specs`` as inputs, for :func:`validate_inputs` with a plan held."""
+    """The checks of ``specs`` as inputs; ``plan.check(inputs, bindings)`` is
+    :func:`validate_inputs` for a caller that checks every call (a model)."""
     return _plan_for(_INPUT_PLANS, specs, "input")
 
 
 def output_plan(specs):
-    """The checks of ``specs`` as outputs, for :func:`validate_outputs` with a plan held."""
+    """The checks of ``specs`` as outputs; ``plan.check(outputs, dict(bindings), bindings)``
+    is :func:`validate_outputs` for a caller that checks every call."""
     return _plan_for(_OUTPUT_PLANS, specs, "output")
 
 
-def validate_inputs(specs, inputs, plan=None):
-    """Check ``inputs`` (a mapping name -> array) against ``specs`` (or their ``plan``, from
-    :func:`input_plan`, which a caller checking every call holds).
+def validate_inputs(specs, inputs):
+    """Check ``inputs`` (a mapping name -> array) against ``specs``.
 
     Returns ``(arrays, bindings)``: arrays by name (the caller's numpy arrays, torch tensors
     as no-copy numpy views, strings as kind "U" arrays) and the size of each symbol.
     Raises SpecError naming the tensor and what was expected vs got.
     """
     bindings = {}
-    return (plan or input_plan(specs)).check(inputs, bindings), bindings
+    return input_plan(specs).check(inputs, bindings), bindings
 
 
-def validate_outputs(specs, outputs, bindings, plan=None):
-    """Check what a model returned against ``specs`` (or their ``plan``, from
-    :func:`output_plan`); symbols must agree with ``bindings`` (from :func:`validate_inputs`).
-    Returns the output arrays by name, without copying."""
-    return (plan or output_plan(specs)).check(outputs, dict(bindings), bindings)
+def validate_outputs(specs, outputs, bindings):
+    """Check what a model returned against ``specs``; symbols must agree with ``bindings``
+    (from :func:`validate_inputs`). Returns the output arrays by name, without copying."""
+    return output_plan(specs).check(outputs, dict(bindings), bindings)
 
 
 def check_shape(spec, shape, role="input"):
