@@ -2,12 +2,12 @@
 
 Each queue has a single producer and a single consumer and carries small messages (msgpack,
 or the tensor frames of calls: ope/protocol.py); tensor bytes never pass through it, only
-their descriptors. A waiter spins
-for up to :data:`SPIN_S` and then sleeps on a futex: a quick answer is caught without a
-wake-up (tens of microseconds on a VM, milliseconds once a CPU has idled for a while), and an
-idle worker costs no CPU. It spins only while answers have been coming within the spin window
-(:meth:`Channel.receive`), and while spinning it yields the CPU at once if the other side last
-ran on the same CPU, since the answer cannot come while it holds that CPU.
+their descriptors. A waiter spins for up to :data:`SPIN_S` and then sleeps on a futex: a
+quick answer is caught without a wake-up (tens of microseconds on a VM, milliseconds once a
+CPU has idled for a while), and an idle worker costs no CPU. It spins only while answers
+have been coming within the spin window (ope_native's queue_pop keeps the rule; a wait that
+slept judges by when the other side rang), and while spinning it yields the CPU at once if
+the other side last ran on the same CPU, since the answer cannot come while it holds that CPU.
 
 Queue layout (little-endian, 64-byte aligned; fields that different processes write sit on
 different cache lines)::
