@@ -280,10 +280,12 @@ class OutOfProcessModel(Model):
         call_id = next(self._call_ids)
         frame, scratch, sealed = self._encode_inputs(call_id, arrays)
         channel = self._arena.channel
+        self._state = "busy"  # for health(), as while calls are queued
         try:
             if not channel.send(frame):
                 raise ProtocolError("the control channel to the worker is closed or full")
         except BaseException:
+            self._state = "ready"
             _release_inputs(scratch, sealed)
             raise
         try:
@@ -295,6 +297,7 @@ class OutOfProcessModel(Model):
             self._join_queue(call_id, _Call.start(self, timeout_s, scratch, sealed, bindings, None))
             raise
         if type(reply) is list and self._conversation.answers_alone(reply, call_id):
+            self._state = "ready"
             _release_inputs(scratch, sealed)
             outputs, error = self._outcome(reply)
             if error is not None:

@@ -244,6 +244,23 @@ def test_health_reports_state_pid_memory_and_cpu(open_model):
     assert model.health()["state"] == "closed"
 
 
+def test_health_is_busy_while_a_call_runs_and_ready_once_it_ended(open_model):
+    model = open_model()
+    call = threading.Thread(target=lambda: model.infer(fault_inputs("sleep", x=(0.5, 0.0))))
+    call.start()
+    deadline = time.monotonic() + 5.0
+    while model.health()["state"] != "busy" and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert model.health()["state"] == "busy"
+    call.join()
+    assert model.health()["state"] == "ready"
+    with pytest.raises(ope.ModelError):
+        model.infer(fault_inputs("raise"))
+    assert model.health()["state"] == "ready"
+    model.infer(fault_inputs("ok"))
+    assert model.health()["state"] == "ready"
+
+
 _HOST_SCRIPT = textwrap.dedent('''
     import logging, sys
     import numpy as np
