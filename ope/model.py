@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from ope.errors import ModelClosed, OpeError, SpecError
-from ope.spec import check_shape, input_plan, output_plan
+from ope.spec import check_inputs, check_outputs, check_shape, input_plan, output_plan
 from workers.runners import load_runner
 
 __all__ = ["Model", "InProcessModel", "when_settled"]
@@ -86,15 +86,12 @@ class Model(abc.ABC):
         return await asyncio.wrap_future(self.submit(inputs, timeout_s=timeout_s))
 
     def _validate_inputs(self, inputs):
-        """spec.validate_inputs with the plan made once, on an open model."""
         if self._closed:
             raise ModelClosed(f"model {self.name!r} is closed")
-        bindings = {}
-        return self._input_plan.check(inputs, bindings), bindings
+        return check_inputs(self._input_plan, inputs)
 
     def _validate_outputs(self, outputs, bindings):
-        """spec.validate_outputs, with the plan made once."""
-        return self._output_plan.check(outputs, dict(bindings), bindings)
+        return check_outputs(self._output_plan, outputs, bindings)
 
     def _record(self, start_ns, failed):
         elapsed = _now_ns() - start_ns

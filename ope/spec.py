@@ -28,7 +28,7 @@ import ope_native
 from ope.errors import SpecError
 
 __all__ = ["DTYPES", "TensorSpec", "as_specs", "check_shape", "validate_inputs",
-           "validate_outputs", "input_plan", "output_plan"]
+           "validate_outputs", "input_plan", "output_plan", "check_inputs", "check_outputs"]
 
 DTYPES = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
           "float16", "float32", "float64", "string")
@@ -214,15 +214,25 @@ def _plan_for(cache, specs, role):
 
 
 def input_plan(specs):
-    """The checks of ``specs`` as inputs; ``plan.check(inputs, bindings)`` is
-    :func:`validate_inputs` for a caller that checks every call (a model)."""
+    """The checks of ``specs`` as inputs, for :func:`check_inputs`."""
     return _plan_for(_INPUT_PLANS, specs, "input")
 
 
 def output_plan(specs):
-    """The checks of ``specs`` as outputs; ``plan.check(outputs, dict(bindings), bindings)``
-    is :func:`validate_outputs` for a caller that checks every call."""
+    """The checks of ``specs`` as outputs, for :func:`check_outputs`."""
     return _plan_for(_OUTPUT_PLANS, specs, "output")
+
+
+def check_inputs(plan, inputs):
+    """:func:`validate_inputs` with the specs' plan (:func:`input_plan`), which a caller
+    that checks every call (a model) holds."""
+    bindings = {}
+    return plan.check(inputs, bindings), bindings
+
+
+def check_outputs(plan, outputs, bindings):
+    """:func:`validate_outputs` with the specs' plan (:func:`output_plan`)."""
+    return plan.check(outputs, dict(bindings), bindings)
 
 
 def validate_inputs(specs, inputs):
@@ -232,14 +242,13 @@ def validate_inputs(specs, inputs):
     as no-copy numpy views, strings as kind "U" arrays) and the size of each symbol.
     Raises SpecError naming the tensor and what was expected vs got.
     """
-    bindings = {}
-    return input_plan(specs).check(inputs, bindings), bindings
+    return check_inputs(input_plan(specs), inputs)
 
 
 def validate_outputs(specs, outputs, bindings):
     """Check what a model returned against ``specs``; symbols must agree with ``bindings``
     (from :func:`validate_inputs`). Returns the output arrays by name, without copying."""
-    return output_plan(specs).check(outputs, dict(bindings), bindings)
+    return check_outputs(output_plan(specs), outputs, bindings)
 
 
 def check_shape(spec, shape, role="input"):
