@@ -192,6 +192,7 @@ def test_a_sleeping_receiver_spins_next_time_only_if_the_message_came_soon(
     stamps: a slow wake-up of the receiver (milliseconds on a VM) must not turn spinning off."""
     host, worker = pair
     worker.spin_s = 0.0  # sleeps at once
+    started = time.monotonic_ns()  # no later than the receiver's wait starts
     consumer = Call(lambda: worker.receive(timeout_s=60))
     consumer.start()
     wait_until_sleeping(worker, worker.in_q, CONSUMER_SLEEPING)
@@ -201,6 +202,8 @@ def test_a_sleeping_receiver_spins_next_time_only_if_the_message_came_soon(
     rang = worker.mapping.load64(worker.in_q + RANG_NS)
     assert consumer.finish() == b"hello"
     assert before <= rang <= time.monotonic_ns()
+    if spins_next and rang - started >= 2 * SPIN_S * 1e9:
+        pytest.skip("this machine took longer than the spin window to get the message sent")
     assert worker.spin_s == (SPIN_S if spins_next else 0.0)
 
 
