@@ -254,12 +254,12 @@ class Arena:
         """The frame (ope/protocol.py) of a call's ``tensors`` (name -> ndarray), each put in
         the arena: copied into a new block of our rings (grown if none has room; ArenaFull
         past ``max_bytes``), or, with ``in_place``, named where it is if it already lies in
-        one of our segments (an array from model.empty).
+        one of our segments (an array from model.empty), and made read-only if it was not.
 
-        Returns (frame, bytes copied, scratch, in-place arrays), where scratch lists the
-        (Mapping, ring, payload) blocks copied into, for the sender to release when the peer
-        is done with them. None, with nothing allocated, if a value is not an ndarray of a
-        dtype a frame can carry."""
+        Returns (frame, bytes copied, scratch, sealed), where scratch lists the (Mapping,
+        ring, payload) blocks copied into and sealed the arrays made read-only, for the sender
+        to give back (ope_native.release_inputs) when the peer is done with them. None, with
+        nothing allocated, if a value is not an ndarray of a dtype a frame can carry."""
         own, codes, code_of, grow = self.encoding
         return _encode_frame(kind, call_id, tensors, own, in_place, codes, code_of, grow)
 

@@ -44,11 +44,17 @@ import ope_native
 
 from ope.errors import ProtocolError
 
-__all__ = ["Channel", "QUEUE_HEADER", "SPIN_S"]
+__all__ = ["Channel", "QUEUE_HEADER", "SPIN_S", "corrupt_queue"]
 
 QUEUE_HEADER = ope_native.QUEUE_HEADER
 
 SPIN_S = ope_native.SPIN_S  # why this long: _native.c, at SPIN_S
+
+
+def corrupt_queue(direction, exc):
+    """The ProtocolError for ope_native's ValueError ``exc`` about the ``direction`` queue
+    ("outgoing" or "incoming"): the peer wrote garbage into the queue's header or records."""
+    return ProtocolError(f"{direction} control queue is corrupt: {exc}")
 
 
 class Channel:
@@ -72,7 +78,7 @@ class Channel:
         try:
             return self.mapping.queue_push(self.out_q, message, timeout_s, self.spin_s)
         except ValueError as exc:
-            raise ProtocolError(f"outgoing control queue is corrupt: {exc}") from None
+            raise corrupt_queue("outgoing", exc) from None
 
     def receive(self, timeout_s=-1.0):
         """The next message, or None on timeout or when the queue was closed and drained.
@@ -80,7 +86,7 @@ class Channel:
         try:
             data, self.spin_s = self.mapping.queue_pop(self.in_q, timeout_s, self.spin_s)
         except ValueError as exc:
-            raise ProtocolError(f"incoming control queue is corrupt: {exc}") from None
+            raise corrupt_queue("incoming", exc) from None
         return data
 
     def close(self):

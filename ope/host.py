@@ -34,6 +34,7 @@ import psutil
 import ope_native
 from ope import protocol
 from ope.arena import Arena, gc_segments
+from ope.channel import corrupt_queue
 from ope.errors import (MemoryLimitExceeded, ModelBroken, ModelClosed, OpeError, ProtocolError,
                         WorkerCrashed, WorkerTimeout)
 from ope.model import Model
@@ -44,6 +45,10 @@ __all__ = ["OutOfProcessModel"]
 
 _MIB = 1 << 20
 _Block = ope_native.Block
+_exchange_alone = ope_native.call_alone
+_ANSWERED, _NOT_SENT = ope_native.CALL_ANSWERED, ope_native.CALL_NOT_SENT
+# Gives back the arena copies of a call's inputs and unseals the caller's arena arrays.
+_release_inputs = ope_native.release_inputs
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 _UNCOLLECTED_CALLS = 8  # calls in flight past which the collector thread steps in
 _open_models = weakref.WeakSet()
@@ -195,7 +200,7 @@ class OutOfProcessModel(Model):
         """Send ``message``; ``data`` is its encoding when the caller has it (a tensor frame)."""
         self._conversation.sent(message)
         if not channel.send(protocol.pack(message) if data is None else data, timeout_s):
-            raise ProtocolError("the control channel to the worker is closed or full")
+            raise _send_failure(None)
 
     def _receive(self, deadline, doing):
         """The worker's next message; raises instead of waiting on a dead or stuck worker."""
@@ -270,42 +275,62 @@ class OutOfProcessModel(Model):
     def _call_alone(self, arrays, bindings, timeout_s):
         """A call with no other in flight (the caller holds both locks): send it and wait for
         its answer within the spin window, holding the send lock so that no other call comes
-        between. The common short call ends here and never enters the pending queue or the
-        conversation: a lone INFER and its answer leave both as they found them. Returns
-        (True, outputs), or raises the call's error; or (False, (call, reply)): anything else
-        (a slow call, a reply that breaks the protocol) joins the queue and goes the general
-        way, with the reply already received, if any."""
+        between. The common short call ends here, in one crossing into ope_native
+        (call_alone), and never enters the pending queue or the conversation: a lone INFER
+        and its answer leave both as they found them. Returns (True, outputs), or raises the
+        call's error; or (False, (call, reply)): anything else (a slow call, a reply that
+        breaks the protocol) joins the queue and goes the general way, with the reply
+        already received, if any."""
         if self._pending or self._state != "ready":
             return False, (self._send_call(arrays, bindings, timeout_s, None), None)
         call_id = next(self._call_ids)
-        frame, scratch, sealed = self._encode_inputs(call_id, arrays)
-        channel = self._arena.channel
+        arena = self._arena
+        channel = arena.channel
         self._state = "busy"  # for health(), as while calls are queued
         try:
-            if not channel.send(frame):
-                raise ProtocolError("the control channel to the worker is closed or full")
+            outcome, channel.spin_s, copied, reply, held = _exchange_alone(
+                channel.mapping, channel.out_q, channel.in_q, channel.spin_s, call_id, arrays,
+                arena.encoding, arena.decoding)
         except BaseException:
             self._state = "ready"
-            _release_inputs(scratch, sealed)
             raise
+        self._copied_in += copied
+        if outcome == _ANSWERED:
+            self._state = "ready"
+            return True, self._outcome(reply)[0]
+        if outcome == _NOT_SENT:
+            self._state = "ready"
+            raise _send_failure(reply)
+        call = _Call.start(self, timeout_s, *held, bindings, None)
         try:
-            data = channel.receive(channel.spin_s)
-            reply = None if data is None else protocol.unpack(data, self._arena)
-        except ProtocolError as exc:
-            reply = exc
+            reply = self._lone_reply(reply)
         except BaseException:  # interrupted: the reply is still due, to the queued call
-            self._join_queue(call_id, _Call.start(self, timeout_s, scratch, sealed, bindings, None))
+            self._join_queue(call_id, call)
             raise
         if type(reply) is list and self._conversation.answers_alone(reply, call_id):
             self._state = "ready"
-            _release_inputs(scratch, sealed)
+            call.release_inputs()
             outputs, error = self._outcome(reply)
             if error is not None:
                 raise error
             return True, outputs
-        call = _Call.start(self, timeout_s, scratch, sealed, bindings, None)
         self._join_queue(call_id, call)
         return False, (call, reply)
+
+    def _lone_reply(self, reply):
+        """The worker's message that call_alone left to Python (bytes; None if none came in
+        the spin window; or what receiving raised), decoded; a ProtocolError in its place if
+        it is garbage. An interrupt is raised."""
+        if type(reply) is bytes:
+            try:
+                return protocol.unpack(reply, self._arena)
+            except ProtocolError as exc:
+                return exc
+        if isinstance(reply, ValueError):
+            return corrupt_queue("incoming", reply)
+        if reply is not None:
+            raise reply
+        return None
 
     def _join_queue(self, call_id, call):
         """Queue a lone call that was sent without telling the conversation (_call_alone)."""
@@ -457,14 +482,9 @@ class OutOfProcessModel(Model):
 
         Returns (frame, scratch blocks to release after the call, arrays sealed for the
         duration of the call)."""
-        frame, copied, scratch, in_place = self._arena.encode(protocol.INFER, call_id, arrays,
-                                                              in_place=True)
+        frame, copied, scratch, sealed = self._arena.encode(protocol.INFER, call_id, arrays,
+                                                            in_place=True)
         self._copied_in += copied
-        sealed = []
-        for array in in_place:
-            if array.flags.writeable:
-                array.flags.writeable = False
-                sealed.append(array)
         return frame, scratch, sealed
 
     def holds(self, array):
@@ -662,12 +682,12 @@ class _WakingList(list):
         self._wake()
 
 
-def _release_inputs(scratch, sealed):
-    """Give back the arena copies of a call's inputs and unseal the caller's arena arrays."""
-    for mapping, ring, payload in scratch:
-        mapping.ring_release(ring, payload)
-    for array in sealed:
-        array.flags.writeable = True
+def _send_failure(exc):
+    """The error for a message that could not be sent: ``exc`` None when the queue is closed
+    (or stayed full), ope_native's ValueError when it is corrupt, else an interrupt."""
+    if exc is None:
+        return ProtocolError("the control channel to the worker is closed or full")
+    return corrupt_queue("outgoing", exc) if isinstance(exc, ValueError) else exc
 
 
 def _arena_block(array):

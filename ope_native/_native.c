@@ -1268,16 +1268,21 @@ static int alloc_own(PyObject *own, PyObject *grow, Py_ssize_t nbytes, PyObject 
     return -1;
 }
 
+/* The Block at the end of `array`'s chain of ndarray bases (borrowed), or NULL. */
+static BlockObject *block_under(PyArrayObject *array) {
+    PyObject *base = PyArray_BASE(array);
+    while (base && PyArray_Check(base)) base = PyArray_BASE((PyArrayObject *)base);
+    return base && Py_TYPE(base) == &BlockType ? (BlockObject *)base : NULL;
+}
+
 /* Where `array` already lies in one of our `own` segments: 1 and its segment id and payload
  * offset, else 0. An array from model.empty() (or a C-contiguous slice of one) is a chain of
  * ndarray views whose last base is a Block of one of our mappings. */
 static int find_in_arena(PyArrayObject *array, PyObject *own, unsigned long long *seg,
                          unsigned long long *offset) {
     if (!PyArray_IS_C_CONTIGUOUS(array)) return 0;
-    PyObject *base = PyArray_BASE(array);
-    while (base && PyArray_Check(base)) base = PyArray_BASE((PyArrayObject *)base);
-    if (!base || Py_TYPE(base) != &BlockType) return 0;
-    BlockObject *b = (BlockObject *)base;
+    BlockObject *b = block_under(array);
+    if (!b) return 0;
     char *start = b->mapping->base + b->offset, *data = PyArray_BYTES(array);
     if (data < start || data + PyArray_NBYTES(array) > start + b->nbytes) return 0;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(own); i++) {
@@ -1341,14 +1346,81 @@ static long long code_of_dtype(PyObject *dtype, PyObject *codes, PyObject *code_
     return c == -1 && PyErr_Occurred() ? -2 : c;
 }
 
+/* Gives back a call's copies of its inputs in the arena (`scratch`: (Mapping, ring, payload)
+ * triples, as encode_frame() lists them) and makes writable again the caller's arena arrays
+ * the call sealed (`sealed`); either may be NULL. It leaves alone an array whose block was
+ * sealed for good meanwhile (model.seal). Returns 0, or -1 with an exception set when a ring
+ * refuses a block (a corrupt ring); it gives back every block it can either way. */
+static int release_inputs(PyObject *scratch, PyObject *sealed) {
+    int failed = 0;
+    for (Py_ssize_t i = 0; scratch && i < PySequence_Fast_GET_SIZE(scratch); i++) {
+        PyObject *b = PySequence_Fast_GET_ITEM(scratch, i);
+        if (!PyTuple_Check(b) || PyTuple_GET_SIZE(b) != 3 ||
+            !PyObject_TypeCheck(PyTuple_GET_ITEM(b, 0), &MappingType)) {
+            PyErr_SetString(PyExc_TypeError, "scratch blocks are (Mapping, ring, payload)");
+            return -1;
+        }
+        long long ring = PyLong_AsLongLong(PyTuple_GET_ITEM(b, 1)),
+                  payload = PyLong_AsLongLong(PyTuple_GET_ITEM(b, 2));
+        if (PyErr_Occurred() || ring_release((MappingObject *)PyTuple_GET_ITEM(b, 0), ring, payload)) {
+            if (failed) PyErr_Clear(); /* the first refusal is the one reported */
+            failed = 1;
+        }
+    }
+    for (Py_ssize_t i = 0; sealed && i < PySequence_Fast_GET_SIZE(sealed); i++) {
+        PyArrayObject *a = (PyArrayObject *)PySequence_Fast_GET_ITEM(sealed, i);
+        BlockObject *b = PyArray_Check(a) ? block_under(a) : NULL;
+        if (b && !b->sealed) PyArray_ENABLEFLAGS(a, NPY_ARRAY_WRITEABLE);
+    }
+    return failed ? -1 : 0;
+}
+
+/* release_inputs() while an exception is being raised: that one stays the one raised. */
+static void release_raising(PyObject *scratch, PyObject *sealed) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    if (release_inputs(scratch, sealed)) PyErr_Clear();
+    PyErr_Restore(type, value, tb);
+}
+
+/* release_inputs(scratch, sealed), lists or tuples: see release_inputs(). */
+static PyObject *release_inputs_py(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2 || !(PyList_Check(args[0]) || PyTuple_Check(args[0])) ||
+        !(PyList_Check(args[1]) || PyTuple_Check(args[1]))) {
+        PyErr_SetString(PyExc_TypeError, "release_inputs(scratch, sealed) takes two lists");
+        return NULL;
+    }
+    return release_inputs(args[0], args[1]) ? NULL : Py_NewRef(Py_None);
+}
+
+/* Makes read-only the arrays of `in_place` (the caller's arena arrays a frame names) that are
+ * writable, so that the worker never sees them change while the call is in flight. Returns
+ * the list of those it sealed, for release_inputs(); NULL, with none sealed, on failure. */
+static PyObject *seal_in_place(PyObject *in_place) {
+    PyObject *sealed = PyList_New(0);
+    for (Py_ssize_t i = 0; sealed && i < PyList_GET_SIZE(in_place); i++) {
+        PyArrayObject *a = (PyArrayObject *)PyList_GET_ITEM(in_place, i);
+        if (!PyArray_ISWRITEABLE(a)) continue;
+        if (PyList_Append(sealed, (PyObject *)a)) {
+            release_inputs(NULL, sealed); /* unseals only: cannot fail */
+            Py_CLEAR(sealed);
+        } else {
+            PyArray_CLEARFLAGS(a, NPY_ARRAY_WRITEABLE);
+        }
+    }
+    return sealed;
+}
+
 /* encode_frame(kind, call_id, tensors, own, in_place, codes, code_of, grow)
- *     -> (frame, copied, scratch, in_place) or None
+ *     -> (frame, copied, scratch, sealed) or None
  * Puts each tensor (name -> ndarray) in the arena and returns the frame naming them. With
  * `in_place` true, an array that already lies in one of the `own` segments (see alloc_own())
- * is named where it is (and listed in `in_place`); every other one is copied into a new block
- * of an own ring (listed in `scratch` as (Mapping, ring, payload)). `copied` counts the bytes
- * copied. None, with nothing allocated, when a value is not an ndarray or its dtype has no
- * frame code: the caller's spec check then says what is wrong. */
+ * is named where it is and, if writable, sealed (listed in `sealed`: see seal_in_place()); every
+ * other one is copied into a new block of an own ring (listed in `scratch` as (Mapping, ring,
+ * payload)). `copied` counts the bytes copied. The sender gives both back with
+ * release_inputs() once the peer is done with them. None, with nothing allocated, when a
+ * value is not an ndarray or its dtype has no frame code: the caller's spec check then says
+ * what is wrong. */
 static PyObject *encode_frame(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 8) {
         PyErr_SetString(PyExc_TypeError, "encode_frame takes 8 arguments");
@@ -1415,22 +1487,17 @@ static PyObject *encode_frame(PyObject *mod, PyObject *const *args, Py_ssize_t n
         if (copy_into(a, m, payload)) goto fail;
         copied += x->nbytes;
     }
-    PyObject *frame = write_frame(kind, call_id, copied, e, count);
-    if (frame) result = Py_BuildValue("(NKOO)", frame, copied, scratch, in_place);
+    PyObject *frame = write_frame(kind, call_id, copied, e, count),
+             *sealed = frame ? seal_in_place(in_place) : NULL;
+    if (sealed) result = Py_BuildValue("(OKOO)", frame, copied, scratch, sealed);
+    if (sealed && !result) release_inputs(NULL, sealed); /* unseals only: cannot fail */
+    Py_XDECREF(frame);
+    Py_XDECREF(sealed);
     if (result) goto done;
 fail:
 not_encodable:;
     /* Give back what this call allocated: the frame naming it is never sent. */
-    PyObject *exc_type, *exc, *tb;
-    PyErr_Fetch(&exc_type, &exc, &tb);
-    for (Py_ssize_t i = 0; scratch && i < PyList_GET_SIZE(scratch); i++) {
-        PyObject *b = PyList_GET_ITEM(scratch, i);
-        if (ring_release((MappingObject *)PyTuple_GET_ITEM(b, 0),
-                         PyLong_AsLongLong(PyTuple_GET_ITEM(b, 1)),
-                         PyLong_AsLongLong(PyTuple_GET_ITEM(b, 2))))
-            PyErr_Clear();
-    }
-    PyErr_Restore(exc_type, exc, tb);
+    if (scratch) release_raising(scratch, NULL);
     if (!PyErr_Occurred()) result = Py_NewRef(Py_None);
 done:
     if (e && e != stack) PyMem_Free(e);
@@ -1650,17 +1717,120 @@ static PyObject *serve_calls(PyObject *mod, PyObject *const *args, Py_ssize_t na
     }
 }
 
+/* ---- the host's call with no other in flight ------------------------------------------ */
+
+enum { CALL_ANSWERED, CALL_SENT, CALL_NOT_SENT }; /* call_alone()'s outcomes */
+
+/* Whether `reply` is the RESULT frame of call `call_id`. */
+static int is_result_of(PyObject *reply, unsigned long long call_id) {
+    const char *p = PyBytes_AS_STRING(reply);
+    return PyBytes_GET_SIZE(reply) >= FRAME_HEADER && (uint8_t)p[0] == FRAME_MARKER &&
+           p[1] == MSG_RESULT && get_u64(p + 8) == call_id;
+}
+
+/* call_alone(mapping, out_q, in_q, spin_s, call_id, tensors, encoding, decoding)
+ *     -> (outcome, spin_s, copied, reply, held)
+ * The host's side of a call with no other in flight (ope/host.py, _call_alone), in one call:
+ * puts the inputs in the arena and seals the caller's arena arrays (encode_frame with the
+ * `encoding` arguments, in place where they already lie there), pushes the INFER frame on
+ * `out_q`, and waits for the answer on `in_q` within one spin window. `spin_s` comes back as
+ * the spin for the next wait (queue_pop_record()); `copied` counts the bytes copied in.
+ *   CALL_ANSWERED: the answer was this call's RESULT and it decoded (decode_frame with the
+ *     `decoding` arguments); the inputs are released, `reply` is the message
+ *     [RESULT, call_id, outputs, copied] as ope.protocol.unpack gives it, `held` None.
+ *   CALL_SENT: anything else, left to Python: `reply` is the message's bytes, None if none
+ *     came within the window, or the exception receiving raised; `held` is (scratch, sealed),
+ *     the inputs the call still holds (see release_inputs()).
+ *   CALL_NOT_SENT: the queue was closed (`reply` None) or sending raised (`reply` the
+ *     exception); the inputs are released.
+ * Raises, holding nothing, when the inputs did not encode (nothing was sent), when giving back
+ * the inputs failed (a corrupt ring) or when out of memory. */
+static PyObject *call_alone(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 8 || !PyObject_TypeCheck(args[0], &MappingType) || !PyTuple_Check(args[6]) ||
+        PyTuple_GET_SIZE(args[6]) != 4 || !PyTuple_Check(args[7]) || PyTuple_GET_SIZE(args[7]) != 5) {
+        PyErr_SetString(PyExc_TypeError, "call_alone(mapping, out_q, in_q, spin_s, call_id, tensors, "
+                                         "(4 encoding args), (5 decoding args))");
+        return NULL;
+    }
+    MappingObject *m = (MappingObject *)args[0];
+    long long out_q = PyLong_AsLongLong(args[1]), in_q = PyLong_AsLongLong(args[2]);
+    double spin_s = PyFloat_AsDouble(args[3]);
+    unsigned long long call_id = PyLong_AsUnsignedLongLong(args[4]);
+    if (PyErr_Occurred()) return NULL;
+    PyObject *kind = PyLong_FromLong(MSG_INFER); /* a cached small int: cannot fail */
+    PyObject *const *enc = &PyTuple_GET_ITEM(args[6], 0);
+    PyObject *encode_args[8] = {kind, args[4], args[5], enc[0], Py_True, enc[1], enc[2], enc[3]};
+    PyObject *encoded = encode_frame(NULL, encode_args, 8);
+    Py_DECREF(kind);
+    if (encoded == Py_None) {
+        Py_DECREF(encoded);
+        PyErr_SetString(PyExc_TypeError, "call_alone: an input is not an array a frame carries");
+        return NULL;
+    }
+    if (!encoded) return NULL;
+    PyObject *frame = PyTuple_GET_ITEM(encoded, 0), *copied = PyTuple_GET_ITEM(encoded, 1),
+             *scratch = PyTuple_GET_ITEM(encoded, 2), *sealed = PyTuple_GET_ITEM(encoded, 3),
+             *held = PyTuple_Pack(2, scratch, sealed), *reply, *result = NULL;
+    if (!held) {
+        release_raising(scratch, sealed);
+        goto done;
+    }
+    int outcome = CALL_SENT,
+        pushed = queue_push_record(m, out_q, PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame), -1.0,
+                                   spin_s);
+    if (pushed != 1) {
+        outcome = CALL_NOT_SENT;
+        reply = pushed < 0 ? take_exception() : Py_NewRef(Py_None);
+    } else {
+        reply = queue_pop_record(m, in_q, spin_s, &spin_s);
+        if (!reply) reply = take_exception();
+        else if (reply != Py_None && is_result_of(reply, call_id)) {
+            PyObject *decode_args[6] = {reply}, *message, *answer = NULL;
+            for (int i = 0; i < 5; i++) decode_args[i + 1] = PyTuple_GET_ITEM(args[7], i);
+            message = decode_frame(NULL, decode_args, 6);
+            if (message) {
+                answer = Py_BuildValue("[iOOO]", MSG_RESULT, args[4], PyTuple_GET_ITEM(message, 3),
+                                       PyTuple_GET_ITEM(message, 2));
+                Py_DECREF(message);
+            }
+            if (answer) {
+                outcome = CALL_ANSWERED;
+                Py_SETREF(reply, answer);
+            } else if (PyErr_ExceptionMatches(PyExc_Exception)) {
+                PyErr_Clear(); /* Python decodes it again, and words the ProtocolError */
+            } else {
+                Py_SETREF(reply, take_exception()); /* an interrupt: the reply is lost with it */
+            }
+        }
+    }
+    if (outcome != CALL_SENT && release_inputs(scratch, sealed)) {
+        Py_DECREF(reply);
+        goto done;
+    }
+    result = Py_BuildValue("(idOOO)", outcome, spin_s, copied, reply, outcome == CALL_SENT ? held : Py_None);
+    Py_DECREF(reply);
+    if (!result && outcome == CALL_SENT) release_raising(scratch, sealed);
+done:
+    Py_XDECREF(held);
+    Py_DECREF(encoded);
+    return result;
+}
+
 static PyMethodDef module_methods[] = {
     {"pack_frame", pack_frame, METH_VARARGS,
      "pack_frame(kind, call_id, copied, entries) -> bytes: a tensor frame (ope/protocol.py)."},
     {"unpack_frame", unpack_frame, METH_O,
      "unpack_frame(data) -> (kind, call_id, copied, entries); ValueError if malformed."},
     {"encode_frame", (PyCFunction)(void (*)(void))encode_frame, METH_FASTCALL,
-     "encode_frame(kind, call_id, tensors, own, in_place, codes, code_of, grow) -> (frame, copied, scratch, in_place) or None."},
+     "encode_frame(kind, call_id, tensors, own, in_place, codes, code_of, grow) -> (frame, copied, scratch, sealed) or None."},
     {"decode_frame", (PyCFunction)(void (*)(void))decode_frame, METH_FASTCALL,
      "decode_frame(data, host, peer_rings, dtypes, string_dtype, map_segment) -> (kind, call_id, copied, tensors)."},
     {"serve_calls", (PyCFunction)(void (*)(void))serve_calls, METH_FASTCALL,
      "serve_calls(mapping, in_q, out_q, spin_s, decoding, encoding, run, output_names) -> (spin_s, data, call): the worker's loop for calls."},
+    {"call_alone", (PyCFunction)(void (*)(void))call_alone, METH_FASTCALL,
+     "call_alone(mapping, out_q, in_q, spin_s, call_id, tensors, encoding, decoding) -> (outcome, spin_s, copied, reply, held): the host's lone call."},
+    {"release_inputs", (PyCFunction)(void (*)(void))release_inputs_py, METH_FASTCALL,
+     "release_inputs(scratch, sealed): give back a call's input copies and unseal the caller's arena arrays."},
     {"check_plain", (PyCFunction)(void (*)(void))check_plain, METH_FASTCALL,
      "check_plain(rows, values, sizes) -> {name: array} or None: ope.spec's success path."},
     {"exit_with_parent", exit_with_parent, METH_VARARGS,
@@ -1682,6 +1852,9 @@ PyMODINIT_FUNC PyInit__native(void) {
         PyModule_AddIntConstant(m, "RING_HEADER", RING_HEADER) ||
         PyModule_AddIntConstant(m, "BLOCK_HEADER", BLOCK_HEADER) ||
         PyModule_AddIntConstant(m, "QUEUE_HEADER", Q_DATA) ||
+        PyModule_AddIntConstant(m, "CALL_ANSWERED", CALL_ANSWERED) ||
+        PyModule_AddIntConstant(m, "CALL_SENT", CALL_SENT) ||
+        PyModule_AddIntConstant(m, "CALL_NOT_SENT", CALL_NOT_SENT) ||
         PyModule_AddObject(m, "SPIN_S", PyFloat_FromDouble(SPIN_S))) {
         Py_DECREF(m);
         return NULL;

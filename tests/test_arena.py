@@ -309,8 +309,8 @@ def test_encode_copies_each_tensor_once_and_the_peer_decodes_the_same_values(pai
     host, worker = pair
     sender, receiver = (host, worker) if kind == protocol.INFER else (worker, host)
     before = sender.used_bytes()
-    frame, copied, scratch, in_place = sender.encode(kind, 7, dict(SENDABLE))
-    assert copied == sum(a.nbytes for a in SENDABLE.values()) and in_place == []
+    frame, copied, scratch, sealed = sender.encode(kind, 7, dict(SENDABLE))
+    assert copied == sum(a.nbytes for a in SENDABLE.values()) and sealed == []
     # The frame is the one the reference codec (protocol.pack of descriptors) describes.
     message = protocol.unpack(frame)
     assert message[:2] == [kind, 7]
@@ -334,9 +334,14 @@ def test_an_array_from_the_arena_is_sent_where_it_lies(pair):
     seg_id, block = host.new_block(4 * 24)
     array = np.ndarray((4, 6), np.float32, block)
     array[...] = np.arange(24).reshape(4, 6)
-    tensors = {"whole": array, "rows": array[1:3], "columns": array[:, ::2]}
-    frame, copied, scratch, in_place = host.encode(protocol.INFER, 1, tensors, in_place=True)
-    assert [a is b for a, b in zip(in_place, [array, tensors["rows"]])] == [True, True]
+    frozen = np.ndarray((2,), np.float32, block, offset=8)
+    frozen.flags.writeable = False
+    tensors = {"whole": array, "rows": array[1:3], "columns": array[:, ::2], "frozen": frozen}
+    frame, copied, scratch, sealed = host.encode(protocol.INFER, 1, tensors, in_place=True)
+    # Named where they lie, and read-only while the call is in flight; the one that was
+    # read-only already is not the sender's to unseal.
+    assert [a is b for a, b in zip(sealed, [array, tensors["rows"]])] == [True, True]
+    assert len(sealed) == 2 and not any(a.flags.writeable for a in tensors.values() if a is not tensors["columns"])
     assert copied == tensors["columns"].nbytes and len(scratch) == 1
     descs = {d[0]: d for d in protocol.unpack(frame)[2]}
     assert descs["whole"][4:6] == (seg_id, block.offset)
@@ -344,11 +349,23 @@ def test_an_array_from_the_arena_is_sent_where_it_lies(pair):
     received = worker.decode(frame)[2]
     for name, sent in tensors.items():
         np.testing.assert_array_equal(received[name], sent)
-    mapping, ring, payload = scratch[0]
-    mapping.ring_release(ring, payload)
-    frame, copied, scratch, in_place = host.encode(protocol.INFER, 2, {"whole": array})
-    assert copied == array.nbytes and in_place == [], "without in_place every array is copied"
-    scratch[0][0].ring_release(*scratch[0][1:])
+    ope_native.release_inputs(scratch, sealed)
+    assert array.flags.writeable and tensors["rows"].flags.writeable and not frozen.flags.writeable
+    assert host.used_bytes() == block_size(array.nbytes), "only the arena array's block is left"
+    frame, copied, scratch, sealed = host.encode(protocol.INFER, 2, {"whole": array})
+    assert copied == array.nbytes and sealed == [], "without in_place every array is copied"
+    ope_native.release_inputs(scratch, sealed)
+
+
+def test_release_inputs_leaves_an_array_whose_block_was_sealed_for_good_read_only(pair):
+    host, _ = pair
+    _, block = host.new_block(64)
+    array = np.ndarray((16,), np.float32, block)
+    _, _, scratch, sealed = host.encode(protocol.INFER, 1, {"a": array}, in_place=True)
+    assert sealed == [array] and not array.flags.writeable
+    block.seal()  # model.seal() while the call was in flight
+    ope_native.release_inputs(scratch, sealed)
+    assert not array.flags.writeable
 
 
 @pytest.mark.parametrize("bad", [[1.0, 2.0], np.array([object()]), np.zeros(2, ">f4")],
