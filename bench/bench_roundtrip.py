@@ -345,7 +345,7 @@ def python_floor_us(rounds):
 
     def call():
         x_in_arena[...] = x
-        mapping.queue_push(channel.out_q, request, -1.0, SPIN_S)
+        mapping.queue_push(channel.out_q, request, -1.0, SPIN_S, channel.in_q)
         if mapping.queue_pop(channel.in_q, PEER_TIMEOUT_S, SPIN_S)[0] is None:
             raise RuntimeError("the Python floor's peer stopped answering")
         return np.ndarray(4, np.float32, ring.mapping, x_at)
@@ -361,7 +361,7 @@ def _python_floor_serve(channel, x_block, y_mapping, y_at):
     x, y_in_arena = np.ndarray(4, np.float32, x_block), np.ndarray(4, np.float32, y_mapping, y_at)
     while mapping.queue_pop(channel.in_q, -1.0, SPIN_S)[0]:
         y_in_arena[...] = x + 1
-        mapping.queue_push(channel.out_q, reply, -1.0, SPIN_S)
+        mapping.queue_push(channel.out_q, reply, -1.0, SPIN_S, channel.in_q)
 
 
 def memcpy_gbps(nbytes):

@@ -54,7 +54,8 @@ def test_its_own_result_ends_the_call_with_outputs_and_the_inputs_given_back(pai
     answer(worker, 7, {"y": np.full(3, 5, np.int64)})
     before = host.used_bytes()
     outcome, spin_s, copied, reply, held = call_alone(host, 7, tensors)
-    assert outcome == ope_native.CALL_ANSWERED and held is None and spin_s == SPIN_S
+    # The worker's first message carries no gap stamp: no spin on the next wait.
+    assert outcome == ope_native.CALL_ANSWERED and held is None and spin_s == 0.0
     assert copied == tensors["copied"].nbytes
     assert reply[:2] == [protocol.RESULT, 7] and reply[3] == 3 * 8
     np.testing.assert_array_equal(reply[2]["y"], [5, 5, 5])

@@ -25,7 +25,8 @@ QUEUE_BYTES = 4096
 CAPACITY = (QUEUE_BYTES - QUEUE_HEADER) // 8 * 8
 MAX_MESSAGE = (CAPACITY // 2 - 8) // 8 * 8  # a record (8-byte header, padded) fills half
 HEAD, TAIL, CONSUMER_SLEEPING, PRODUCER_SLEEPING, CLOSED = 64, 128, 196, 260, 320
-RANG_NS = 208
+GAP_NS = 208
+NO_GAP = 2 ** 64 - 1  # the sender had not used the channel before
 WRAP = 0xFFFFFFFF
 JOIN_S = 10.0  # generous bound for a thread or child that should finish at once
 
@@ -185,34 +186,50 @@ def test_a_blocked_consumer_wakes_for_a_message(pair):
     assert consumer.finish() == b"hello"
 
 
-@pytest.mark.parametrize("answer_after_s, spins_next", [(0.0, True), (0.02, False)])
-def test_a_sleeping_receiver_spins_next_time_only_if_the_message_came_soon(
-        pair, answer_after_s, spins_next):
-    """The spin policy judges a wait that slept by when the sender rang, which the sender
-    stamps: a slow wake-up of the receiver (milliseconds on a VM) must not turn spinning off."""
+def gap_of_last_message(channel):
+    """The gap stamp (ns) of the last message queued for ``channel``."""
+    return channel.mapping.load64(channel.in_q + GAP_NS)
+
+
+def test_the_gap_stamp_counts_from_the_senders_last_send_or_receive(pair):
     host, worker = pair
+    assert host.send(b"first")
+    assert gap_of_last_message(worker) == NO_GAP, "a first message has no gap"
+    time.sleep(0.02)
+    assert host.send(b"after a pause")
+    assert gap_of_last_message(worker) >= 0.02e9, "the gap counts from the previous send"
+    assert worker.send(b"answer")
+    time.sleep(0.02)
+    receiving = time.monotonic_ns()
+    assert host.receive(0) == b"answer"
+    assert host.send(b"reply")
+    assert gap_of_last_message(worker) <= time.monotonic_ns() - receiving, \
+        "the gap counts from the sender's last receive, when that came later"
+
+
+@pytest.mark.parametrize("sender_pauses_s, spins_next", [(0.0, True), (0.02, False)])
+def test_a_receiver_spins_next_time_only_if_the_sender_answered_soon(pair, sender_pauses_s,
+                                                                        spins_next):
+    """The spin policy judges by how long the sender took once it had what it waited for (its
+    gap stamp), never by how long the receiver waited: here the receiver sleeps for 20 ms, as
+    it would if the sender's wake-up were slow, and still spins next time after a quick answer
+    (the rule that counted the wait kept both sides asleep once a pause put them there)."""
+    host, worker = pair
+    assert worker.send(b"request")
     worker.spin_s = 0.0  # sleeps at once
-    started = time.monotonic_ns()  # no later than the receiver's wait starts
     consumer = Call(lambda: worker.receive(timeout_s=60))
     consumer.start()
     wait_until_sleeping(worker, worker.in_q, CONSUMER_SLEEPING)
-    time.sleep(answer_after_s)
-    before = time.monotonic_ns()
-    assert host.send(b"hello", timeout_s=0)
-    rang = worker.mapping.load64(worker.in_q + RANG_NS)
-    assert consumer.finish() == b"hello"
-    assert before <= rang <= time.monotonic_ns()
-    if spins_next and rang - started >= 2 * SPIN_S * 1e9:
-        pytest.skip("this machine took longer than the spin window to get the message sent")
+    time.sleep(0.02)
+    assert host.receive(0) == b"request"
+    time.sleep(sender_pauses_s)
+    assert host.send(b"answer", timeout_s=0)
+    assert consumer.finish() == b"answer"
+    gap = gap_of_last_message(worker)
+    if spins_next and gap >= 2 * SPIN_S * 1e9:
+        pytest.skip("this machine took longer than the spin window between two Python lines")
+    assert (gap >= 0.02e9) == (not spins_next)
     assert worker.spin_s == (SPIN_S if spins_next else 0.0)
-
-
-def test_a_receiver_that_finds_its_message_while_spinning_keeps_spinning(pair):
-    host, worker = pair
-    assert host.send(b"hello", timeout_s=0)
-    worker.spin_s = 0.0
-    assert worker.receive(timeout_s=0) == b"hello"
-    assert worker.spin_s == SPIN_S
 
 
 @pytest.mark.parametrize("timeout_s", [0, 0.01])
