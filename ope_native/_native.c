@@ -1363,7 +1363,7 @@ static long long code_of_dtype(PyObject *dtype, PyObject *codes, PyObject *code_
  * sealed for good meanwhile (model.seal). Returns 0, or -1 with an exception set when a ring
  * refuses a block (a corrupt ring); it gives back every block it can either way. */
 static int release_inputs(PyObject *scratch, PyObject *sealed) {
-    int failed = 0;
+    PyObject *type = NULL, *value = NULL, *tb = NULL; /* the first refusal, the one reported */
     for (Py_ssize_t i = 0; scratch && i < PySequence_Fast_GET_SIZE(scratch); i++) {
         PyObject *b = PySequence_Fast_GET_ITEM(scratch, i);
         if (!PyTuple_Check(b) || PyTuple_GET_SIZE(b) != 3 ||
@@ -1374,8 +1374,8 @@ static int release_inputs(PyObject *scratch, PyObject *sealed) {
         long long ring = PyLong_AsLongLong(PyTuple_GET_ITEM(b, 1)),
                   payload = PyLong_AsLongLong(PyTuple_GET_ITEM(b, 2));
         if (PyErr_Occurred() || ring_release((MappingObject *)PyTuple_GET_ITEM(b, 0), ring, payload)) {
-            if (failed) PyErr_Clear(); /* the first refusal is the one reported */
-            failed = 1;
+            if (type) PyErr_Clear();
+            else PyErr_Fetch(&type, &value, &tb);
         }
     }
     for (Py_ssize_t i = 0; sealed && i < PySequence_Fast_GET_SIZE(sealed); i++) {
@@ -1383,7 +1383,8 @@ static int release_inputs(PyObject *scratch, PyObject *sealed) {
         BlockObject *b = PyArray_Check(a) ? block_under(a) : NULL;
         if (b && !b->sealed) PyArray_ENABLEFLAGS(a, NPY_ARRAY_WRITEABLE);
     }
-    return failed ? -1 : 0;
+    PyErr_Restore(type, value, tb);
+    return type ? -1 : 0;
 }
 
 /* release_inputs() while an exception is being raised: that one stays the one raised. */

@@ -357,6 +357,17 @@ def test_an_array_from_the_arena_is_sent_where_it_lies(pair):
     ope_native.release_inputs(scratch, sealed)
 
 
+def test_release_inputs_gives_back_every_good_block_and_reports_the_first_bad_one(pair):
+    host, _ = pair
+    before = host.used_bytes()
+    _, _, scratch, _ = host.encode(protocol.INFER, 1, {"a": np.ones(4), "b": np.ones(4)})
+    (mapping, ring, first), (_, _, second) = scratch
+    bad = [(mapping, ring, 1), (mapping, ring, first), (mapping, ring, first + 64), (mapping, ring, second)]
+    with pytest.raises(ValueError, match="offset 1 is not a block of the ring"):
+        ope_native.release_inputs(bad, [])
+    assert host.used_bytes() == before
+
+
 def test_release_inputs_leaves_an_array_whose_block_was_sealed_for_good_read_only(pair):
     host, _ = pair
     _, block = host.new_block(64)
