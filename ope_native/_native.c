@@ -505,8 +505,11 @@ static PyObject *mapping_queue_init(MappingObject *self, PyObject *args) {
  * queue at `out`, or its last pop from the one at `in` (the queue it consumes; NULL if none),
  * whichever came later. UINT64_MAX when it has done neither. Both stamps are this side's own. */
 static uint64_t channel_gap(char *out, char *in, uint64_t now) {
-    uint64_t last = *u64_at(out, Q_PUSHED_NS);
-    if (in && *u64_at(in, Q_POPPED_NS) > last) last = *u64_at(in, Q_POPPED_NS);
+    /* Relaxed: this process's own stamps, which another of its threads may be writing (one
+     * thread sends while another receives); a hint either way. */
+    uint64_t last = __atomic_load_n(u64_at(out, Q_PUSHED_NS), __ATOMIC_RELAXED);
+    uint64_t popped = in ? __atomic_load_n(u64_at(in, Q_POPPED_NS), __ATOMIC_RELAXED) : 0;
+    if (popped > last) last = popped;
     return last && now >= last ? now - last : UINT64_MAX;
 }
 
@@ -550,7 +553,7 @@ static int queue_push_record(MappingObject *m, long long q, const char *buf, Py_
             __atomic_store_n(u64_at(Q.hdr, Q_GAP_NS),
                              channel_gap(Q.hdr, peer_q >= 0 ? m->base + peer_q : NULL, now),
                              __ATOMIC_RELAXED);
-            *u64_at(Q.hdr, Q_PUSHED_NS) = now;
+            __atomic_store_n(u64_at(Q.hdr, Q_PUSHED_NS), now, __ATOMIC_RELAXED); /* see channel_gap() */
             /* SYNC POINT with the acquire load of head in queue_pop_record()/wait_for_change(). */
             __atomic_store_n(head, h + rec, __ATOMIC_RELEASE);
             ring_bell(u32_at(Q.hdr, Q_DATA_BELL), u32_at(Q.hdr, Q_CONSUMER_SLEEPING));
@@ -642,7 +645,7 @@ static PyObject *queue_pop_record(MappingObject *m, long long q, double timeout_
         /* SYNC POINT with the acquire load of tail in queue_push_record(). */
         __atomic_store_n(tail, t + rec, __ATOMIC_RELEASE);
         ring_bell(u32_at(Q.hdr, Q_SPACE_BELL), u32_at(Q.hdr, Q_PRODUCER_SLEEPING));
-        *u64_at(Q.hdr, Q_POPPED_NS) = monotonic_ns();
+        __atomic_store_n(u64_at(Q.hdr, Q_POPPED_NS), monotonic_ns(), __ATOMIC_RELAXED); /* channel_gap() */
         /* Relaxed: the producer's gap stamp is a hint, written before its release of head. */
         *spin_s = __atomic_load_n(u64_at(Q.hdr, Q_GAP_NS), __ATOMIC_RELAXED) < 2 * SPIN_S * 1e9
                       ? SPIN_S : 0.0;
