@@ -595,9 +595,11 @@ static PyObject *mapping_queue_push(MappingObject *self, PyObject *args) {
  * channel_gap()), i.e. it answers quickly once it has what it waits for. When it takes longer
  * (a model computing for milliseconds, a host between ticks), spinning only burns a CPU that
  * computing workers need. The rule counts no wake-up, of either side: on a VM a wake-up can
- * take hundreds of microseconds, and a rule that counted the time from the start of the wait
- * kept both sides asleep on every message once one pause had put them there (~300-700 us a
- * call for runs of thousands of calls, 17-31% of the calls of a 50,000-call loop, measured).
+ * take hundreds of microseconds, and a rule that counts the time from the start of the wait
+ * sees the other side's wake-up as a slow answer, so once both sides slept they judged each
+ * other slow and slept again (tests/test_channel.py shows the case). Under that rule a
+ * 50,000-call loop had runs of thousands of calls at ~300-700 us; how much of that was the
+ * rule and how much the hypervisor, the runs measured after the change could not tell.
  * Called with the GIL held; releases it to wait. */
 static PyObject *queue_pop_record(MappingObject *m, long long q, double timeout_s, double *spin_s) {
     Queue Q;
@@ -1412,6 +1414,7 @@ static PyObject *release_inputs_py(PyObject *mod, PyObject *const *args, Py_ssiz
  * writable, so that the worker never sees them change while the call is in flight. Returns
  * the list of those it sealed, for release_inputs(); NULL, with none sealed, on failure. */
 static PyObject *seal_in_place(PyObject *in_place) {
+    if (PyList_GET_SIZE(in_place) == 0) return Py_NewRef(in_place); /* no list made per worker call */
     PyObject *sealed = PyList_New(0);
     for (Py_ssize_t i = 0; sealed && i < PyList_GET_SIZE(in_place); i++) {
         PyArrayObject *a = (PyArrayObject *)PyList_GET_ITEM(in_place, i);
