@@ -1086,6 +1086,95 @@ static PyTypeObject MappingType = {
     .tp_new = PyType_GenericNew,
 };
 
+/* ---- CallStats ----------------------------------------------------------------------- */
+
+/* A model's call counters and the latencies of its last `window` served calls (ope/model.py).
+ * record() runs whole under the GIL, so threads sharing a model count every call without a
+ * lock of their own; on every call, a Python lock around three counters cost more than the
+ * counting. */
+typedef struct {
+    PyObject_HEAD
+    unsigned long long calls, errors, served;
+    Py_ssize_t window;
+    uint64_t *latencies_ns; /* served call k at k % window */
+} CallStatsObject;
+
+static int callstats_init(CallStatsObject *self, PyObject *args, PyObject *kw) {
+    Py_ssize_t window;
+    if (!PyArg_ParseTuple(args, "n", &window)) return -1;
+    if (window < 1) {
+        PyErr_SetString(PyExc_ValueError, "CallStats(window): window must be >= 1");
+        return -1;
+    }
+    uint64_t *latencies = PyMem_Calloc((size_t)window, sizeof(uint64_t));
+    if (!latencies) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    PyMem_Free(self->latencies_ns);
+    self->latencies_ns = latencies;
+    self->window = window;
+    self->calls = self->errors = self->served = 0;
+    return 0;
+}
+
+static void callstats_dealloc(CallStatsObject *self) {
+    PyMem_Free(self->latencies_ns);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* record(start_ns, failed): one call ended; `start_ns` is when it began, by time.monotonic_ns()
+ * (CLOCK_MONOTONIC, the clock monotonic_ns() reads). A failed call has no latency. */
+static PyObject *callstats_record(CallStatsObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "record(start_ns, failed)");
+        return NULL;
+    }
+    unsigned long long start = PyLong_AsUnsignedLongLong(args[0]);
+    if (PyErr_Occurred()) return NULL;
+    int failed = PyObject_IsTrue(args[1]);
+    if (failed < 0) return NULL;
+    self->calls++;
+    if (failed) {
+        self->errors++;
+    } else {
+        uint64_t now = monotonic_ns();
+        self->latencies_ns[self->served++ % (unsigned long long)self->window] = now > start ? now - start : 0;
+    }
+    Py_RETURN_NONE;
+}
+
+/* snapshot() -> (calls, errors, [latency_ns, ...]): the latencies of the last served calls, in
+ * no particular order. */
+static PyObject *callstats_snapshot(CallStatsObject *self, PyObject *unused) {
+    Py_ssize_t count = self->served < (unsigned long long)self->window ? (Py_ssize_t)self->served : self->window;
+    PyObject *latencies = PyList_New(count);
+    for (Py_ssize_t i = 0; latencies && i < count; i++) {
+        PyObject *ns = PyLong_FromUnsignedLongLong(self->latencies_ns[i]);
+        if (!ns) Py_CLEAR(latencies);
+        else PyList_SET_ITEM(latencies, i, ns);
+    }
+    return latencies ? Py_BuildValue("(KKN)", self->calls, self->errors, latencies) : NULL;
+}
+
+static PyMethodDef callstats_methods[] = {
+    {"record", (PyCFunction)(void (*)(void))callstats_record, METH_FASTCALL,
+     "record(start_ns, failed): count a call that began at time.monotonic_ns() == start_ns."},
+    {"snapshot", (PyCFunction)callstats_snapshot, METH_NOARGS,
+     "snapshot() -> (calls, errors, latencies_ns of the last served calls, unordered)"},
+    {NULL}};
+
+static PyTypeObject CallStatsType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "ope_native.CallStats",
+    .tp_basicsize = sizeof(CallStatsObject),
+    .tp_dealloc = (destructor)callstats_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "CallStats(window): a model's call counters and its last `window` latencies.",
+    .tp_methods = callstats_methods,
+    .tp_init = (initproc)callstats_init,
+    .tp_new = PyType_GenericNew,
+};
+
 /* ---- module ------------------------------------------------------------------------------ */
 
 /* The worker's guarantee that it never outlives its host, whatever its model is doing: a
@@ -1861,12 +1950,15 @@ static struct PyModuleDef native_module = {
     module_methods};
 
 PyMODINIT_FUNC PyInit__native(void) {
-    if (PyType_Ready(&MappingType) < 0 || PyType_Ready(&BlockType) < 0) return NULL;
+    if (PyType_Ready(&MappingType) < 0 || PyType_Ready(&BlockType) < 0 ||
+        PyType_Ready(&CallStatsType) < 0)
+        return NULL;
     import_array();
     PyObject *m = PyModule_Create(&native_module);
     if (!m) return NULL;
     if (PyModule_AddObjectRef(m, "Mapping", (PyObject *)&MappingType) ||
         PyModule_AddObjectRef(m, "Block", (PyObject *)&BlockType) ||
+        PyModule_AddObjectRef(m, "CallStats", (PyObject *)&CallStatsType) ||
         PyModule_AddIntConstant(m, "LINE", LINE) ||
         PyModule_AddIntConstant(m, "RING_HEADER", RING_HEADER) ||
         PyModule_AddIntConstant(m, "BLOCK_HEADER", BLOCK_HEADER) ||

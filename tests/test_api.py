@@ -1,12 +1,14 @@
 """The Model handle through the public API: lifecycle, stats, empty/seal, mode selection."""
 
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
 import ope
+import ope_native
 from ope import ModelClosed, OpeError, PackageError, SpecError, TensorSpec
 
 import models
@@ -49,6 +51,21 @@ def test_stats_count_calls_errors_and_latency(load_model, affine):
     assert stats["calls"] == 6 and stats["errors"] == 1
     assert 0 < stats["latency_p50_us"] <= stats["latency_p90_us"] <= stats["latency_p99_us"]
     assert {"bytes_copied_in", "bytes_copied_out", "pid"} <= set(stats)
+
+
+def test_call_stats_keep_the_latencies_of_the_last_calls_only():
+    stats = ope_native.CallStats(3)
+    began = time.monotonic_ns()
+    time.sleep(0.01)
+    stats.record(began, False)  # ~10 ms: pushed out of the window by the later calls
+    stats.record(time.monotonic_ns(), True)
+    for _ in range(3):
+        stats.record(time.monotonic_ns(), False)
+    calls, errors, latencies = stats.snapshot()
+    assert (calls, errors, len(latencies)) == (5, 1, 3)
+    assert max(latencies) < 10_000_000
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        ope_native.CallStats(0)
 
 
 def test_in_process_stats_and_health(affine):
