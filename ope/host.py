@@ -46,7 +46,11 @@ __all__ = ["OutOfProcessModel"]
 _MIB = 1 << 20
 _Block = ope_native.Block
 _exchange_alone = ope_native.call_alone
-_ANSWERED, _NOT_SENT = ope_native.CALL_ANSWERED, ope_native.CALL_NOT_SENT
+_ANSWERED, _UNCHECKED = ope_native.CALL_ANSWERED, ope_native.CALL_UNCHECKED
+_NOT_SENT, _NOT_PLAIN = ope_native.CALL_NOT_SENT, ope_native.CALL_NOT_PLAIN
+# How far _call_alone took a call: its outputs checked, answered but not checked, queued, or
+# not sent because its inputs need Python's check.
+_CHECKED, _RAW, _QUEUED, _UNSENT = "checked", "raw", "queued", "unsent"
 # Gives back the arena copies of a call's inputs and unseals the caller's arena arrays.
 _release_inputs = ope_native.release_inputs
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -112,6 +116,8 @@ class OutOfProcessModel(Model):
         self._collector = None
         self._collector_wanted = False
         self._call_ids = itertools.count(1)
+        # The spec's rules for ope_native.call_alone, which runs their success path.
+        self._plain_checks = (self._input_plan.native_rows, self._output_plan.native_rows)
         self._copied_in = 0
         self._copied_out = 0
         self._generation = 0
@@ -261,48 +267,74 @@ class OutOfProcessModel(Model):
     # further calls can still be sent. A fault fails the call at the head of the queue with
     # its error and every call behind it, whose requests died with the worker.
 
-    def _run(self, arrays, bindings, timeout_s):
+    def _infer(self, inputs, timeout_s):
         # The locks are taken by hand, positional arguments and no with-statement: on every
         # call that halves what they cost (~0.5 us on this VM).
-        if not self._pending and self._recv_lock.acquire(False):
+        if self._pending or not self._recv_lock.acquire(False):
+            return super()._infer(inputs, timeout_s)
+        try:
+            self._send_lock.acquire()
             try:
-                self._send_lock.acquire()
-                try:
-                    done, result = self._call_alone(arrays, bindings, timeout_s)
-                finally:
-                    self._send_lock.release()
-                # Still under the receive lock: a reply received for the call is the next one.
-                return result if done else self._collect(*result)
+                step, result, bindings = self._call_alone(inputs, None, timeout_s)
+                if step is _UNSENT:  # Python's check converts the inputs, or raises SpecError
+                    arrays, bindings = self._validate_inputs(inputs)
+                    step, result, bindings = self._call_alone(arrays, bindings, timeout_s)
             finally:
-                self._recv_lock.release()
+                self._send_lock.release()
+            if step is _CHECKED:
+                return result
+            # Still under the receive lock: a reply received for the call is the next one.
+            outputs = result if step is _RAW else self._collect(*result)
+        finally:
+            self._recv_lock.release()
+        return self._validate_outputs(outputs, bindings)
+
+    def _run(self, arrays, bindings, timeout_s):
         return self._collect(self._send_call(arrays, bindings, timeout_s, None))
 
-    def _call_alone(self, arrays, bindings, timeout_s):
+    def _call_alone(self, tensors, bindings, timeout_s):
         """A call with no other in flight (the caller holds both locks): send it and wait for
         its answer within the spin window, holding the send lock so that no other call comes
         between. The common short call ends here, in one crossing into ope_native
-        (call_alone), and never enters the pending queue or the conversation: a lone INFER
-        and its answer leave both as they found them. Returns (True, outputs), or raises the
-        call's error; or (False, (call, reply)): anything else (a slow call, a reply that
-        breaks the protocol) joins the queue and goes the general way, with the reply
-        already received, if any."""
+        (call_alone), and never enters the pending queue or the conversation: a lone INFER and
+        its answer leave both as they found them.
+
+        ``tensors`` are checked inputs with their ``bindings``, or with ``bindings`` None the
+        caller's inputs: then C checks them and the outputs too, by the success path of the
+        spec's rules, and does not send inputs that need Python's check.
+
+        Returns (step, result, bindings): (_CHECKED, outputs, bindings) for outputs that
+        passed the spec; (_RAW, outputs, bindings) for outputs still to be checked;
+        (_UNSENT, None, None) for inputs that need Python's check; or (_QUEUED, (call, reply),
+        bindings): anything else (a slow call, a reply that breaks the protocol) joins the
+        queue and goes the general way, with the reply already received, if any. Raises the
+        call's error."""
         if self._pending or self._state != "ready":
-            return False, (self._send_call(arrays, bindings, timeout_s, None), None)
+            if bindings is None:
+                tensors, bindings = self._validate_inputs(tensors)
+            return _QUEUED, (self._send_call(tensors, bindings, timeout_s, None), None), bindings
         call_id = next(self._call_ids)
+        checks = self._plain_checks if bindings is None else None
         arena = self._arena
         channel = arena.channel
         self._state = "busy"  # for health(), as while calls are queued
         try:
-            outcome, channel.spin_s, copied, reply, held = _exchange_alone(
-                channel.mapping, channel.out_q, channel.in_q, channel.spin_s, call_id, arrays,
-                arena.encoding, arena.decoding)
+            outcome, channel.spin_s, copied, reply, held, checked = _exchange_alone(
+                channel.mapping, channel.out_q, channel.in_q, channel.spin_s, call_id, tensors,
+                arena.encoding, arena.decoding, checks)
         except BaseException:
             self._state = "ready"
             raise
+        if checks is not None:
+            bindings = checked
         self._copied_in += copied
-        if outcome == _ANSWERED:
+        if outcome == _ANSWERED or outcome == _UNCHECKED:
             self._state = "ready"
-            return True, self._outcome(reply)[0]
+            step = _CHECKED if outcome == _ANSWERED and checks is not None else _RAW
+            return step, self._outcome(reply)[0], bindings
+        if outcome == _NOT_PLAIN:
+            self._state = "ready"
+            return _UNSENT, None, None
         if outcome == _NOT_SENT:
             self._state = "ready"
             raise _send_failure(reply)
@@ -318,9 +350,9 @@ class OutOfProcessModel(Model):
             outputs, error = self._outcome(reply)
             if error is not None:
                 raise error
-            return True, outputs
+            return _RAW, outputs, bindings
         self._join_queue(call_id, call)
-        return False, (call, reply)
+        return _QUEUED, (call, reply), bindings
 
     def _lone_reply(self, reply):
         """The worker's message that call_alone left to Python (bytes; None if none came in

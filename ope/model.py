@@ -5,7 +5,9 @@ open, validate the inputs against the spec, ``_run`` them, validate the outputs,
 call. Each execution mode only implements how tensors get to the model and back
 (``_run``, ``empty``, ``seal``, ``_close``), so both modes accept and refuse exactly the
 same calls with exactly the same errors, and a failed call never leaves a model unusable:
-nothing in ``infer`` holds state across the failure.
+nothing in ``infer`` holds state across the failure. The one shortcut: out of process, a call
+with no other in flight runs the checks' success path in C together with the exchange
+(``_infer`` in ope/host.py), and anything that path does not pass comes back to these checks.
 """
 
 import abc
@@ -54,8 +56,7 @@ class Model(abc.ABC):
         running if an input does not match the spec, ModelError if the model raised."""
         start = _now_ns()
         try:
-            arrays, bindings = self._validate_inputs(inputs)
-            outputs = self._validate_outputs(self._run(arrays, bindings, timeout_s), bindings)
+            outputs = self._infer(inputs, timeout_s)
         except BaseException:
             self._call_stats.record(start, True)
             raise
@@ -80,6 +81,12 @@ class Model(abc.ABC):
     async def infer_async(self, inputs, *, timeout_s=None):
         """``await``-able infer: the event loop keeps running while the model does."""
         return await asyncio.wrap_future(self.submit(inputs, timeout_s=timeout_s))
+
+    def _infer(self, inputs, timeout_s):
+        """The checked outputs of a call on ``inputs``, not checked yet. A mode may take its
+        own way to the same result (ope/host.py: a lone call's checks in C)."""
+        arrays, bindings = self._validate_inputs(inputs)
+        return self._validate_outputs(self._run(arrays, bindings, timeout_s), bindings)
 
     def _validate_inputs(self, inputs):
         if self._closed:

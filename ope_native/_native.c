@@ -1300,17 +1300,12 @@ static int passes(PyObject *row, PyObject *value, PyObject *sizes) {
     return 1;
 }
 
-/* check_plain(rows, values, sizes) -> {name: array}, or None
+/* check_plain(rows, values, sizes) -> {name: array}, or None (plain_arrays() in C)
  * The success path of ope.spec's check loop in one call: `values` is a dict holding, for
  * each row, a value of exactly the row's type (plain ndarrays) with the row's dtype object,
  * rank, fixed dims and symbol sizes. None as soon as anything else is seen: the Python loop
  * then converts what it may and words the error. */
-static PyObject *check_plain(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 3 || !PyTuple_Check(args[0]) || !PyDict_Check(args[2])) {
-        PyErr_SetString(PyExc_TypeError, "check_plain(rows: tuple, values, sizes: dict)");
-        return NULL;
-    }
-    PyObject *rows = args[0], *values = args[1], *sizes = args[2];
+static PyObject *plain_arrays(PyObject *rows, PyObject *values, PyObject *sizes) {
     if (!PyDict_CheckExact(values) || PyDict_GET_SIZE(values) != PyTuple_GET_SIZE(rows))
         Py_RETURN_NONE;
     PyObject *arrays = PyDict_New();
@@ -1326,6 +1321,14 @@ static PyObject *check_plain(PyObject *mod, PyObject *const *args, Py_ssize_t na
         }
     }
     return arrays;
+}
+
+static PyObject *check_plain(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3 || !PyTuple_Check(args[0]) || !PyDict_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "check_plain(rows: tuple, values, sizes: dict)");
+        return NULL;
+    }
+    return plain_arrays(args[0], args[1], args[2]);
 }
 
 /* ---- calls: tensor frames straight from and into the arena ------------------------------ */
@@ -1827,7 +1830,8 @@ static PyObject *serve_calls(PyObject *mod, PyObject *const *args, Py_ssize_t na
 
 /* ---- the host's call with no other in flight ------------------------------------------ */
 
-enum { CALL_ANSWERED, CALL_SENT, CALL_NOT_SENT }; /* call_alone()'s outcomes */
+/* call_alone()'s outcomes */
+enum { CALL_ANSWERED, CALL_SENT, CALL_NOT_SENT, CALL_NOT_PLAIN, CALL_UNCHECKED };
 
 /* Whether `reply` is the RESULT frame of call `call_id`. */
 static int is_result_of(PyObject *reply, unsigned long long call_id) {
@@ -1836,28 +1840,87 @@ static int is_result_of(PyObject *reply, unsigned long long call_id) {
            p[1] == MSG_RESULT && get_u64(p + 8) == call_id;
 }
 
-/* call_alone(mapping, out_q, in_q, spin_s, call_id, tensors, encoding, decoding)
- *     -> (outcome, spin_s, copied, reply, held)
- * The host's side of a call with no other in flight (ope/host.py, _call_alone), in one call:
- * puts the inputs in the arena and seals the caller's arena arrays (encode_frame with the
- * `encoding` arguments, in place where they already lie there), pushes the INFER frame on
- * `out_q`, and waits for the answer on `in_q` within one spin window. `spin_s` comes back as
- * the spin for the next wait (queue_pop_record()); `copied` counts the bytes copied in.
- *   CALL_ANSWERED: the answer was this call's RESULT and it decoded (decode_frame with the
- *     `decoding` arguments); the inputs are released, `reply` is the message
+/* The message [RESULT, call_id, outputs, copied] of `reply`, this call's RESULT frame, decoded
+ * (decode_frame with the `decoding` arguments). With `out_rows` (not None), *checked says
+ * whether the outputs pass them as they are, symbols bound as in `bindings`; those that pass
+ * come in the rows' order (plain_arrays()). NULL with no error set if the frame did not
+ * decode (or memory ran out): Python decodes it again and words the ProtocolError (or
+ * raises). NULL with an error set on an interrupt. */
+static PyObject *decode_result(PyObject *reply, PyObject *call_id, PyObject *decoding,
+                               PyObject *out_rows, PyObject *bindings, int *checked) {
+    PyObject *decode_args[6] = {reply}, *message, *answer = NULL;
+    for (int i = 0; i < 5; i++) decode_args[i + 1] = PyTuple_GET_ITEM(decoding, i);
+    *checked = 0;
+    message = decode_frame(NULL, decode_args, 6);
+    if (message) {
+        PyObject *outputs = Py_NewRef(PyTuple_GET_ITEM(message, 3));
+        if (out_rows != Py_None) {
+            PyObject *sizes = PyDict_Copy(bindings),
+                     *arrays = sizes ? plain_arrays(out_rows, outputs, sizes) : NULL;
+            Py_XDECREF(sizes);
+            if (arrays && arrays != Py_None) {
+                *checked = 1;
+                Py_SETREF(outputs, arrays);
+            } else {
+                Py_XDECREF(arrays);
+                PyErr_Clear(); /* out of memory: Python's check meets it again, and raises */
+            }
+        }
+        answer = Py_BuildValue("[iONO]", MSG_RESULT, call_id, outputs, PyTuple_GET_ITEM(message, 2));
+        Py_DECREF(message);
+    }
+    if (!answer && PyErr_ExceptionMatches(PyExc_Exception)) PyErr_Clear();
+    return answer;
+}
+
+/* The inputs to send: `tensors` as they are without `checks`; with them, `tensors` if they
+ * pass the input rows as they are (plain_arrays(), *bindings getting the sizes of the
+ * symbols), else None. NULL on error. */
+static PyObject *checked_inputs(PyObject *tensors, PyObject *checks, PyObject **bindings) {
+    if (checks == Py_None) {
+        *bindings = Py_NewRef(Py_None);
+        return Py_NewRef(tensors);
+    }
+    *bindings = PyDict_New();
+    if (!*bindings) return NULL;
+    PyObject *arrays = plain_arrays(PyTuple_GET_ITEM(checks, 0), tensors, *bindings);
+    if (!arrays) Py_CLEAR(*bindings);
+    return arrays;
+}
+
+/* call_alone(mapping, out_q, in_q, spin_s, call_id, tensors, encoding, decoding, checks)
+ *     -> (outcome, spin_s, copied, reply, held, bindings)
+ * The host's side of a call with no other in flight (ope/host.py, _call_alone), in one call.
+ * `checks` is None when `tensors` are inputs already checked by ope/spec.py, or (input rows,
+ * output rows) when they are the caller's: then this is all of a lone infer, the spec's
+ * success path included (plain_arrays()), and `bindings` the sizes of the symbols. It puts the
+ * inputs in the arena and seals the caller's arena arrays (encode_frame with the `encoding`
+ * arguments, in place where they already lie there), pushes the INFER frame on `out_q`, and
+ * waits for the answer on `in_q` within one spin window. `spin_s` comes back as the spin for
+ * the next wait (queue_pop_record()); `copied` counts the bytes copied in.
+ *   CALL_ANSWERED: the answer was this call's RESULT, it decoded, and with `checks` its
+ *     outputs passed them (decode_result()); the inputs are released, `reply` is the message
  *     [RESULT, call_id, outputs, copied] as ope.protocol.unpack gives it, `held` None.
+ *   CALL_UNCHECKED: the same, with outputs that do not pass the output rows as they are:
+ *     Python checks them, and converts them or words the error.
  *   CALL_SENT: anything else, left to Python: `reply` is the message's bytes, None if none
  *     came within the window, or the exception receiving raised; `held` is (scratch, sealed),
  *     the inputs the call still holds (see release_inputs()).
  *   CALL_NOT_SENT: the queue was closed (`reply` None) or sending raised (`reply` the
  *     exception); the inputs are released.
+ *   CALL_NOT_PLAIN: an input does not pass the input rows as it is; nothing was sent, and
+ *     Python checks the inputs (converts them or words the error).
  * Raises, holding nothing, when the inputs did not encode (nothing was sent), when giving back
  * the inputs failed (a corrupt ring) or when out of memory. */
 static PyObject *call_alone(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 8 || !PyObject_TypeCheck(args[0], &MappingType) || !PyTuple_Check(args[6]) ||
-        PyTuple_GET_SIZE(args[6]) != 4 || !PyTuple_Check(args[7]) || PyTuple_GET_SIZE(args[7]) != 5) {
+    if (nargs != 9 || !PyObject_TypeCheck(args[0], &MappingType) || !PyTuple_Check(args[6]) ||
+        PyTuple_GET_SIZE(args[6]) != 4 || !PyTuple_Check(args[7]) || PyTuple_GET_SIZE(args[7]) != 5 ||
+        (args[8] != Py_None && (!PyTuple_Check(args[8]) || PyTuple_GET_SIZE(args[8]) != 2 ||
+                                !PyTuple_Check(PyTuple_GET_ITEM(args[8], 0)) ||
+                                !PyTuple_Check(PyTuple_GET_ITEM(args[8], 1))))) {
         PyErr_SetString(PyExc_TypeError, "call_alone(mapping, out_q, in_q, spin_s, call_id, tensors, "
-                                         "(4 encoding args), (5 decoding args))");
+                                         "(4 encoding args), (5 decoding args), "
+                                         "None or (input rows, output rows))");
         return NULL;
     }
     MappingObject *m = (MappingObject *)args[0];
@@ -1865,20 +1928,31 @@ static PyObject *call_alone(PyObject *mod, PyObject *const *args, Py_ssize_t nar
     double spin_s = PyFloat_AsDouble(args[3]);
     unsigned long long call_id = PyLong_AsUnsignedLongLong(args[4]);
     if (PyErr_Occurred()) return NULL;
+    PyObject *out_rows = args[8] == Py_None ? Py_None : PyTuple_GET_ITEM(args[8], 1), *bindings;
+    PyObject *tensors = checked_inputs(args[5], args[8], &bindings);
+    if (!tensors) return NULL;
+    if (tensors == Py_None) {
+        Py_DECREF(tensors);
+        Py_DECREF(bindings);
+        return Py_BuildValue("(idiOOO)", CALL_NOT_PLAIN, spin_s, 0, Py_None, Py_None, Py_None);
+    }
     PyObject *kind = PyLong_FromLong(MSG_INFER); /* a cached small int: cannot fail */
     PyObject *const *enc = &PyTuple_GET_ITEM(args[6], 0);
-    PyObject *encode_args[8] = {kind, args[4], args[5], enc[0], Py_True, enc[1], enc[2], enc[3]};
-    PyObject *encoded = encode_frame(NULL, encode_args, 8);
+    PyObject *encode_args[8] = {kind, args[4], tensors, enc[0], Py_True, enc[1], enc[2], enc[3]};
+    PyObject *encoded = encode_frame(NULL, encode_args, 8), *result = NULL;
     Py_DECREF(kind);
+    Py_DECREF(tensors);
     if (encoded == Py_None) {
-        Py_DECREF(encoded);
+        Py_CLEAR(encoded);
         PyErr_SetString(PyExc_TypeError, "call_alone: an input is not an array a frame carries");
+    }
+    if (!encoded) {
+        Py_DECREF(bindings);
         return NULL;
     }
-    if (!encoded) return NULL;
     PyObject *frame = PyTuple_GET_ITEM(encoded, 0), *copied = PyTuple_GET_ITEM(encoded, 1),
              *scratch = PyTuple_GET_ITEM(encoded, 2), *sealed = PyTuple_GET_ITEM(encoded, 3),
-             *held = PyTuple_Pack(2, scratch, sealed), *reply, *result = NULL;
+             *held = PyTuple_Pack(2, scratch, sealed), *reply;
     if (!held) {
         release_raising(scratch, sealed);
         goto done;
@@ -1893,20 +1967,12 @@ static PyObject *call_alone(PyObject *mod, PyObject *const *args, Py_ssize_t nar
         reply = queue_pop_record(m, in_q, spin_s, &spin_s);
         if (!reply) reply = take_exception();
         else if (reply != Py_None && is_result_of(reply, call_id)) {
-            PyObject *decode_args[6] = {reply}, *message, *answer = NULL;
-            for (int i = 0; i < 5; i++) decode_args[i + 1] = PyTuple_GET_ITEM(args[7], i);
-            message = decode_frame(NULL, decode_args, 6);
-            if (message) {
-                answer = Py_BuildValue("[iOOO]", MSG_RESULT, args[4], PyTuple_GET_ITEM(message, 3),
-                                       PyTuple_GET_ITEM(message, 2));
-                Py_DECREF(message);
-            }
+            int checked;
+            PyObject *answer = decode_result(reply, args[4], args[7], out_rows, bindings, &checked);
             if (answer) {
-                outcome = CALL_ANSWERED;
+                outcome = out_rows == Py_None || checked ? CALL_ANSWERED : CALL_UNCHECKED;
                 Py_SETREF(reply, answer);
-            } else if (PyErr_ExceptionMatches(PyExc_Exception)) {
-                PyErr_Clear(); /* Python decodes it again, and words the ProtocolError */
-            } else {
+            } else if (PyErr_Occurred()) {
                 Py_SETREF(reply, take_exception()); /* an interrupt: the reply is lost with it */
             }
         }
@@ -1915,12 +1981,14 @@ static PyObject *call_alone(PyObject *mod, PyObject *const *args, Py_ssize_t nar
         Py_DECREF(reply);
         goto done;
     }
-    result = Py_BuildValue("(idOOO)", outcome, spin_s, copied, reply, outcome == CALL_SENT ? held : Py_None);
+    result = Py_BuildValue("(idOOOO)", outcome, spin_s, copied, reply,
+                           outcome == CALL_SENT ? held : Py_None, bindings);
     Py_DECREF(reply);
     if (!result && outcome == CALL_SENT) release_raising(scratch, sealed);
 done:
     Py_XDECREF(held);
     Py_DECREF(encoded);
+    Py_DECREF(bindings);
     return result;
 }
 
@@ -1936,7 +2004,7 @@ static PyMethodDef module_methods[] = {
     {"serve_calls", (PyCFunction)(void (*)(void))serve_calls, METH_FASTCALL,
      "serve_calls(mapping, in_q, out_q, spin_s, decoding, encoding, run, output_names) -> (spin_s, data, call): the worker's loop for calls."},
     {"call_alone", (PyCFunction)(void (*)(void))call_alone, METH_FASTCALL,
-     "call_alone(mapping, out_q, in_q, spin_s, call_id, tensors, encoding, decoding) -> (outcome, spin_s, copied, reply, held): the host's lone call."},
+     "call_alone(mapping, out_q, in_q, spin_s, call_id, tensors, encoding, decoding, checks) -> (outcome, spin_s, copied, reply, held, bindings): the host's lone call."},
     {"release_inputs", (PyCFunction)(void (*)(void))release_inputs_py, METH_FASTCALL,
      "release_inputs(scratch, sealed): give back a call's input copies and unseal the caller's arena arrays."},
     {"check_plain", (PyCFunction)(void (*)(void))check_plain, METH_FASTCALL,
@@ -1966,6 +2034,8 @@ PyMODINIT_FUNC PyInit__native(void) {
         PyModule_AddIntConstant(m, "CALL_ANSWERED", CALL_ANSWERED) ||
         PyModule_AddIntConstant(m, "CALL_SENT", CALL_SENT) ||
         PyModule_AddIntConstant(m, "CALL_NOT_SENT", CALL_NOT_SENT) ||
+        PyModule_AddIntConstant(m, "CALL_NOT_PLAIN", CALL_NOT_PLAIN) ||
+        PyModule_AddIntConstant(m, "CALL_UNCHECKED", CALL_UNCHECKED) ||
         PyModule_AddObject(m, "SPIN_S", PyFloat_FromDouble(SPIN_S))) {
         Py_DECREF(m);
         return NULL;

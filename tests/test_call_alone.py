@@ -2,15 +2,17 @@
 ope/host.py's _call_alone), driven over a real arena pair with the test playing the worker:
 its answer is queued before the call, so the call's single wait finds it. Every outcome must
 leave the inputs as the general path would: given back and unsealed once the call is over,
-still held (and sealed) when the call is left to Python.
+still held (and sealed) when the call is left to Python. With the spec's checks, only tensors
+that pass them as they are may go through C; anything else is left to Python's check.
 """
 
 import numpy as np
 import pytest
 
 import ope_native
-from ope import protocol
+from ope import TensorSpec, protocol
 from ope.arena import Arena, segment_names
+from ope.spec import input_plan, output_plan
 
 from conftest import describe
 
@@ -28,10 +30,10 @@ def pair():
     assert segment_names(host.prefix) == []
 
 
-def call_alone(host, call_id, tensors, spin_s=SPIN_S):
+def call_alone(host, call_id, tensors, spin_s=SPIN_S, checks=None):
     channel = host.channel
     return ope_native.call_alone(channel.mapping, channel.out_q, channel.in_q, spin_s, call_id,
-                                 tensors, host.encoding, host.decoding)
+                                 tensors, host.encoding, host.decoding, checks)
 
 
 def answer(worker, call_id, outputs):
@@ -53,9 +55,10 @@ def test_its_own_result_ends_the_call_with_outputs_and_the_inputs_given_back(pai
     tensors = inputs(host)
     answer(worker, 7, {"y": np.full(3, 5, np.int64)})
     before = host.used_bytes()
-    outcome, spin_s, copied, reply, held = call_alone(host, 7, tensors)
+    outcome, spin_s, copied, reply, held, bindings = call_alone(host, 7, tensors)
     # The worker's first message carries no gap stamp: no spin on the next wait.
     assert outcome == ope_native.CALL_ANSWERED and held is None and spin_s == 0.0
+    assert bindings is None, "no checks asked for"
     assert copied == tensors["copied"].nbytes
     assert reply[:2] == [protocol.RESULT, 7] and reply[3] == 3 * 8
     np.testing.assert_array_equal(reply[2]["y"], [5, 5, 5])
@@ -88,7 +91,7 @@ def test_anything_but_its_own_result_is_left_to_python_with_the_inputs_held(pair
     before = host.used_bytes()
     if queued is not None:
         assert worker.channel.send(queued)
-    outcome, _, copied, reply, held = call_alone(host, 7, tensors, spin_s=0.001)
+    outcome, _, copied, reply, held, _ = call_alone(host, 7, tensors, spin_s=0.001)
     assert outcome == ope_native.CALL_SENT and reply == queued
     scratch, sealed = held
     assert len(scratch) == 1 and sealed == [tensors["in_place"]]
@@ -103,7 +106,7 @@ def test_a_closed_queue_is_not_sent_to_and_the_inputs_are_given_back(pair):
     tensors = inputs(host)
     before = host.used_bytes()
     host.channel.close()
-    outcome, _, _, reply, held = call_alone(host, 7, tensors)
+    outcome, _, _, reply, held, _ = call_alone(host, 7, tensors)
     assert (outcome, reply, held) == (ope_native.CALL_NOT_SENT, None, None)
     assert host.used_bytes() == before and tensors["in_place"].flags.writeable
 
@@ -112,7 +115,7 @@ def test_a_corrupt_incoming_queue_is_reported_as_the_reply(pair):
     host, _ = pair
     tensors = inputs(host)
     host.channel.mapping.store64(host.channel.in_q + 64, 12345)  # head: not a record boundary
-    outcome, _, _, reply, held = call_alone(host, 7, tensors)
+    outcome, _, _, reply, held, _ = call_alone(host, 7, tensors)
     assert outcome == ope_native.CALL_SENT and isinstance(reply, ValueError)
     assert "corrupt queue" in str(reply)
     ope_native.release_inputs(*held)
@@ -123,7 +126,7 @@ def test_a_corrupt_outgoing_queue_is_not_sent_to(pair):
     tensors = inputs(host)
     before = host.used_bytes()
     host.channel.mapping.store64(host.channel.out_q + 128, 12345)  # tail past head
-    outcome, _, _, reply, held = call_alone(host, 7, tensors)
+    outcome, _, _, reply, held, _ = call_alone(host, 7, tensors)
     assert outcome == ope_native.CALL_NOT_SENT and isinstance(reply, ValueError) and held is None
     assert host.used_bytes() == before and tensors["in_place"].flags.writeable
 
@@ -136,3 +139,57 @@ def test_inputs_that_do_not_encode_raise_and_hold_nothing(pair):
         call_alone(host, 7, tensors)
     assert host.used_bytes() == before and tensors["in_place"].flags.writeable
     assert worker.channel.receive(0.0) is None, "nothing was sent"
+
+
+def checks():
+    """The spec's rows for inputs() and a float32 output "y" of size n."""
+    specs_in = (TensorSpec("copied", "float32", ("n",)), TensorSpec("in_place", "float32", (4,)))
+    specs_out = (TensorSpec("y", "float32", ("n",)), TensorSpec("z", "int64", ()))
+    return input_plan(specs_in).native_rows, output_plan(specs_out).native_rows
+
+
+def test_with_the_checks_a_call_whose_tensors_pass_them_ends_in_c(pair):
+    host, worker = pair
+    tensors = inputs(host)
+    answer(worker, 7, {"z": np.array(3), "y": np.zeros(4, np.float32)})
+    outcome, _, _, reply, held, bindings = call_alone(host, 7, tensors, checks=checks())
+    assert outcome == ope_native.CALL_ANSWERED and held is None
+    assert bindings == {"n": 4}
+    assert list(reply[2]) == ["y", "z"], "outputs in the spec's order, as Python's check gives"
+    assert tensors["in_place"].flags.writeable
+
+
+@pytest.mark.parametrize("bad", ["float64", "a list", "a missing input", "an unknown input"])
+def test_with_the_checks_inputs_that_do_not_pass_as_they_are_are_not_sent(pair, bad):
+    host, worker = pair
+    tensors = inputs(host)
+    if bad == "float64":
+        tensors["copied"] = tensors["copied"].astype(np.float64)
+    elif bad == "a list":
+        tensors["copied"] = [0.0, 1.0, 2.0, 3.0]
+    elif bad == "a missing input":
+        del tensors["copied"]
+    else:
+        tensors["extra"] = np.zeros(1, np.float32)
+    before = host.used_bytes()
+    outcome, _, copied, reply, held, bindings = call_alone(host, 7, tensors, checks=checks())
+    assert (outcome, copied, reply, held, bindings) == (ope_native.CALL_NOT_PLAIN, 0, None, None, None)
+    assert host.used_bytes() == before and tensors["in_place"].flags.writeable
+    assert worker.channel.receive(0.0) is None, "nothing was sent"
+
+
+@pytest.mark.parametrize("outputs", [
+    {"y": np.zeros(5, np.float32), "z": np.array(3)},  # n = 5 against n = 4 from the inputs
+    {"y": np.zeros(4, np.float64), "z": np.array(3)},
+    {"y": np.zeros(4, np.float32)},
+], ids=["symbol", "dtype", "missing"])
+def test_with_the_checks_outputs_that_do_not_pass_are_left_to_python(pair, outputs):
+    host, worker = pair
+    tensors = inputs(host)
+    answer(worker, 7, outputs)
+    before = host.used_bytes()
+    outcome, _, _, reply, held, bindings = call_alone(host, 7, tensors, checks=checks())
+    assert outcome == ope_native.CALL_UNCHECKED and held is None and bindings == {"n": 4}
+    assert reply[:2] == [protocol.RESULT, 7] and sorted(reply[2]) == sorted(outputs)
+    del reply
+    assert host.used_bytes() == before and tensors["in_place"].flags.writeable
