@@ -33,6 +33,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <linux/futex.h>
+#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
@@ -100,6 +101,29 @@ static double monotonic_now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* A new tuple of the `n` arguments, references it steals; NULL (having released the others)
+ * if one of them is NULL or memory runs out. For the results of the per-call functions:
+ * Py_BuildValue parses its format string on every call, which showed in profiles of a small
+ * call on both sides. */
+static PyObject *tuple_stealing(Py_ssize_t n, ...) {
+    va_list items;
+    PyObject *tuple = PyTuple_New(n);
+    int failed = tuple == NULL;
+    va_start(items, n);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = va_arg(items, PyObject *);
+        if (!item || failed) {
+            failed = 1;
+            Py_XDECREF(item);
+        } else {
+            PyTuple_SET_ITEM(tuple, i, item);
+        }
+    }
+    va_end(items);
+    if (failed) Py_CLEAR(tuple); /* its items set so far go with it; the rest are released */
+    return tuple;
 }
 
 /* ---- futex --------------------------------------------------------------------------- */
@@ -1587,7 +1611,7 @@ static PyObject *encode_frame(PyObject *mod, PyObject *const *args, Py_ssize_t n
         x->seg = PyLong_AsUnsignedLongLong(seg);
         x->offset = (unsigned long long)payload;
         Py_DECREF(seg);
-        block = Py_BuildValue("(OLL)", m, ring, payload);
+        block = tuple_stealing(3, Py_NewRef(m), PyLong_FromLongLong(ring), PyLong_FromLongLong(payload));
         if (!block || PyList_Append(scratch, block)) {
             Py_XDECREF(block);
             if (ring_release(m, ring, payload)) PyErr_Clear();
@@ -1599,7 +1623,9 @@ static PyObject *encode_frame(PyObject *mod, PyObject *const *args, Py_ssize_t n
     }
     PyObject *frame = write_frame(kind, call_id, copied, e, count),
              *sealed = frame ? seal_in_place(in_place) : NULL;
-    if (sealed) result = Py_BuildValue("(OKOO)", frame, copied, scratch, sealed);
+    if (sealed)
+        result = tuple_stealing(4, Py_NewRef(frame), PyLong_FromUnsignedLongLong(copied),
+                                Py_NewRef(scratch), Py_NewRef(sealed));
     if (sealed && !result) release_inputs(NULL, sealed); /* unseals only: cannot fail */
     Py_XDECREF(frame);
     Py_XDECREF(sealed);
@@ -1698,8 +1724,8 @@ static PyObject *decode_frame(PyObject *mod, PyObject *const *args, Py_ssize_t n
         Py_XDECREF(array);
     }
     if (tensors)
-        result = Py_BuildValue("(iKKN)", (int)(uint8_t)p[1], (unsigned long long)get_u64(p + 8),
-                               (unsigned long long)get_u64(p + 16), tensors);
+        result = tuple_stealing(4, PyLong_FromLong((uint8_t)p[1]), PyLong_FromUnsignedLongLong(get_u64(p + 8)),
+                                PyLong_FromUnsignedLongLong(get_u64(p + 16)), tensors);
 done_starts:
     if (start != starts) PyMem_Free(start);
 done:
@@ -1866,7 +1892,15 @@ static PyObject *decode_result(PyObject *reply, PyObject *call_id, PyObject *dec
                 PyErr_Clear(); /* out of memory: Python's check meets it again, and raises */
             }
         }
-        answer = Py_BuildValue("[iONO]", MSG_RESULT, call_id, outputs, PyTuple_GET_ITEM(message, 2));
+        answer = PyList_New(4);
+        if (answer) {
+            PyList_SET_ITEM(answer, 0, PyLong_FromLong(MSG_RESULT)); /* a cached small int */
+            PyList_SET_ITEM(answer, 1, Py_NewRef(call_id));
+            PyList_SET_ITEM(answer, 2, outputs);
+            PyList_SET_ITEM(answer, 3, Py_NewRef(PyTuple_GET_ITEM(message, 2)));
+        } else {
+            Py_DECREF(outputs);
+        }
         Py_DECREF(message);
     }
     if (!answer && PyErr_ExceptionMatches(PyExc_Exception)) PyErr_Clear();
@@ -1981,8 +2015,9 @@ static PyObject *call_alone(PyObject *mod, PyObject *const *args, Py_ssize_t nar
         Py_DECREF(reply);
         goto done;
     }
-    result = Py_BuildValue("(idOOOO)", outcome, spin_s, copied, reply,
-                           outcome == CALL_SENT ? held : Py_None, bindings);
+    result = tuple_stealing(6, PyLong_FromLong(outcome), PyFloat_FromDouble(spin_s), Py_NewRef(copied),
+                            Py_NewRef(reply), Py_NewRef(outcome == CALL_SENT ? held : Py_None),
+                            Py_NewRef(bindings));
     Py_DECREF(reply);
     if (!result && outcome == CALL_SENT) release_raising(scratch, sealed);
 done:
