@@ -83,8 +83,8 @@ class Model(abc.ABC):
         return await asyncio.wrap_future(self.submit(inputs, timeout_s=timeout_s))
 
     def _infer(self, inputs, timeout_s):
-        """The checked outputs of a call on ``inputs``, not checked yet. A mode may take its
-        own way to the same result (ope/host.py: a lone call's checks in C)."""
+        """The outputs of a call on the caller's ``inputs``, both checked against the spec. A
+        mode may take its own way to the same result (ope/host.py: a lone call's checks in C)."""
         arrays, bindings = self._validate_inputs(inputs)
         return self._validate_outputs(self._run(arrays, bindings, timeout_s), bindings)
 

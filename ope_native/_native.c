@@ -10,7 +10,9 @@
  * - A call's tensors into the arena and into a frame, and a frame back into views on the
  *   arena, in one call each (encode_frame, decode_frame; views through numpy's C API), and
  *   the success path of ope/spec.py's checks (check_plain): per-call Python costs more than
- *   all the copying of a small call.
+ *   all the copying of a small call. For the same reason the host's lone call
+ *   (call_alone: checks, exchange, checks) and the worker's loop (serve_calls) each cross
+ *   into C once per call, and a model's call counters live here (CallStats).
  * - Atomic loads/stores and futex wait/wake on shared words, with waits that spin briefly and
  *   then block, the GIL released throughout.
  *
