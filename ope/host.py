@@ -118,8 +118,6 @@ class OutOfProcessModel(Model):
         self._call_ids = itertools.count(1)
         # The spec's rules for ope_native.call_alone, which runs their success path.
         self._plain_checks = (self._input_plan.native_rows, self._output_plan.native_rows)
-        self._copied_in = 0
-        self._copied_out = 0
         self._generation = 0
         self._worker = None
         self._kill_reason = None
@@ -319,19 +317,18 @@ class OutOfProcessModel(Model):
         channel = arena.channel
         self._state = "busy"  # for health(), as while calls are queued
         try:
-            outcome, channel.spin_s, copied, reply, held, checked = _exchange_alone(
+            outcome, channel.spin_s, _, reply, held, checked = _exchange_alone(
                 channel.mapping, channel.out_q, channel.in_q, channel.spin_s, call_id, tensors,
-                arena.encoding, arena.decoding, checks)
+                arena.encoding, arena.decoding, checks, self._call_stats)
         except BaseException:
             self._state = "ready"
             raise
         if checks is not None:
             bindings = checked
-        self._copied_in += copied
-        if outcome == _ANSWERED or outcome == _UNCHECKED:
+        if outcome == _ANSWERED or outcome == _UNCHECKED:  # C counted the bytes copied
             self._state = "ready"
-            step = _CHECKED if outcome == _ANSWERED and checks is not None else _RAW
-            return step, self._outcome(reply)[0], bindings
+            self._policy.in_a_row = 0  # a served call ends a run of failures (_outcome)
+            return _CHECKED if outcome == _ANSWERED and checks is not None else _RAW, reply, bindings
         if outcome == _NOT_PLAIN:
             self._state = "ready"
             return _UNSENT, None, None
@@ -468,7 +465,7 @@ class OutOfProcessModel(Model):
         self._policy.in_a_row = 0
         if reply[0] == protocol.ERROR:
             return None, protocol.error_from_message(reply)
-        self._copied_out += reply[3]
+        self._call_stats.copied(0, reply[3])
         return reply[2], None
 
     def _fail_pending(self, exc):
@@ -521,7 +518,7 @@ class OutOfProcessModel(Model):
         duration of the call)."""
         frame, copied, scratch, sealed = self._arena.encode(protocol.INFER, call_id, arrays,
                                                             in_place=True)
-        self._copied_in += copied
+        self._call_stats.copied(copied, 0)
         return frame, scratch, sealed
 
     def holds(self, array):
@@ -565,7 +562,6 @@ class OutOfProcessModel(Model):
         stats = super().stats()
         worker = self._worker
         stats.update(
-            bytes_copied_in=self._copied_in, bytes_copied_out=self._copied_out,
             arena_bytes_in_use=self._arena.used_bytes(),
             arena_high_water=self._arena.high_water_bytes(),
             arena_bytes_reserved=self._arena.own_bytes,

@@ -123,10 +123,12 @@ class Model(abc.ABC):
         """Release what the mode holds; called once."""
 
     def stats(self):
-        """Counters and latency percentiles (µs, over the last calls) of this model."""
-        calls, errors, latencies = self._call_stats.snapshot()
+        """Counters, bytes copied into and out of shared memory (0 in process), and latency
+        percentiles (µs, over the last calls) of this model."""
+        calls, errors, copied_in, copied_out, latencies = self._call_stats.snapshot()
         latencies.sort()
-        stats = {"calls": calls, "errors": errors}
+        stats = {"calls": calls, "errors": errors, "bytes_copied_in": copied_in,
+                 "bytes_copied_out": copied_out}
         for percent in (50, 90, 99):
             stats[f"latency_p{percent}_us"] = _percentile_us(latencies, percent)
         return stats
@@ -227,7 +229,7 @@ class InProcessModel(Model):
 
     def stats(self):
         stats = super().stats()
-        stats.update(bytes_copied_in=0, bytes_copied_out=0, pid=os.getpid())
+        stats["pid"] = os.getpid()
         return stats
 
     def health(self):

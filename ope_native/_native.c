@@ -1114,13 +1114,14 @@ static PyTypeObject MappingType = {
 
 /* ---- CallStats ----------------------------------------------------------------------- */
 
-/* A model's call counters and the latencies of its last `window` served calls (ope/model.py).
- * record() runs whole under the GIL, so threads sharing a model count every call without a
- * lock of their own; on every call, a Python lock around three counters cost more than the
- * counting. */
+/* A model's call counters, the bytes its calls copied into and out of the arena, and the
+ * latencies of its last `window` served calls (ope/model.py). Each update runs whole under the
+ * GIL, so threads sharing a model count every call without a lock of their own; on every
+ * call, a Python lock around the counters cost more than the counting. call_alone() counts
+ * the bytes of a lone call itself. */
 typedef struct {
     PyObject_HEAD
-    unsigned long long calls, errors, served;
+    unsigned long long calls, errors, served, copied_in, copied_out;
     Py_ssize_t window;
     uint64_t *latencies_ns; /* served call k at k % window */
 } CallStatsObject;
@@ -1140,7 +1141,7 @@ static int callstats_init(CallStatsObject *self, PyObject *args, PyObject *kw) {
     PyMem_Free(self->latencies_ns);
     self->latencies_ns = latencies;
     self->window = window;
-    self->calls = self->errors = self->served = 0;
+    self->calls = self->errors = self->served = self->copied_in = self->copied_out = 0;
     return 0;
 }
 
@@ -1170,8 +1171,22 @@ static PyObject *callstats_record(CallStatsObject *self, PyObject *const *args, 
     Py_RETURN_NONE;
 }
 
-/* snapshot() -> (calls, errors, [latency_ns, ...]): the latencies of the last served calls, in
- * no particular order. */
+/* copied(in_bytes, out_bytes): count bytes a call copied into the arena and out of it. */
+static PyObject *callstats_copied(CallStatsObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "copied(in_bytes, out_bytes)");
+        return NULL;
+    }
+    unsigned long long in_bytes = PyLong_AsUnsignedLongLong(args[0]),
+                       out_bytes = PyLong_AsUnsignedLongLong(args[1]);
+    if (PyErr_Occurred()) return NULL;
+    self->copied_in += in_bytes;
+    self->copied_out += out_bytes;
+    Py_RETURN_NONE;
+}
+
+/* snapshot() -> (calls, errors, copied_in, copied_out, [latency_ns, ...]): the latencies of
+ * the last served calls, in no particular order. */
 static PyObject *callstats_snapshot(CallStatsObject *self, PyObject *unused) {
     Py_ssize_t count = self->served < (unsigned long long)self->window ? (Py_ssize_t)self->served : self->window;
     PyObject *latencies = PyList_New(count);
@@ -1180,14 +1195,18 @@ static PyObject *callstats_snapshot(CallStatsObject *self, PyObject *unused) {
         if (!ns) Py_CLEAR(latencies);
         else PyList_SET_ITEM(latencies, i, ns);
     }
-    return latencies ? Py_BuildValue("(KKN)", self->calls, self->errors, latencies) : NULL;
+    return latencies ? Py_BuildValue("(KKKKN)", self->calls, self->errors, self->copied_in,
+                                     self->copied_out, latencies)
+                     : NULL;
 }
 
 static PyMethodDef callstats_methods[] = {
     {"record", (PyCFunction)(void (*)(void))callstats_record, METH_FASTCALL,
      "record(start_ns, failed): count a call that began at time.monotonic_ns() == start_ns."},
+    {"copied", (PyCFunction)(void (*)(void))callstats_copied, METH_FASTCALL,
+     "copied(in_bytes, out_bytes): count bytes copied into and out of the arena."},
     {"snapshot", (PyCFunction)callstats_snapshot, METH_NOARGS,
-     "snapshot() -> (calls, errors, latencies_ns of the last served calls, unordered)"},
+     "snapshot() -> (calls, errors, copied_in, copied_out, latencies_ns of the last served calls, unordered)"},
     {NULL}};
 
 static PyTypeObject CallStatsType = {
@@ -1195,7 +1214,7 @@ static PyTypeObject CallStatsType = {
     .tp_basicsize = sizeof(CallStatsObject),
     .tp_dealloc = (destructor)callstats_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "CallStats(window): a model's call counters and its last `window` latencies.",
+    .tp_doc = "CallStats(window): a model's call counters, bytes copied, and last `window` latencies.",
     .tp_methods = callstats_methods,
     .tp_init = (initproc)callstats_init,
     .tp_new = PyType_GenericNew,
@@ -1868,20 +1887,22 @@ static int is_result_of(PyObject *reply, unsigned long long call_id) {
            p[1] == MSG_RESULT && get_u64(p + 8) == call_id;
 }
 
-/* The message [RESULT, call_id, outputs, copied] of `reply`, this call's RESULT frame, decoded
- * (decode_frame with the `decoding` arguments). With `out_rows` (not None), *checked says
- * whether the outputs pass them as they are, symbols bound as in `bindings`; those that pass
- * come in the rows' order (plain_arrays()). NULL with no error set if the frame did not
- * decode (or memory ran out): Python decodes it again and words the ProtocolError (or
- * raises). NULL with an error set on an interrupt. */
-static PyObject *decode_result(PyObject *reply, PyObject *call_id, PyObject *decoding,
-                               PyObject *out_rows, PyObject *bindings, int *checked) {
-    PyObject *decode_args[6] = {reply}, *message, *answer = NULL;
+/* The outputs of `reply`, this call's RESULT frame, decoded (decode_frame with the `decoding`
+ * arguments); *copied_out gets the bytes the worker copied for them. With `out_rows` (not None),
+ * *checked says whether the outputs pass them as they are, symbols bound as in `bindings`;
+ * those that pass come in the rows' order (plain_arrays()). NULL with no error set if the
+ * frame did not decode (or memory ran out): Python decodes it again and words the
+ * ProtocolError (or raises). NULL with an error set on an interrupt. */
+static PyObject *decode_result(PyObject *reply, PyObject *decoding, PyObject *out_rows,
+                               PyObject *bindings, unsigned long long *copied_out, int *checked) {
+    PyObject *decode_args[6] = {reply}, *message, *outputs = NULL;
     for (int i = 0; i < 5; i++) decode_args[i + 1] = PyTuple_GET_ITEM(decoding, i);
     *checked = 0;
     message = decode_frame(NULL, decode_args, 6);
     if (message) {
-        PyObject *outputs = Py_NewRef(PyTuple_GET_ITEM(message, 3));
+        outputs = Py_NewRef(PyTuple_GET_ITEM(message, 3));
+        *copied_out = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(message, 2)); /* a u64 */
+        Py_DECREF(message);
         if (out_rows != Py_None) {
             PyObject *sizes = PyDict_Copy(bindings),
                      *arrays = sizes ? plain_arrays(out_rows, outputs, sizes) : NULL;
@@ -1894,19 +1915,9 @@ static PyObject *decode_result(PyObject *reply, PyObject *call_id, PyObject *dec
                 PyErr_Clear(); /* out of memory: Python's check meets it again, and raises */
             }
         }
-        answer = PyList_New(4);
-        if (answer) {
-            PyList_SET_ITEM(answer, 0, PyLong_FromLong(MSG_RESULT)); /* a cached small int */
-            PyList_SET_ITEM(answer, 1, Py_NewRef(call_id));
-            PyList_SET_ITEM(answer, 2, outputs);
-            PyList_SET_ITEM(answer, 3, Py_NewRef(PyTuple_GET_ITEM(message, 2)));
-        } else {
-            Py_DECREF(outputs);
-        }
-        Py_DECREF(message);
     }
-    if (!answer && PyErr_ExceptionMatches(PyExc_Exception)) PyErr_Clear();
-    return answer;
+    if (!outputs && PyErr_ExceptionMatches(PyExc_Exception)) PyErr_Clear();
+    return outputs;
 }
 
 /* The inputs to send: `tensors` as they are without `checks`; with them, `tensors` if they
@@ -1924,7 +1935,7 @@ static PyObject *checked_inputs(PyObject *tensors, PyObject *checks, PyObject **
     return arrays;
 }
 
-/* call_alone(mapping, out_q, in_q, spin_s, call_id, tensors, encoding, decoding, checks)
+/* call_alone(mapping, out_q, in_q, spin_s, call_id, tensors, encoding, decoding, checks, stats)
  *     -> (outcome, spin_s, copied, reply, held, bindings)
  * The host's side of a call with no other in flight (ope/host.py, _call_alone), in one call.
  * `checks` is None when `tensors` are inputs already checked by ope/spec.py, or (input rows,
@@ -1933,10 +1944,11 @@ static PyObject *checked_inputs(PyObject *tensors, PyObject *checks, PyObject **
  * inputs in the arena and seals the caller's arena arrays (encode_frame with the `encoding`
  * arguments, in place where they already lie there), pushes the INFER frame on `out_q`, and
  * waits for the answer on `in_q` within one spin window. `spin_s` comes back as the spin for
- * the next wait (queue_pop_record()); `copied` counts the bytes copied in.
+ * the next wait (queue_pop_record()); `copied` is the bytes copied in, which `stats` (the
+ * model's CallStats, or None) counts, and the bytes of the outputs of a RESULT decoded here.
  *   CALL_ANSWERED: the answer was this call's RESULT, it decoded, and with `checks` its
- *     outputs passed them (decode_result()); the inputs are released, `reply` is the message
- *     [RESULT, call_id, outputs, copied] as ope.protocol.unpack gives it, `held` None.
+ *     outputs passed them (decode_result()); the inputs are released, `reply` is the outputs
+ *     by name, `held` None.
  *   CALL_UNCHECKED: the same, with outputs that do not pass the output rows as they are:
  *     Python checks them, and converts them or words the error.
  *   CALL_SENT: anything else, left to Python: `reply` is the message's bytes, None if none
@@ -1949,16 +1961,18 @@ static PyObject *checked_inputs(PyObject *tensors, PyObject *checks, PyObject **
  * Raises, holding nothing, when the inputs did not encode (nothing was sent), when giving back
  * the inputs failed (a corrupt ring) or when out of memory. */
 static PyObject *call_alone(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 9 || !PyObject_TypeCheck(args[0], &MappingType) || !PyTuple_Check(args[6]) ||
+    if (nargs != 10 || !PyObject_TypeCheck(args[0], &MappingType) || !PyTuple_Check(args[6]) ||
         PyTuple_GET_SIZE(args[6]) != 4 || !PyTuple_Check(args[7]) || PyTuple_GET_SIZE(args[7]) != 5 ||
         (args[8] != Py_None && (!PyTuple_Check(args[8]) || PyTuple_GET_SIZE(args[8]) != 2 ||
                                 !PyTuple_Check(PyTuple_GET_ITEM(args[8], 0)) ||
-                                !PyTuple_Check(PyTuple_GET_ITEM(args[8], 1))))) {
+                                !PyTuple_Check(PyTuple_GET_ITEM(args[8], 1)))) ||
+        (args[9] != Py_None && !PyObject_TypeCheck(args[9], &CallStatsType))) {
         PyErr_SetString(PyExc_TypeError, "call_alone(mapping, out_q, in_q, spin_s, call_id, tensors, "
                                          "(4 encoding args), (5 decoding args), "
-                                         "None or (input rows, output rows))");
+                                         "None or (input rows, output rows), CallStats or None)");
         return NULL;
     }
+    CallStatsObject *stats = args[9] == Py_None ? NULL : (CallStatsObject *)args[9];
     MappingObject *m = (MappingObject *)args[0];
     long long out_q = PyLong_AsLongLong(args[1]), in_q = PyLong_AsLongLong(args[2]);
     double spin_s = PyFloat_AsDouble(args[3]);
@@ -1993,6 +2007,7 @@ static PyObject *call_alone(PyObject *mod, PyObject *const *args, Py_ssize_t nar
         release_raising(scratch, sealed);
         goto done;
     }
+    if (stats) stats->copied_in += PyLong_AsUnsignedLongLong(copied); /* encode's u64 */
     int outcome = CALL_SENT,
         pushed = queue_push_record(m, out_q, PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame), -1.0,
                                    spin_s, in_q);
@@ -2004,10 +2019,12 @@ static PyObject *call_alone(PyObject *mod, PyObject *const *args, Py_ssize_t nar
         if (!reply) reply = take_exception();
         else if (reply != Py_None && is_result_of(reply, call_id)) {
             int checked;
-            PyObject *answer = decode_result(reply, args[4], args[7], out_rows, bindings, &checked);
-            if (answer) {
+            unsigned long long copied_out;
+            PyObject *outputs = decode_result(reply, args[7], out_rows, bindings, &copied_out, &checked);
+            if (outputs) {
                 outcome = out_rows == Py_None || checked ? CALL_ANSWERED : CALL_UNCHECKED;
-                Py_SETREF(reply, answer);
+                if (stats) stats->copied_out += copied_out;
+                Py_SETREF(reply, outputs);
             } else if (PyErr_Occurred()) {
                 Py_SETREF(reply, take_exception()); /* an interrupt: the reply is lost with it */
             }
@@ -2041,7 +2058,7 @@ static PyMethodDef module_methods[] = {
     {"serve_calls", (PyCFunction)(void (*)(void))serve_calls, METH_FASTCALL,
      "serve_calls(mapping, in_q, out_q, spin_s, decoding, encoding, run, output_names) -> (spin_s, data, call): the worker's loop for calls."},
     {"call_alone", (PyCFunction)(void (*)(void))call_alone, METH_FASTCALL,
-     "call_alone(mapping, out_q, in_q, spin_s, call_id, tensors, encoding, decoding, checks) -> (outcome, spin_s, copied, reply, held, bindings): the host's lone call."},
+     "call_alone(mapping, out_q, in_q, spin_s, call_id, tensors, encoding, decoding, checks, stats) -> (outcome, spin_s, copied, reply, held, bindings): the host's lone call."},
     {"release_inputs", (PyCFunction)(void (*)(void))release_inputs_py, METH_FASTCALL,
      "release_inputs(scratch, sealed): give back a call's input copies and unseal the caller's arena arrays."},
     {"check_plain", (PyCFunction)(void (*)(void))check_plain, METH_FASTCALL,

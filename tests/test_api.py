@@ -53,7 +53,7 @@ def test_stats_count_calls_errors_and_latency(load_model, affine):
     assert {"bytes_copied_in", "bytes_copied_out", "pid"} <= set(stats)
 
 
-def test_call_stats_keep_the_latencies_of_the_last_calls_only():
+def test_call_stats_count_bytes_and_keep_the_latencies_of_the_last_calls_only():
     stats = ope_native.CallStats(3)
     began = time.monotonic_ns()
     time.sleep(0.01)
@@ -61,8 +61,10 @@ def test_call_stats_keep_the_latencies_of_the_last_calls_only():
     stats.record(time.monotonic_ns(), True)
     for _ in range(3):
         stats.record(time.monotonic_ns(), False)
-    calls, errors, latencies = stats.snapshot()
-    assert (calls, errors, len(latencies)) == (5, 1, 3)
+    stats.copied(16, 8)
+    stats.copied(0, 8)
+    calls, errors, copied_in, copied_out, latencies = stats.snapshot()
+    assert (calls, errors, copied_in, copied_out, len(latencies)) == (5, 1, 16, 16, 3)
     assert max(latencies) < 10_000_000
     with pytest.raises(ValueError, match="window must be >= 1"):
         ope_native.CallStats(0)
