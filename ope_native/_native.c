@@ -1499,13 +1499,35 @@ static long long code_of_dtype(PyObject *dtype, PyObject *codes, PyObject *code_
     return c == -1 && PyErr_Occurred() ? -2 : c;
 }
 
+/* Keeps the error just raised aside in `kept` (type, value, traceback) if it is the first, for
+ * loops that go on past a failure and report the first; clears it otherwise. */
+static void keep_first_error(PyObject **kept) {
+    if (kept[0]) PyErr_Clear();
+    else PyErr_Fetch(&kept[0], &kept[1], &kept[2]);
+}
+
+/* Raises the error keep_first_error() kept, if any: -1 then, else 0. */
+static int raise_kept_error(PyObject **kept) {
+    PyErr_Restore(kept[0], kept[1], kept[2]);
+    return kept[0] ? -1 : 0;
+}
+
+/* Makes writable again the caller's arena arrays a call sealed (see seal_in_place()). It
+ * leaves alone an array whose block was sealed for good meanwhile (model.seal). */
+static void unseal(PyObject *sealed) {
+    for (Py_ssize_t i = 0; sealed && i < PySequence_Fast_GET_SIZE(sealed); i++) {
+        PyArrayObject *a = (PyArrayObject *)PySequence_Fast_GET_ITEM(sealed, i);
+        BlockObject *b = PyArray_Check(a) ? block_under(a) : NULL;
+        if (b && !b->sealed) PyArray_ENABLEFLAGS(a, NPY_ARRAY_WRITEABLE);
+    }
+}
+
 /* Gives back a call's copies of its inputs in the arena (`scratch`: (Mapping, ring, payload)
- * triples, as encode_frame() lists them) and makes writable again the caller's arena arrays
- * the call sealed (`sealed`); either may be NULL. It leaves alone an array whose block was
- * sealed for good meanwhile (model.seal). Returns 0, or -1 with an exception set when a ring
- * refuses a block (a corrupt ring); it gives back every block it can either way. */
+ * triples, as encode_frame() lists them) and unseals the caller's arena arrays the call sealed
+ * (`sealed`); either may be NULL. Returns 0, or -1 with an exception set when a ring refuses a
+ * block (a corrupt ring); it gives back every block it can either way. */
 static int release_inputs(PyObject *scratch, PyObject *sealed) {
-    PyObject *type = NULL, *value = NULL, *tb = NULL; /* the first refusal, the one reported */
+    PyObject *kept[3] = {NULL, NULL, NULL}; /* the first refusal, the one reported */
     for (Py_ssize_t i = 0; scratch && i < PySequence_Fast_GET_SIZE(scratch); i++) {
         PyObject *b = PySequence_Fast_GET_ITEM(scratch, i);
         if (!PyTuple_Check(b) || PyTuple_GET_SIZE(b) != 3 ||
@@ -1515,18 +1537,11 @@ static int release_inputs(PyObject *scratch, PyObject *sealed) {
         }
         long long ring = PyLong_AsLongLong(PyTuple_GET_ITEM(b, 1)),
                   payload = PyLong_AsLongLong(PyTuple_GET_ITEM(b, 2));
-        if (PyErr_Occurred() || ring_release((MappingObject *)PyTuple_GET_ITEM(b, 0), ring, payload)) {
-            if (type) PyErr_Clear();
-            else PyErr_Fetch(&type, &value, &tb);
-        }
+        if (PyErr_Occurred() || ring_release((MappingObject *)PyTuple_GET_ITEM(b, 0), ring, payload))
+            keep_first_error(kept);
     }
-    for (Py_ssize_t i = 0; sealed && i < PySequence_Fast_GET_SIZE(sealed); i++) {
-        PyArrayObject *a = (PyArrayObject *)PySequence_Fast_GET_ITEM(sealed, i);
-        BlockObject *b = PyArray_Check(a) ? block_under(a) : NULL;
-        if (b && !b->sealed) PyArray_ENABLEFLAGS(a, NPY_ARRAY_WRITEABLE);
-    }
-    PyErr_Restore(type, value, tb);
-    return type ? -1 : 0;
+    unseal(sealed);
+    return raise_kept_error(kept);
 }
 
 /* release_inputs() while an exception is being raised: that one stays the one raised. */
@@ -1549,15 +1564,15 @@ static PyObject *release_inputs_py(PyObject *mod, PyObject *const *args, Py_ssiz
 
 /* Makes read-only the arrays of `in_place` (the caller's arena arrays a frame names) that are
  * writable, so that the worker never sees them change while the call is in flight. Returns
- * the list of those it sealed, for release_inputs(); NULL, with none sealed, on failure. */
+ * the list of those it sealed; NULL, with none sealed, on failure. */
 static PyObject *seal_in_place(PyObject *in_place) {
-    if (PyList_GET_SIZE(in_place) == 0) return Py_NewRef(in_place); /* no list made per worker call */
+    if (PyList_GET_SIZE(in_place) == 0) return Py_NewRef(in_place);
     PyObject *sealed = PyList_New(0);
     for (Py_ssize_t i = 0; sealed && i < PyList_GET_SIZE(in_place); i++) {
         PyArrayObject *a = (PyArrayObject *)PyList_GET_ITEM(in_place, i);
         if (!PyArray_ISWRITEABLE(a)) continue;
         if (PyList_Append(sealed, (PyObject *)a)) {
-            release_inputs(NULL, sealed); /* unseals only: cannot fail */
+            unseal(sealed);
             Py_CLEAR(sealed);
         } else {
             PyArray_CLEARFLAGS(a, NPY_ARRAY_WRITEABLE);
@@ -1566,49 +1581,107 @@ static PyObject *seal_in_place(PyObject *in_place) {
     return sealed;
 }
 
-/* encode_frame(kind, call_id, tensors, own, in_place, codes, code_of, grow)
- *     -> (frame, copied, scratch, sealed) or None
- * Puts each tensor (name -> ndarray) in the arena and returns the frame naming them. With
- * `in_place` true, an array that already lies in one of the `own` segments (see alloc_own())
- * is named where it is and, if writable, sealed (listed in `sealed`: see seal_in_place()); every
- * other one is copied into a new block of an own ring (listed in `scratch` as (Mapping, ring,
- * payload)). `copied` counts the bytes copied. The sender gives both back with
- * release_inputs() once the peer is done with them. None, with nothing allocated, when a
- * value is not an ndarray or its dtype has no frame code: the caller's spec check then says
- * what is wrong. */
-static PyObject *encode_frame(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 8) {
-        PyErr_SetString(PyExc_TypeError, "encode_frame takes 8 arguments");
-        return NULL;
+/* A tensor encode_tensors() copied into the arena: its block in one of our rings, the Mapping
+ * referenced until the block is given back or handed on. */
+typedef struct {
+    MappingObject *m;
+    long long ring, payload;
+} Copy;
+
+/* What encode_tensors() made for one frame. The copies live in C, not in Python objects: on a
+ * small call each object costs as much as the copying; a Python list of them is made only for
+ * a caller that gives them back later (copies_list()). `copies` points at `few` or at memory
+ * of its own, so an Encoded stays where it was declared. */
+typedef struct {
+    PyObject *frame;  /* bytes */
+    PyObject *sealed; /* the caller's arena arrays it sealed (a list); NULL when not looking */
+    unsigned long long copied;
+    Py_ssize_t ncopies;
+    Copy *copies, few[4];
+} Encoded;
+
+/* Drops what `e` references; gives nothing back (the peer gives the blocks back, or a Python
+ * list of them now holds them). */
+static void encoded_clear(Encoded *e) {
+    for (Py_ssize_t i = 0; i < e->ncopies; i++) Py_DECREF(e->copies[i].m);
+    if (e->copies != e->few) PyMem_Free(e->copies);
+    e->copies = e->few;
+    e->ncopies = 0;
+    Py_CLEAR(e->frame);
+    Py_CLEAR(e->sealed);
+}
+
+/* Gives back the copies' blocks and unseals the sealed arrays (the peer is done with them, or
+ * the frame never went), then clears `e`. Returns 0, or -1 with the first refusal of a ring
+ * raised; it gives back every block it can either way. */
+static int encoded_release(Encoded *e) {
+    PyObject *kept[3] = {NULL, NULL, NULL};
+    for (Py_ssize_t i = 0; i < e->ncopies; i++)
+        if (ring_release(e->copies[i].m, e->copies[i].ring, e->copies[i].payload))
+            keep_first_error(kept);
+    unseal(e->sealed);
+    encoded_clear(e);
+    return raise_kept_error(kept);
+}
+
+/* encoded_release() while an exception is being raised: that one stays the one raised. */
+static void encoded_release_raising(Encoded *e) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    if (encoded_release(e)) PyErr_Clear();
+    PyErr_Restore(type, value, tb);
+}
+
+/* The copies of `e` as a list of (Mapping, ring, payload), for release_inputs(); NULL on error. */
+static PyObject *copies_list(const Encoded *e) {
+    PyObject *list = PyList_New(e->ncopies);
+    for (Py_ssize_t i = 0; list && i < e->ncopies; i++) {
+        const Copy *c = &e->copies[i];
+        PyObject *t = tuple_stealing(3, Py_NewRef(c->m), PyLong_FromLongLong(c->ring),
+                                     PyLong_FromLongLong(c->payload));
+        if (!t) Py_CLEAR(list);
+        else PyList_SET_ITEM(list, i, t);
     }
-    PyObject *tensors = args[2], *own = args[3], *codes = args[5], *code_of = args[6],
-             *grow = args[7];
-    int kind = PyLong_AsLong(args[0]), look_in_arena = PyObject_IsTrue(args[4]);
-    unsigned long long call_id = PyLong_AsUnsignedLongLong(args[1]);
-    if (PyErr_Occurred()) return NULL;
-    if (!PyDict_Check(tensors) || !PyList_Check(own) || !PyDict_Check(codes)) {
-        PyErr_SetString(PyExc_TypeError, "encode_frame: tensors and codes are dicts, own a list");
-        return NULL;
-    }
-    /* The items are held for the whole call: callbacks (code_of, grow) and big copies (which
-     * let other threads run) may see the caller's dict change meanwhile. */
-    PyObject *items = PyDict_Items(tensors);
-    if (!items) return NULL;
-    Py_ssize_t count = PyList_GET_SIZE(items);
+    return list;
+}
+
+/* Puts each tensor of `tensors` (a dict name -> ndarray) in the arena and makes the frame naming
+ * them, into `out`. With `look_in_arena`, an array that already lies in one of the `own`
+ * segments (see alloc_own()) is named where it is and, if writable, sealed (seal_in_place());
+ * every other one is copied into a new block of an own ring. `owned`: `tensors` is a dict that
+ * only this call holds (plain_arrays() made it), iterated as it is; any other dict's items are
+ * taken first, since callbacks (code_of, grow) and big copies (which let other threads run)
+ * may see it change meanwhile. Returns 1 when encoded; 0, with nothing held, when a value is
+ * not an ndarray or its dtype has no frame code (the caller's spec check then says what is
+ * wrong); -1 with an exception set and nothing held. */
+static int encode_tensors(int kind, unsigned long long call_id, PyObject *tensors, int owned,
+                          PyObject *own, int look_in_arena, PyObject *codes, PyObject *code_of,
+                          PyObject *grow, Encoded *out) {
+    *out = (Encoded){NULL, NULL, 0, 0, NULL, {{0}}};
+    out->copies = out->few;
+    PyObject *items = owned ? NULL : PyDict_Items(tensors);
+    if (!owned && !items) return -1;
+    Py_ssize_t count = owned ? PyDict_GET_SIZE(tensors) : PyList_GET_SIZE(items), pos = 0;
     if (check_frame_size(kind, count)) {
-        Py_DECREF(items);
-        return NULL;
+        Py_XDECREF(items);
+        return -1;
     }
     Entry stack[4], *e = count <= 4 ? stack : PyMem_Malloc(sizeof(Entry) * (size_t)count);
-    PyObject *scratch = PyList_New(0), *in_place = PyList_New(0), *result = NULL;
-    if (!e || !scratch || !in_place) {
-        if (!e) PyErr_NoMemory();
-        goto done;
+    PyObject *in_place = look_in_arena ? PyList_New(0) : NULL;
+    if (count > 4) out->copies = PyMem_Malloc(sizeof(Copy) * (size_t)count);
+    int status = -1;
+    if (!e || !out->copies || (look_in_arena && !in_place)) {
+        if (!e || !out->copies) PyErr_NoMemory();
+        goto fail;
     }
-    unsigned long long copied = 0;
     for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *name = PyTuple_GET_ITEM(PyList_GET_ITEM(items, i), 0),
-                 *array = PyTuple_GET_ITEM(PyList_GET_ITEM(items, i), 1);
+        PyObject *name, *array;
+        if (owned) {
+            PyDict_Next(tensors, &pos, &name, &array);
+        } else {
+            name = PyTuple_GET_ITEM(PyList_GET_ITEM(items, i), 0);
+            array = PyTuple_GET_ITEM(PyList_GET_ITEM(items, i), 1);
+        }
         if (!PyArray_Check(array)) goto not_encodable;
         PyArrayObject *a = (PyArrayObject *)array;
         long long code = code_of_dtype((PyObject *)PyArray_DESCR(a), codes, code_of);
@@ -1625,42 +1698,63 @@ static PyObject *encode_frame(PyObject *mod, PyObject *const *args, Py_ssize_t n
         int found = look_in_arena ? find_in_arena(a, own, &x->seg, &x->offset) : 0;
         if (found < 0 || (found && PyList_Append(in_place, array))) goto fail;
         if (found) continue;
-        PyObject *seg, *block;
-        MappingObject *m;
-        long long ring, payload;
-        if (alloc_own(own, grow, PyArray_NBYTES(a), &seg, &m, &ring, &payload)) goto fail;
+        PyObject *seg;
+        Copy *c = &out->copies[out->ncopies];
+        if (alloc_own(own, grow, PyArray_NBYTES(a), &seg, &c->m, &c->ring, &c->payload)) goto fail;
+        Py_INCREF(c->m);
+        out->ncopies++;
         x->seg = PyLong_AsUnsignedLongLong(seg);
-        x->offset = (unsigned long long)payload;
+        x->offset = (unsigned long long)c->payload;
         Py_DECREF(seg);
-        block = tuple_stealing(3, Py_NewRef(m), PyLong_FromLongLong(ring), PyLong_FromLongLong(payload));
-        if (!block || PyList_Append(scratch, block)) {
-            Py_XDECREF(block);
-            if (ring_release(m, ring, payload)) PyErr_Clear();
-            goto fail;
-        }
-        Py_DECREF(block);
-        if (copy_into(a, m, payload)) goto fail;
-        copied += x->nbytes;
+        if (copy_into(a, c->m, c->payload)) goto fail;
+        out->copied += x->nbytes;
     }
-    PyObject *frame = write_frame(kind, call_id, copied, e, count),
-             *sealed = frame ? seal_in_place(in_place) : NULL;
-    if (sealed)
-        result = tuple_stealing(4, Py_NewRef(frame), PyLong_FromUnsignedLongLong(copied),
-                                Py_NewRef(scratch), Py_NewRef(sealed));
-    if (sealed && !result) release_inputs(NULL, sealed); /* unseals only: cannot fail */
-    Py_XDECREF(frame);
-    Py_XDECREF(sealed);
-    if (result) goto done;
+    out->frame = write_frame(kind, call_id, out->copied, e, count);
+    if (out->frame && look_in_arena) out->sealed = seal_in_place(in_place);
+    if (out->frame && (out->sealed || !look_in_arena)) status = 1;
+    else goto fail;
+    goto done;
+not_encodable:
+    status = 0;
 fail:
-not_encodable:;
     /* Give back what this call allocated: the frame naming it is never sent. */
-    if (scratch) release_raising(scratch, NULL);
-    if (!PyErr_Occurred()) result = Py_NewRef(Py_None);
+    encoded_release_raising(out);
 done:
     if (e && e != stack) PyMem_Free(e);
-    Py_XDECREF(scratch);
     Py_XDECREF(in_place);
-    Py_DECREF(items);
+    Py_XDECREF(items);
+    return status;
+}
+
+/* encode_frame(kind, call_id, tensors, own, in_place, codes, code_of, grow)
+ *     -> (frame, copied, scratch, sealed) or None
+ * encode_tensors() for Python (the arena's encode): `scratch` lists the copies' blocks as
+ * (Mapping, ring, payload), `sealed` the caller's arena arrays sealed, and `copied` counts the
+ * bytes copied; the sender gives both back with release_inputs() once the peer is done with
+ * them. None, with nothing allocated, when a value is not an ndarray or its dtype has no
+ * frame code. */
+static PyObject *encode_frame(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError, "encode_frame takes 8 arguments");
+        return NULL;
+    }
+    PyObject *tensors = args[2], *own = args[3], *codes = args[5];
+    int kind = PyLong_AsLong(args[0]), look_in_arena = PyObject_IsTrue(args[4]);
+    unsigned long long call_id = PyLong_AsUnsignedLongLong(args[1]);
+    if (PyErr_Occurred()) return NULL;
+    if (!PyDict_Check(tensors) || !PyList_Check(own) || !PyDict_Check(codes)) {
+        PyErr_SetString(PyExc_TypeError, "encode_frame: tensors and codes are dicts, own a list");
+        return NULL;
+    }
+    Encoded enc;
+    int status = encode_tensors(kind, call_id, tensors, 0, own, look_in_arena, codes, args[6],
+                                args[7], &enc);
+    if (status <= 0) return status < 0 ? NULL : Py_NewRef(Py_None);
+    PyObject *result = tuple_stealing(4, Py_NewRef(enc.frame), PyLong_FromUnsignedLongLong(enc.copied),
+                                      copies_list(&enc),
+                                      enc.sealed ? Py_NewRef(enc.sealed) : PyList_New(0));
+    if (result) encoded_clear(&enc);
+    else encoded_release_raising(&enc);
     return result;
 }
 
@@ -1792,14 +1886,13 @@ static int answer_call(PyObject *message, PyObject *run, PyObject *names, PyObje
                        MappingObject *m, long long out_q, long long in_q, double spin_s,
                        PyObject **left) {
     PyObject *call_id = PyTuple_GET_ITEM(message, 1), *arrays = PyTuple_GET_ITEM(message, 3);
-    PyObject *outputs = PyObject_CallOneArg(run, arrays), *encoded = NULL, *error = NULL;
-    if (outputs && has_exactly(outputs, names)) {
-        PyObject *kind = PyLong_FromLong(MSG_RESULT); /* a cached small int: cannot fail */
-        PyObject *args[8] = {kind, call_id, outputs, encoding[0], Py_False, encoding[1],
-                             encoding[2], encoding[3]};
-        encoded = encode_frame(NULL, args, 8);
-        Py_DECREF(kind);
-    }
+    PyObject *outputs = PyObject_CallOneArg(run, arrays), *error = NULL;
+    unsigned long long id = PyLong_AsUnsignedLongLong(call_id); /* decode_frame made it from a u64 */
+    Encoded e;
+    int encoded = outputs && has_exactly(outputs, names)
+        ? encode_tensors(MSG_RESULT, id, outputs, 0, encoding[0], 0, encoding[1], encoding[2],
+                         encoding[3], &e)
+        : 0;
     if (PyErr_Occurred()) {
         if (!PyErr_ExceptionMatches(PyExc_Exception)) { /* KeyboardInterrupt, SystemExit */
             Py_XDECREF(outputs);
@@ -1807,15 +1900,13 @@ static int answer_call(PyObject *message, PyObject *run, PyObject *names, PyObje
         }
         error = take_exception();
     }
-    if (encoded && encoded != Py_None) {
-        PyObject *frame = PyTuple_GET_ITEM(encoded, 0);
-        int pushed = queue_push_record(m, out_q, PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame),
+    if (encoded > 0) { /* the host gives the outputs' blocks back as it drops its views */
+        int pushed = queue_push_record(m, out_q, PyBytes_AS_STRING(e.frame), PyBytes_GET_SIZE(e.frame),
                                        -1.0, spin_s, in_q);
-        Py_DECREF(encoded);
+        encoded_clear(&e);
         Py_DECREF(outputs);
         return pushed;
     }
-    Py_XDECREF(encoded);
     *left = Py_BuildValue("(OONN)", call_id, arrays, outputs ? outputs : Py_NewRef(Py_None),
                           error ? error : Py_NewRef(Py_None));
     return *left ? 2 : -1;
@@ -1986,31 +2077,21 @@ static PyObject *call_alone(PyObject *mod, PyObject *const *args, Py_ssize_t nar
         Py_DECREF(bindings);
         return Py_BuildValue("(idiOOO)", CALL_NOT_PLAIN, spin_s, 0, Py_None, Py_None, Py_None);
     }
-    PyObject *kind = PyLong_FromLong(MSG_INFER); /* a cached small int: cannot fail */
     PyObject *const *enc = &PyTuple_GET_ITEM(args[6], 0);
-    PyObject *encode_args[8] = {kind, args[4], tensors, enc[0], Py_True, enc[1], enc[2], enc[3]};
-    PyObject *encoded = encode_frame(NULL, encode_args, 8), *result = NULL;
-    Py_DECREF(kind);
+    Encoded e;
+    int status = encode_tensors(MSG_INFER, call_id, tensors, args[8] != Py_None, enc[0], 1, enc[1],
+                                enc[2], enc[3], &e);
     Py_DECREF(tensors);
-    if (encoded == Py_None) {
-        Py_CLEAR(encoded);
-        PyErr_SetString(PyExc_TypeError, "call_alone: an input is not an array a frame carries");
-    }
-    if (!encoded) {
+    if (status == 0) PyErr_SetString(PyExc_TypeError, "call_alone: an input is not an array a frame carries");
+    if (status <= 0) {
         Py_DECREF(bindings);
         return NULL;
     }
-    PyObject *frame = PyTuple_GET_ITEM(encoded, 0), *copied = PyTuple_GET_ITEM(encoded, 1),
-             *scratch = PyTuple_GET_ITEM(encoded, 2), *sealed = PyTuple_GET_ITEM(encoded, 3),
-             *held = PyTuple_Pack(2, scratch, sealed), *reply;
-    if (!held) {
-        release_raising(scratch, sealed);
-        goto done;
-    }
-    if (stats) stats->copied_in += PyLong_AsUnsignedLongLong(copied); /* encode's u64 */
+    if (stats) stats->copied_in += e.copied;
+    PyObject *reply, *held = NULL, *result = NULL;
     int outcome = CALL_SENT,
-        pushed = queue_push_record(m, out_q, PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame), -1.0,
-                                   spin_s, in_q);
+        pushed = queue_push_record(m, out_q, PyBytes_AS_STRING(e.frame), PyBytes_GET_SIZE(e.frame),
+                                   -1.0, spin_s, in_q);
     if (pushed != 1) {
         outcome = CALL_NOT_SENT;
         reply = pushed < 0 ? take_exception() : Py_NewRef(Py_None);
@@ -2030,18 +2111,22 @@ static PyObject *call_alone(PyObject *mod, PyObject *const *args, Py_ssize_t nar
             }
         }
     }
-    if (outcome != CALL_SENT && release_inputs(scratch, sealed)) {
-        Py_DECREF(reply);
-        goto done;
+    unsigned long long copied = e.copied;
+    if (outcome == CALL_SENT) { /* the call still holds its inputs: Python's lists of them */
+        held = tuple_stealing(2, copies_list(&e), Py_NewRef(e.sealed));
+        if (held) encoded_clear(&e);
+        else encoded_release_raising(&e);
+    } else if (!encoded_release(&e)) {
+        held = Py_NewRef(Py_None);
     }
-    result = tuple_stealing(6, PyLong_FromLong(outcome), PyFloat_FromDouble(spin_s), Py_NewRef(copied),
-                            Py_NewRef(reply), Py_NewRef(outcome == CALL_SENT ? held : Py_None),
-                            Py_NewRef(bindings));
-    Py_DECREF(reply);
-    if (!result && outcome == CALL_SENT) release_raising(scratch, sealed);
-done:
+    if (held)
+        result = tuple_stealing(6, PyLong_FromLong(outcome), PyFloat_FromDouble(spin_s),
+                                PyLong_FromUnsignedLongLong(copied), Py_NewRef(reply),
+                                Py_NewRef(held), Py_NewRef(bindings));
+    if (!result && held && held != Py_None)
+        release_raising(PyTuple_GET_ITEM(held, 0), PyTuple_GET_ITEM(held, 1));
     Py_XDECREF(held);
-    Py_DECREF(encoded);
+    Py_DECREF(reply);
     Py_DECREF(bindings);
     return result;
 }
