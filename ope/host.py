@@ -49,7 +49,7 @@ _exchange_alone = ope_native.call_alone
 _ANSWERED, _UNCHECKED = ope_native.CALL_ANSWERED, ope_native.CALL_UNCHECKED
 _NOT_SENT, _NOT_PLAIN = ope_native.CALL_NOT_SENT, ope_native.CALL_NOT_PLAIN
 # How far _call_alone took a call: its outputs checked, answered but not checked, queued, or
-# not sent because its inputs need Python's check.
+# not sent, the caller's inputs to go through Python's check first.
 _CHECKED, _RAW, _QUEUED, _UNSENT = "checked", "raw", "queued", "unsent"
 # Gives back the arena copies of a call's inputs and unseals the caller's arena arrays.
 _release_inputs = ope_native.release_inputs
@@ -274,7 +274,7 @@ class OutOfProcessModel(Model):
             self._send_lock.acquire()
             try:
                 step, result, bindings = self._call_alone(inputs, None, timeout_s)
-                if step is _UNSENT:  # Python's check converts the inputs, or raises SpecError
+                if step is _UNSENT:  # Python's check converts the inputs, or raises the error
                     arrays, bindings = self._validate_inputs(inputs)
                     step, result, bindings = self._call_alone(arrays, bindings, timeout_s)
             finally:
@@ -303,13 +303,14 @@ class OutOfProcessModel(Model):
 
         Returns (step, result, bindings): (_CHECKED, outputs, bindings) for outputs that
         passed the spec; (_RAW, outputs, bindings) for outputs still to be checked;
-        (_UNSENT, None, None) for inputs that need Python's check; or (_QUEUED, (call, reply),
-        bindings): anything else (a slow call, a reply that breaks the protocol) joins the
-        queue and goes the general way, with the reply already received, if any. Raises the
-        call's error."""
+        (_UNSENT, None, None), nothing sent, for the caller's inputs when they need Python's
+        check or the model is not ready (the caller checks them and calls again); or
+        (_QUEUED, (call, reply), bindings): anything else (a slow call, a reply that breaks
+        the protocol, a model not ready) joins the queue and goes the general way, with the
+        reply already received, if any. Raises the call's error."""
         if self._pending or self._state != "ready":
             if bindings is None:
-                tensors, bindings = self._validate_inputs(tensors)
+                return _UNSENT, None, None
             return _QUEUED, (self._send_call(tensors, bindings, timeout_s, None), None), bindings
         call_id = next(self._call_ids)
         checks = self._plain_checks if bindings is None else None

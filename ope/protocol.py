@@ -23,9 +23,9 @@ rule without its cost per call: the worker's loop in C (ope_native.serve_calls) 
 in state "ready" and leaves every other message to the Conversation; and the host sends a call
 with no other in flight without telling its Conversation (ope_native.call_alone). C accepts
 only that call's RESULT; any other answer goes to :meth:`Conversation.answers_alone`, which
-says whether the table takes it and leaves the conversation as it was. The first message's layout ``[HELLO, version, ...]`` never changes,
-so a host can refuse a worker runtime of another protocol version before anything else is
-read.
+says whether the table takes it and leaves the conversation as it was. The first message's
+layout ``[HELLO, version, ...]`` never changes, so a host can refuse a worker runtime of
+another protocol version before anything else is read.
 
 An ERROR names the ope error type (ope/errors.py) and carries its extra fields (for a
 ModelError: the model's exception type and traceback text), so the host raises the same error

@@ -2032,7 +2032,7 @@ static PyObject *checked_inputs(PyObject *tensors, PyObject *checks, PyObject **
  * `checks` is None when `tensors` are inputs already checked by ope/spec.py, or (input rows,
  * output rows) when they are the caller's: then this is all of a lone infer, the spec's
  * success path included (plain_arrays()), and `bindings` the sizes of the symbols. It puts the
- * inputs in the arena and seals the caller's arena arrays (encode_frame with the `encoding`
+ * inputs in the arena and seals the caller's arena arrays (encode_tensors() with the `encoding`
  * arguments, in place where they already lie there), pushes the INFER frame on `out_q`, and
  * waits for the answer on `in_q` within one spin window. `spin_s` comes back as the spin for
  * the next wait (queue_pop_record()); `copied` is the bytes copied in, which `stats` (the
