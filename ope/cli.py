@@ -13,7 +13,6 @@ from packaging.utils import canonicalize_name
 
 from ope import envs
 from ope.api import self_check
-from ope.arena import gc_segments
 from ope.errors import OpeError
 from ope.package import read_package
 from ope.requirements import check_requirements
@@ -49,8 +48,6 @@ def _parser():
 
 
 def _add_env_commands(commands):
-    gc = commands.add_parser("gc", help="remove shared-memory segments of dead ope processes")
-    gc.set_defaults(command=_gc)
     env = commands.add_parser("env", help="manage worker environments (under $OPE_HOME/envs)")
     actions = env.add_subparsers(required=True, metavar="ACTION")
     create = actions.add_parser("create", help="create a venv with ope and the requirements")
@@ -113,14 +110,6 @@ def _check(args):
     for name, array in outputs.items():
         print(f"  output {name!r}: {array.dtype} {list(array.shape)} matches the test data")
     print(f"package {package.name!r}: self-check passed")
-    return 0
-
-
-def _gc(args):
-    removed = gc_segments()
-    for name in removed:
-        print(f"removed /dev/shm/{name}")
-    print(f"{len(removed)} segment(s) of dead processes removed")
     return 0
 
 

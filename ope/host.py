@@ -33,7 +33,7 @@ import psutil
 
 import ope_native
 from ope import protocol
-from ope.arena import Arena, gc_segments
+from ope.arena import Arena
 from ope.channel import corrupt_queue
 from ope.errors import (MemoryLimitExceeded, ModelBroken, ModelClosed, OpeError, ProtocolError,
                         WorkerCrashed, WorkerTimeout)
@@ -56,17 +56,6 @@ _release_inputs = ope_native.release_inputs
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 _UNCOLLECTED_CALLS = 8  # calls in flight past which the collector thread steps in
 _open_models = weakref.WeakSet()
-_gc_once = threading.Lock()
-_gc_done = False
-
-
-def _collect_dead_owners_once():
-    """Remove segments of hosts that died without cleaning up, once per host process."""
-    global _gc_done
-    with _gc_once:
-        if not _gc_done:
-            gc_segments()
-            _gc_done = True
 
 
 @atexit.register
@@ -93,7 +82,6 @@ class OutOfProcessModel(Model):
         if restart not in ("lazy", "eager"):
             raise ValueError(f"restart must be 'lazy' or 'eager', got {restart!r}")
         super().__init__(package)
-        _collect_dead_owners_once()
         self.timeout_s = timeout_s
         self.load_timeout_s = load_timeout_s
         self.memory_limit_mb = memory_limit_mb
@@ -145,13 +133,18 @@ class OutOfProcessModel(Model):
         time.sleep(self._policy.delay_s())
         self._state = "starting"
         self._generation += 1
-        channel = self._arena.reset_channel()
+        spec, fds = self._arena.connect()
+        channel = self._arena.channel
         self._conversation = protocol.Conversation("host")
         self._kill_reason = None
-        args = ["--arena", self._arena.prefix, "--first-id", str(self._generation << 20),
+        args = ["--arena", spec, "--first-id", str(self._generation << 20),
                 "--host-pid", str(os.getpid()), "--max-bytes", str(self._arena.max_bytes)]
-        self._worker = WorkerProcess(self.name, args, python=self._python,
-                                     env=child_environment(self._env_vars))
+        try:
+            self._worker = WorkerProcess(self.name, args, python=self._python,
+                                         env=child_environment(self._env_vars), pass_fds=fds)
+        finally:
+            for fd in fds:  # the worker has its copies now
+                os.close(fd)
         try:
             deadline = time.monotonic() + self.load_timeout_s
             self._check_hello(self._receive(deadline, "starting"))
@@ -198,7 +191,7 @@ class OutOfProcessModel(Model):
         if how != "exited" and not force:
             worker.logger.warning("worker pid %d did not shut down when asked: %s", worker.pid, how)
         worker.reap()
-        self._arena.forget_peer_segments()
+        self._arena.disconnect()
 
     def _send(self, message, channel, timeout_s=-1.0, data=None):
         """Send ``message``; ``data`` is its encoding when the caller has it (a tensor frame)."""

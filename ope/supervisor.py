@@ -72,14 +72,14 @@ def describe_exit(returncode):
 class WorkerProcess:
     """One started worker process and the thread that reads its output."""
 
-    def __init__(self, name, args, *, python=None, env=None):
+    def __init__(self, name, args, *, python=None, env=None, pass_fds=()):
         self.name = name
         self.logger = logging.getLogger(f"ope.worker.{name}")
         self._tail = collections.deque(maxlen=_TAIL_LINES)
         self.proc = subprocess.Popen(
             [*_worker_command(python), *args],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            env=env, close_fds=True,
+            env=env, close_fds=True, pass_fds=pass_fds,
             # Terminal signals (Ctrl-C) go to the host, which then stops its workers in order.
             start_new_session=True)
         self.pid = self.proc.pid

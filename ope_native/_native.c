@@ -27,7 +27,6 @@
 #include <structmember.h>
 #define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
 #include <numpy/arrayobject.h>
-#include <dirent.h>
 #include <errno.h>
 #include <limits.h>
 #include <poll.h>
@@ -217,6 +216,7 @@ typedef struct {
     PyObject_HEAD
     char *base;
     Py_ssize_t size;
+    int private; /* copy-on-write: this process's writes never reach the segment */
     PyObject *weakrefs;
 } MappingObject;
 
@@ -224,10 +224,11 @@ static PyTypeObject MappingType;
 static PyTypeObject BlockType;
 
 static int mapping_init(MappingObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"fd", "size", "populate", NULL};
-    int fd, populate = 0;
+    static char *kwlist[] = {"fd", "size", "populate", "private", NULL};
+    int fd, populate = 0, private = 0;
     Py_ssize_t size;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "in|p", kwlist, &fd, &size, &populate)) return -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "in|pp", kwlist, &fd, &size, &populate, &private))
+        return -1;
     if (self->base) {
         PyErr_SetString(PyExc_RuntimeError, "Mapping already initialised");
         return -1;
@@ -236,14 +237,25 @@ static int mapping_init(MappingObject *self, PyObject *args, PyObject *kw) {
         PyErr_SetString(PyExc_ValueError, "mapping size must be positive");
         return -1;
     }
-    int flags = MAP_SHARED | (populate ? MAP_POPULATE : 0);
-    void *p = mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE, flags, fd, 0);
+    /* A private mapping is populated read-only and only then made writable: populating a
+     * writable private mapping would copy every page at once, and the copies would no longer
+     * see what the other process writes. Read faults share the segment's pages; only a page
+     * this process writes gets a private copy. The fd may then be read-only. */
+    int flags = (private ? MAP_PRIVATE : MAP_SHARED) | (populate ? MAP_POPULATE : 0);
+    int prot = private ? PROT_READ : PROT_READ | PROT_WRITE;
+    void *p = mmap(NULL, (size_t)size, prot, flags, fd, 0);
     if (p == MAP_FAILED) {
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
     }
+    if (private && mprotect(p, (size_t)size, PROT_READ | PROT_WRITE)) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        munmap(p, (size_t)size);
+        return -1;
+    }
     self->base = p;
     self->size = size;
+    self->private = private;
     return 0;
 }
 
@@ -1069,7 +1081,9 @@ static PyTypeObject BlockType = {
 static PyObject *mapping_get_address(MappingObject *self, void *c) { return PyLong_FromVoidPtr(self->base); }
 
 static PyMemberDef mapping_members[] = {
-    {"size", T_PYSSIZET, offsetof(MappingObject, size), READONLY, "size in bytes"}, {NULL}};
+    {"size", T_PYSSIZET, offsetof(MappingObject, size), READONLY, "size in bytes"},
+    {"private", T_INT, offsetof(MappingObject, private), READONLY, "1 for a copy-on-write mapping"},
+    {NULL}};
 
 static PyGetSetDef mapping_getset[] = {
     {"address", (getter)mapping_get_address, NULL, "base address in this process", NULL}, {NULL}};
@@ -1103,7 +1117,8 @@ static PyTypeObject MappingType = {
     .tp_dealloc = (destructor)mapping_dealloc,
     .tp_as_buffer = &mapping_as_buffer,
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Mapping(fd, size, populate=False): a shared mapping, unmapped when unreferenced.",
+    .tp_doc = "Mapping(fd, size, populate=False, private=False): a shared (or copy-on-write) "
+              "mapping, unmapped when unreferenced.",
     .tp_weaklistoffset = offsetof(MappingObject, weakrefs),
     .tp_methods = mapping_methods,
     .tp_members = mapping_members,
@@ -1224,35 +1239,15 @@ static PyTypeObject CallStatsType = {
 
 /* The worker's guarantee that it never outlives its host, whatever its model is doing: a
  * plain pthread (no GIL, so a model stuck in C code holding the GIL cannot delay it) sleeps on
- * a pidfd of the parent; when the parent is gone it removes the host's arena segments (the
- * host can no longer do it) and SIGKILLs its own process. getppid() is checked as well, for
- * kernels without pidfd. PR_SET_PDEATHSIG is not used: it fires when the parent *thread*
- * exits, and hosts start workers from whichever thread makes the call. */
-typedef struct {
-    pid_t parent;
-    char prefix[200];
-} ParentWatch;
-
-static void unlink_segments(const char *prefix) {
-    DIR *dir = opendir("/dev/shm");
-    if (!dir) return;
-    size_t n = strlen(prefix);
-    char path[512];
-    struct dirent *e;
-    while ((e = readdir(dir)) != NULL) {
-        if (strncmp(e->d_name, prefix, n) == 0 && e->d_name[n] == '-') {
-            snprintf(path, sizeof path, "/dev/shm/%s", e->d_name);
-            unlink(path);
-        }
-    }
-    closedir(dir);
-}
-
+ * a pidfd of the parent and SIGKILLs its own process when the parent is gone. getppid() is
+ * checked as well, for kernels without pidfd. PR_SET_PDEATHSIG is not used: it fires when the
+ * parent *thread* exits, and hosts start workers from whichever thread makes the call. The
+ * arena needs no clean-up here: its segments are memfds, gone with their last holder. */
 static void *parent_watch(void *arg) {
-    ParentWatch *w = arg;
-    int pidfd = (int)syscall(SYS_pidfd_open, w->parent, 0);
+    pid_t parent = (pid_t)(intptr_t)arg;
+    int pidfd = (int)syscall(SYS_pidfd_open, parent, 0);
     for (;;) {
-        if (getppid() != w->parent) break;
+        if (getppid() != parent) break;
         if (pidfd >= 0) {
             struct pollfd p = {pidfd, POLLIN, 0};
             if (poll(&p, 1, 100) > 0) break;
@@ -1260,32 +1255,21 @@ static void *parent_watch(void *arg) {
             usleep(100000);
         }
     }
-    if (w->prefix[0]) unlink_segments(w->prefix);
     kill(getpid(), SIGKILL);
     return NULL;
 }
 
-/* exit_with_parent(pid, prefix): see parent_watch(). */
+/* exit_with_parent(pid): see parent_watch(). */
 static PyObject *exit_with_parent(PyObject *m, PyObject *args) {
     long parent;
-    const char *prefix;
-    if (!PyArg_ParseTuple(args, "ls", &parent, &prefix)) return NULL;
-    if (strlen(prefix) >= sizeof(((ParentWatch *)0)->prefix) || strncmp(prefix, "ope-", 4) != 0) {
-        PyErr_SetString(PyExc_ValueError, "prefix must start with 'ope-' and be under 200 bytes");
-        return NULL;
-    }
+    if (!PyArg_ParseTuple(args, "l", &parent)) return NULL;
     if (getppid() != (pid_t)parent) {
         PyErr_Format(PyExc_RuntimeError, "parent %ld is already gone", parent);
         return NULL;
     }
-    ParentWatch *w = PyMem_RawMalloc(sizeof *w); /* lives as long as the process */
-    if (!w) return PyErr_NoMemory();
-    w->parent = (pid_t)parent;
-    strcpy(w->prefix, prefix);
     pthread_t t;
-    int err = pthread_create(&t, NULL, parent_watch, w);
+    int err = pthread_create(&t, NULL, parent_watch, (void *)(intptr_t)parent);
     if (err) {
-        PyMem_RawFree(w);
         errno = err;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
@@ -1849,6 +1833,64 @@ done:
     return result;
 }
 
+/* ---- inputs a model keeps past its call ------------------------------------------------ */
+
+/* The worker maps the host's segments copy-on-write (ope/arena.py), and the host reuses an
+ * input's block as soon as the call is answered. A model that keeps an input, or a view or
+ * tensor over it, would see the next call's bytes appear in it. So before a call is answered,
+ * every input referenced beyond the call's own dict gets a private copy of its pages (each
+ * page written once with the byte already there), and its segment's mapping leaves `rings`:
+ * later frames map the segment afresh (decode_frame's map_segment), while what the model kept
+ * goes on reading its frozen copy. */
+
+static void copy_pages_privately(char *start, Py_ssize_t nbytes) {
+    const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    char *end = start + nbytes;
+    for (volatile char *p = start; p < end; p = (char *)(((uintptr_t)p / page + 1) * page)) {
+        char byte = *p;
+        *p = byte;
+    }
+}
+
+/* Removes from `rings` (segment id -> (Mapping, ring offset)) the entries of mapping `m`. */
+static int forget_mapping(PyObject *rings, MappingObject *m) {
+    PyObject *stale = PyList_New(0), *key, *value;
+    Py_ssize_t pos = 0;
+    while (stale && PyDict_Next(rings, &pos, &key, &value))
+        if (PyTuple_Check(value) && PyTuple_GET_SIZE(value) > 0 &&
+            PyTuple_GET_ITEM(value, 0) == (PyObject *)m && PyList_Append(stale, key))
+            Py_CLEAR(stale);
+    for (Py_ssize_t i = 0; stale && i < PyList_GET_SIZE(stale); i++)
+        if (PyDict_DelItem(rings, PyList_GET_ITEM(stale, i))) Py_CLEAR(stale);
+    Py_XDECREF(stale);
+    return stale ? 0 : -1;
+}
+
+/* The inputs in `arrays` (name -> array) that something besides the dict still holds get
+ * private pages, and their mappings leave `rings`. Returns how many, or -1 on error. */
+static Py_ssize_t keep_kept_inputs(PyObject *arrays, PyObject *rings) {
+    Py_ssize_t pos = 0, kept = 0;
+    PyObject *name, *value;
+    while (PyDict_Next(arrays, &pos, &name, &value)) {
+        BlockObject *b = PyArray_Check(value) ? block_under((PyArrayObject *)value) : NULL;
+        if (!b || !b->mapping->private || (Py_REFCNT(value) == 1 && Py_REFCNT(b) == 1)) continue;
+        copy_pages_privately(b->mapping->base + b->offset, b->nbytes);
+        if (forget_mapping(rings, b->mapping)) return -1;
+        kept++;
+    }
+    return kept;
+}
+
+/* keep_kept_inputs(arrays, rings) -> count: see keep_kept_inputs(). */
+static PyObject *keep_kept_inputs_py(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2 || !PyDict_Check(args[0]) || !PyDict_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "keep_kept_inputs(arrays, rings) takes two dicts");
+        return NULL;
+    }
+    Py_ssize_t kept = keep_kept_inputs(args[0], args[1]);
+    return kept < 0 ? NULL : PyLong_FromSsize_t(kept);
+}
+
 /* ---- the worker's loop for calls ------------------------------------------------------- */
 
 /* The exception being raised, normalised and with its traceback attached, as a new reference
@@ -1883,8 +1925,8 @@ static int has_exactly(PyObject *outputs, PyObject *names) {
  * the (call_id, arrays, outputs, exception) that Python must answer: the model raised, or its
  * outputs are not a dict of the spec's names that a frame carries as they are. */
 static int answer_call(PyObject *message, PyObject *run, PyObject *names, PyObject *const *encoding,
-                       MappingObject *m, long long out_q, long long in_q, double spin_s,
-                       PyObject **left) {
+                       PyObject *rings, MappingObject *m, long long out_q, long long in_q,
+                       double spin_s, PyObject **left) {
     PyObject *call_id = PyTuple_GET_ITEM(message, 1), *arrays = PyTuple_GET_ITEM(message, 3);
     PyObject *outputs = PyObject_CallOneArg(run, arrays), *error = NULL;
     unsigned long long id = PyLong_AsUnsignedLongLong(call_id); /* decode_frame made it from a u64 */
@@ -1901,10 +1943,14 @@ static int answer_call(PyObject *message, PyObject *run, PyObject *names, PyObje
         error = take_exception();
     }
     if (encoded > 0) { /* the host gives the outputs' blocks back as it drops its views */
+        Py_CLEAR(outputs); /* an output may be an input: only what the model kept counts */
+        if (keep_kept_inputs(arrays, rings) < 0) {
+            encoded_release_raising(&e);
+            return -1;
+        }
         int pushed = queue_push_record(m, out_q, PyBytes_AS_STRING(e.frame), PyBytes_GET_SIZE(e.frame),
                                        -1.0, spin_s, in_q);
         encoded_clear(&e);
-        Py_DECREF(outputs);
         return pushed;
     }
     *left = Py_BuildValue("(OONN)", call_id, arrays, outputs ? outputs : Py_NewRef(Py_None),
@@ -1950,8 +1996,8 @@ static PyObject *serve_calls(PyObject *mod, PyObject *const *args, Py_ssize_t na
             }
         }
         if (!message) return Py_BuildValue("(dNO)", spin_s, data, Py_None);
-        int answered = answer_call(message, args[6], args[7], &PyTuple_GET_ITEM(args[5], 0), m,
-                                   out_q, in_q, spin_s, &call);
+        int answered = answer_call(message, args[6], args[7], &PyTuple_GET_ITEM(args[5], 0),
+                                   decode_args[2], m, out_q, in_q, spin_s, &call);
         Py_DECREF(message);
         if (answered == 1) {
             Py_DECREF(data);
@@ -2146,10 +2192,12 @@ static PyMethodDef module_methods[] = {
      "call_alone(mapping, out_q, in_q, spin_s, call_id, tensors, encoding, decoding, checks, stats) -> (outcome, spin_s, copied, reply, held, bindings): the host's lone call."},
     {"release_inputs", (PyCFunction)(void (*)(void))release_inputs_py, METH_FASTCALL,
      "release_inputs(scratch, sealed): give back a call's input copies and unseal the caller's arena arrays."},
+    {"keep_kept_inputs", (PyCFunction)(void (*)(void))keep_kept_inputs_py, METH_FASTCALL,
+     "keep_kept_inputs(arrays, peer_rings) -> count: private pages for inputs a model kept."},
     {"check_plain", (PyCFunction)(void (*)(void))check_plain, METH_FASTCALL,
      "check_plain(rows, values, sizes) -> {name: array} or None: ope.spec's success path."},
     {"exit_with_parent", exit_with_parent, METH_VARARGS,
-     "exit_with_parent(pid, prefix): when parent `pid` is gone, unlink /dev/shm/<prefix>-* and SIGKILL this process."},
+     "exit_with_parent(pid): when parent `pid` is gone, SIGKILL this process."},
     {NULL}};
 
 static struct PyModuleDef native_module = {

@@ -20,6 +20,13 @@ import models  # tests/ is on sys.path: pytest puts a rootless conftest's folder
 MODES = ["in_process", "out_of_process"]
 
 
+def attach_worker(host, first_id=2, max_bytes=4 << 20):
+    """A worker-side arena attached to the host arena ``host`` in this process, as a worker
+    process attaches to the descriptors it inherits (ope/arena.py)."""
+    spec, _ = host.connect()
+    return ope.arena.Arena.attach(spec, first_id=first_id, max_bytes=max_bytes)
+
+
 def describe(name, array, seg_id, payload):
     """The frame descriptor (ope/protocol.py) of ``array``, whose bytes lie at ``payload`` in
     segment ``seg_id``: what tests expect a frame to say, and how they write frames by hand."""
@@ -61,11 +68,9 @@ def _ope_segments():
     """ope- segments this test run could have left: those of this process, less those of
     models still open (module-scoped fixtures), and those whose owner is dead (a host process
     a test started and killed). Live owners elsewhere are other runs on this machine."""
-    open_arenas = tuple(model._arena.prefix + "-" for model in list(ope.host._open_models))
     mine = f"ope-{os.getpid()}-"
     return {name for name in os.listdir("/dev/shm")
-            if name.startswith("ope-") and not name.startswith(open_arenas)
-            and (name.startswith(mine) or not _owner_alive(name))}
+            if name.startswith("ope-") and (name.startswith(mine) or not _owner_alive(name))}
 
 
 def _owner_alive(name):

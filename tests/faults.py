@@ -22,17 +22,31 @@ import ctypes, json, os, signal, sys, time
 import numpy as np
 
 
+def _arena_mappings():
+    """(address, size) of every ope segment mapped in this worker (ope/arena.py)."""
+    found = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            if "memfd:ope-arena" in line:
+                start, end = (int(x, 16) for x in line.split()[0].split("-"))
+                found.append((start, end - start))
+    return found
+
+
+def _control_segment():
+    """The control segment: the one whose header names queue offsets."""
+    for address, size in _arena_mappings():
+        if int.from_bytes(ctypes.string_at(address + 24, 8), "little"):
+            return address, size
+    raise RuntimeError("no control segment mapped")
+
+
 def _corrupt_channel():
     """Scribble over the worker-to-host queue, as a buggy native extension might."""
-    prefix = sys.argv[sys.argv.index("--arena") + 1]
-    fd = os.open(f"/dev/shm/{prefix}-0", os.O_RDWR)
-    try:
-        header = os.pread(fd, 64, 0)
-        w2h_queue = int.from_bytes(header[32:40], "little")
-        os.pwrite(fd, os.urandom(256), w2h_queue + 384)       # the records
-        os.pwrite(fd, (2**40 + 12345).to_bytes(8, "little"), w2h_queue + 64)  # head
-    finally:
-        os.close(fd)
+    address, _ = _control_segment()
+    w2h_queue = int.from_bytes(ctypes.string_at(address + 32, 8), "little")
+    ctypes.memmove(address + w2h_queue + 384, os.urandom(256), 256)  # the records
+    ctypes.memmove(address + w2h_queue + 64, (2**40 + 12345).to_bytes(8, "little"), 8)  # head
 
 
 def factory(data_dir):

@@ -1,17 +1,17 @@
-"""The arena (ope/arena.py): segments in /dev/shm, growth up to a maximum, clean-up, the
-garbage collection of segments whose host died, and the worker's view of the host's blocks.
+"""The arena (ope/arena.py): sealed memfd segments handed over as descriptors, growth up to a
+maximum, clean-up, and the worker's copy-on-write view of the host's blocks.
 
-Every arena a test makes is closed at teardown, and the test checks that no name with its
-prefix is left in /dev/shm.
+Every arena a test makes is closed at teardown, and the test checks that its descriptors are
+closed and nothing appeared in /dev/shm.
 """
 
+import ctypes
+import fcntl
 import os
-import re
-import stat
+import socket
 import struct
 
 import numpy as np
-import posix_ipc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -19,19 +19,29 @@ from hypothesis import strategies as st
 import ope
 import ope_native
 from ope import protocol
-from ope.arena import SHM_DIR, Arena, gc_segments, segment_names
+from ope.arena import Arena
 from ope.ring import block_size
 
-from conftest import describe
+from conftest import attach_worker as attach, describe
 
 KIB, MIB = 1 << 10, 1 << 20
 
 
+def _open_fds():
+    return set(os.listdir("/proc/self/fd"))
+
+
+def _our_shm_names():
+    """Names this process made in /dev/shm (other processes on the machine may make theirs)."""
+    return {name for name in os.listdir("/dev/shm") if f"-{os.getpid()}-" in name}
+
+
 @pytest.fixture
 def make_arena():
-    """Arena.create with small defaults; closes every arena at teardown and checks that its
-    names are gone."""
+    """Arena.create with small defaults; closes every arena at teardown and checks that no
+    descriptor of theirs is left open and no name was made in /dev/shm."""
     made = []
+    fds_before, shm_before = _open_fds(), _our_shm_names()
 
     def make(**options):
         options = {"queue_bytes": 4 * KIB, "ring_bytes": 64 * KIB, "max_bytes": 4 * MIB, **options}
@@ -42,44 +52,55 @@ def make_arena():
     yield make
     for arena in made:
         arena.close()
-    for arena in made:
-        assert segment_names(arena.prefix) == [], "close() left names behind"
+    assert _open_fds() <= fds_before, "close() left descriptors open"
+    assert _our_shm_names() <= shm_before, "an arena made a name in /dev/shm"
 
 
 @pytest.fixture
 def pair(make_arena):
     """(host, worker): a host arena and a worker attached to it."""
     host = make_arena()
-    worker = Arena.attach(host.prefix, first_id=2, max_bytes=4 * MIB)
+    worker = attach(host)
     yield host, worker
     worker.close()
 
 
-def test_create_makes_one_owner_only_segment_named_for_this_process(make_arena):
+def _memfd_links():
+    """/proc/self/fd targets of this process's ope segments."""
+    links = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            links.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass
+    return [link for link in links if "memfd:ope-arena" in link]
+
+
+def test_segments_are_sealed_memfds_with_no_name_in_dev_shm(make_arena):
+    shm_before = _our_shm_names()
     arena = make_arena()
-    assert re.fullmatch(rf"ope-{os.getpid()}-[0-9a-f]+", arena.prefix)
-    names = segment_names(arena.prefix)
-    assert names == [f"{arena.prefix}-0"]
-    mode = os.stat(os.path.join(SHM_DIR, names[0])).st_mode
-    assert stat.S_IMODE(mode) == 0o600
+    assert _our_shm_names() == shm_before
+    assert len(_memfd_links()) == 1  # the first data segment; no worker yet
+    (fd,) = arena._own_fds.values()
+    seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    assert seals & (fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL) == \
+        fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+    with pytest.raises(PermissionError):
+        os.ftruncate(fd, 4096)  # nobody can shrink a segment under another's mapping
     assert arena.used_bytes() == 0 and arena.own_bytes > 64 * KIB
-
-
-def test_two_arenas_have_different_prefixes(make_arena):
-    assert make_arena().prefix != make_arena().prefix
 
 
 def test_allocating_more_than_the_ring_holds_grows_by_a_new_segment(make_arena):
     arena = make_arena()
     before = arena.own_bytes
     seg_id, payload, ring = arena.alloc(200 * KIB)
-    assert seg_id == 1  # the host's new segments have odd ids
-    assert segment_names(arena.prefix) == [f"{arena.prefix}-0", f"{arena.prefix}-1"]
+    assert seg_id == 3  # the host's segments have odd ids
+    assert len(_memfd_links()) == 2
     assert arena.own_bytes > before
     assert ring.used == block_size(200 * KIB)
     memoryview(arena.segment_mapping(seg_id))[payload:payload + 200 * KIB] = b"\x01" * (200 * KIB)
     small = arena.alloc(100)  # still room for small ones, in whichever ring has it
-    assert small[0] in (0, 1)
+    assert small[0] in (1, 3)
     assert arena.used_bytes() == block_size(200 * KIB) + block_size(100)
     ring.release(payload)
     small[2].release(small[1])
@@ -113,13 +134,13 @@ def test_new_block_gives_its_space_back_when_dropped(make_arena):
     assert arena.used_bytes() == 0
 
 
-def test_close_removes_every_name_with_the_prefix_and_can_be_repeated(make_arena, pair):
+def test_close_closes_every_descriptor_and_can_be_repeated(make_arena, pair):
     host, worker = pair
-    host.alloc(200 * KIB)  # segment 1
+    host.alloc(200 * KIB)  # segment 3, handed to the worker over the socket
     worker.alloc(10)  # the worker owns no ring yet: segment 2
-    assert len(segment_names(host.prefix)) == 3
+    worker.close()
     host.close()
-    assert segment_names(host.prefix) == []
+    assert _memfd_links() == []
     host.close()
 
 
@@ -130,64 +151,9 @@ def test_a_view_stays_readable_after_close(make_arena):
     array[:] = 7
     del block
     arena.close()
-    assert segment_names(arena.prefix) == []
+    assert _memfd_links() == []  # the mapping alone keeps the memory
     assert array.sum() == 7 * 16
 
-
-# -- garbage collection -------------------------------------------------------------------
-
-
-def _dead_pid():
-    """The pid of a child that has exited and been reaped."""
-    pid = os.fork()
-    if pid == 0:
-        os._exit(0)
-    os.waitpid(pid, 0)
-    return pid
-
-
-@pytest.fixture
-def hand_made_segments():
-    """make(name): a segment created directly with posix_ipc; unlinked at teardown if left."""
-    names = []
-
-    def make(name):
-        shm = posix_ipc.SharedMemory("/" + name, posix_ipc.O_CREX, mode=0o600, size=4096)
-        shm.close_fd()
-        names.append(name)
-        return name
-
-    yield make
-    for name in names:
-        try:
-            posix_ipc.unlink_shared_memory("/" + name)
-        except posix_ipc.ExistentialError:
-            pass
-
-
-def test_gc_removes_a_segment_whose_owner_is_dead_and_leaves_a_live_one(hand_made_segments):
-    dead = hand_made_segments(f"ope-{_dead_pid()}-0123abcd-0")
-    live = hand_made_segments(f"ope-{os.getpid()}-0123abcd-0")
-    removed = gc_segments()
-    assert dead in removed
-    assert live not in removed
-    assert not os.path.exists(os.path.join(SHM_DIR, dead))
-    assert os.path.exists(os.path.join(SHM_DIR, live))
-
-
-def test_gc_leaves_names_it_does_not_recognise(hand_made_segments):
-    odd = hand_made_segments(f"ope-{_dead_pid()}-not-ours")
-    assert odd not in gc_segments()
-    assert os.path.exists(os.path.join(SHM_DIR, odd))
-
-
-def test_gc_leaves_a_live_arena_alone(make_arena):
-    arena = make_arena()
-    assert not any(name.startswith(arena.prefix + "-") for name in gc_segments())
-    assert segment_names(arena.prefix) == [f"{arena.prefix}-0"]
-
-
-# -- the worker's side --------------------------------------------------------------------
 
 UINT8 = protocol.DTYPE_CODES[np.dtype("uint8")]
 
@@ -216,10 +182,28 @@ def test_the_worker_sees_the_hosts_blocks_as_sealed_read_only_views(pair):
     assert host.used_bytes() == block_size(64)
 
 
+def test_a_write_through_the_workers_mapping_never_reaches_the_host(pair):
+    """What torch does to a read-only numpy input (it ignores the flag): the write lands in
+    the worker's private copy of the page, and the host's bytes stay as they were."""
+    host, worker = pair
+    seg_id, block = host.new_block(64)
+    host_view = np.frombuffer(block, np.float32)
+    host_view[:] = 1
+    peer = peer_view(worker, seg_id, block.offset, 64)
+    ctypes.memset(peer.address, 0xFF, 64)
+    assert np.frombuffer(peer, np.uint8).tolist() == [0xFF] * 64
+    np.testing.assert_array_equal(host_view, np.ones(16, np.float32))
+    for fd in worker._peer_fds.values():  # and no way to write through its descriptors
+        with pytest.raises(OSError):
+            os.pwrite(fd, b"x", 4096)
+        with pytest.raises(OSError):
+            os.ftruncate(fd, 0)
+
+
 def test_the_worker_maps_a_segment_the_host_grew_later(pair):
     host, worker = pair
     seg_id, block = host.new_block(200 * KIB)
-    assert seg_id == 1
+    assert seg_id == 3
     np.frombuffer(block, np.uint8)[-1] = 9
     peer = peer_view(worker, seg_id, block.offset, 200 * KIB)
     assert np.frombuffer(peer, np.uint8)[-1] == 9
@@ -239,11 +223,12 @@ def test_the_host_sees_the_workers_blocks_and_gives_them_back(pair):
 
 
 @pytest.mark.parametrize("seg_id,offset,nbytes", [
-    (0, 1, 8),  # misaligned
-    (0, 0, 8),  # the arena header
-    (0, None, 1 << 30),  # runs past the ring
-    (1, 4096 + 128, 8),  # a host segment that does not exist
+    (1, 1, 8),  # misaligned
+    (1, 0, 8),  # the segment header
+    (1, None, 1 << 30),  # runs past the ring
+    (3, 4096 + 128, 8),  # a host segment that does not exist
     (2, 4096 + 128, 8),  # a segment the worker owns
+    (0, 4096 + 128, 8),  # the control segment
 ])
 def test_the_worker_refuses_a_bad_range_with_protocol_error(pair, seg_id, offset, nbytes):
     host, worker = pair
@@ -253,12 +238,45 @@ def test_the_worker_refuses_a_bad_range_with_protocol_error(pair, seg_id, offset
     ring.release(payload)
 
 
-def test_attach_refuses_a_segment_that_is_not_an_arena(hand_made_segments):
-    name = hand_made_segments(f"ope-{os.getpid()}-feedface-0")
-    with pytest.raises(ope.ProtocolError):
-        Arena.attach(name[:-2], first_id=2)
-    with pytest.raises(ope.ProtocolError):
-        Arena.attach(f"ope-{os.getpid()}-00000000", first_id=2)  # no such arena
+def _offer(worker, seg_id, fd):
+    socket.send_fds(worker._socket, [struct.pack("<Q", seg_id)], [fd])
+
+
+@pytest.mark.parametrize("make_fd", ["unsealed memfd", "regular file", "pipe"])
+def test_the_host_refuses_a_segment_that_could_shrink_under_it(pair, tmp_path, make_fd):
+    host, worker = pair
+    if make_fd == "unsealed memfd":
+        fd = os.memfd_create("ope-arena")
+        os.ftruncate(fd, 64 * KIB)
+    elif make_fd == "regular file":
+        fd = os.open(tmp_path / "segment", os.O_RDWR | os.O_CREAT)
+        os.ftruncate(fd, 64 * KIB)
+    else:
+        fd, other = os.pipe()
+        os.close(other)
+    try:
+        _offer(worker, 2, fd)
+    finally:
+        os.close(fd)
+    with pytest.raises(ope.ProtocolError, match="segment 2"):
+        peer_view(host, 2, 4096 + 64, 8)
+
+
+def test_the_host_refuses_a_segment_named_but_never_handed_over(pair):
+    host, _ = pair
+    with pytest.raises(ope.ProtocolError, match="never handed it over"):
+        peer_view(host, 2, 4096 + 64, 8)
+
+
+def test_attach_refuses_a_segment_that_is_not_an_arena():
+    fd = os.memfd_create("not-an-arena")
+    os.ftruncate(fd, 8192)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        with pytest.raises(ope.ProtocolError):
+            Arena.attach(f"control={fd};socket={theirs.detach()};segments=", first_id=2)
+    finally:
+        ours.close()
 
 
 def test_the_channel_connects_host_and_worker(pair):
@@ -269,27 +287,26 @@ def test_the_channel_connects_host_and_worker(pair):
     assert host.channel.receive(timeout_s=0) == b"ready"
 
 
-def test_reset_channel_empties_both_queues_for_a_new_worker(pair):
+def test_connect_gives_a_new_worker_a_fresh_channel(pair):
     host, worker = pair
     assert host.channel.send(b"stale", timeout_s=0)
-    worker.channel.close()
-    channel = host.reset_channel()
-    assert not channel.closed
-    fresh = Arena.attach(host.prefix, first_id=4)
+    worker.close()
+    fresh = attach(host, first_id=4)
     try:
+        assert not host.channel.closed
         assert fresh.channel.receive(timeout_s=0) is None
-        assert channel.send(b"new", timeout_s=0)
+        assert host.channel.send(b"new", timeout_s=0)
         assert fresh.channel.receive(timeout_s=0) == b"new"
     finally:
         fresh.close()
 
 
-def test_the_segment_header_describes_the_layout(make_arena):
-    arena = make_arena()
-    mapping = arena.segment_mapping(0)
-    magic, layout, size, h2w, w2h, ring = struct.unpack_from("<QI4xQQQQ", mapping, 0)
-    assert magic == 0x414E455241455045 and layout == 1 and size == mapping.size
-    assert h2w == 4096 and w2h == h2w + 4 * KIB and ring == w2h + 4 * KIB
+def test_the_control_segment_header_describes_the_layout(pair):
+    host, _ = pair
+    mapping = host.channel.mapping
+    magic, layout, size, h2w, w2h = struct.unpack_from("<QI4xQQQ", mapping, 0)
+    assert magic == 0x414E455241455045 and layout == 2 and size == mapping.size
+    assert h2w == 4096 and w2h == h2w + 4 * KIB and size == w2h + 4 * KIB
 
 
 # -- tensor frames straight into and out of the arena ---------------------------------------
@@ -392,7 +409,7 @@ def test_encode_grows_the_arena_for_a_big_tensor_and_the_peer_maps_the_new_segme
     host, worker = pair
     big = np.arange(100 * KIB, dtype=np.uint8)
     frame, copied, scratch, _ = host.encode(protocol.INFER, 1, {"big": big})
-    assert host.segment_id(scratch[0][0]) == 1
+    assert host.segment_id(scratch[0][0]) == 3
     np.testing.assert_array_equal(worker.decode(frame)[2]["big"], big)
     scratch[0][0].ring_release(*scratch[0][1:])
 

@@ -11,10 +11,10 @@ import pytest
 
 import ope_native
 from ope import TensorSpec, protocol
-from ope.arena import Arena, segment_names
+from ope.arena import Arena
 from ope.spec import input_plan, output_plan
 
-from conftest import describe
+from conftest import attach_worker, describe
 
 KIB = 1024
 SPIN_S = ope_native.SPIN_S
@@ -23,11 +23,10 @@ SPIN_S = ope_native.SPIN_S
 @pytest.fixture
 def pair():
     host = Arena.create(queue_bytes=4 * KIB, ring_bytes=64 * KIB, max_bytes=4 << 20)
-    worker = Arena.attach(host.prefix, first_id=2, max_bytes=4 << 20)
+    worker = attach_worker(host)
     yield host, worker
     worker.close()
     host.close()
-    assert segment_names(host.prefix) == []
 
 
 def call_alone(host, call_id, tensors, spin_s=SPIN_S, checks=None, stats=None):

@@ -1,6 +1,5 @@
 """The ope command: inspect, check and demo, through main(argv) and the console script."""
 
-import os
 import shutil
 import subprocess
 import sys
@@ -67,24 +66,3 @@ def test_demo_runs_end_to_end():
     rows = [line for line in result.stdout.splitlines()
             if any(f" {action} " in line for action in ACTIONS)]
     assert len(rows) == 6, result.stdout
-
-
-def test_gc_removes_segments_of_dead_processes_only(capsys):
-    import posix_ipc
-    from ope.arena import segment_names
-
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    orphan = posix_ipc.SharedMemory(f"/ope-{dead.pid}-deadbeef-0", posix_ipc.O_CREX, mode=0o600,
-                                    size=4096)
-    orphan.close_fd()
-    mine = posix_ipc.SharedMemory(f"/ope-{os.getpid()}-cafe0000-0", posix_ipc.O_CREX, mode=0o600,
-                                  size=4096)
-    mine.close_fd()
-    try:
-        assert main(["gc"]) == 0
-        assert f"ope-{dead.pid}-deadbeef-0" in capsys.readouterr().out
-        assert segment_names(f"ope-{dead.pid}-deadbeef") == []
-        assert segment_names(f"ope-{os.getpid()}-cafe0000") == [f"ope-{os.getpid()}-cafe0000-0"]
-    finally:
-        mine.unlink()

@@ -14,12 +14,12 @@ from hypothesis import strategies as st
 
 import ope
 from ope import protocol
-from ope.arena import Arena, segment_names
+from ope.arena import Arena
 from ope.protocol import (ERROR, HELLO, INFER, LOAD, READY, RESULT, SHUTDOWN, VERSION,
                           Conversation)
 from ope.ring import BLOCK_HEADER, LINE, RING_HEADER, Ring
 
-from conftest import describe
+from conftest import attach_worker, describe
 
 FUZZ = settings(max_examples=100, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -414,10 +414,10 @@ def test_a_table_of_bad_frames_raises_protocol_error(corrupt):
 
 @pytest.fixture
 def arenas():
-    """(host, worker) with a grown segment each: host ids 0 and 1, worker id 2."""
+    """(host, worker) with a grown segment each: host ids 1 and 3, worker id 2."""
     host = Arena.create(queue_bytes=4096, ring_bytes=64 * 1024, max_bytes=8 << 20)
     try:
-        worker = Arena.attach(host.prefix, first_id=2, max_bytes=8 << 20)
+        worker = attach_worker(host, max_bytes=8 << 20)
         for arena in (host, worker):  # grow by one segment, then leave the rings empty
             seg_id, payload, ring = arena.alloc(128 * 1024)
             ring.release(payload)
@@ -425,14 +425,12 @@ def arenas():
         worker.close()
     finally:
         host.close()
-    assert segment_names(host.prefix) == []
 
 
 def ring_of(block):
-    """The Ring a Block's payload belongs to: segment 0 names its ring offset in its header
-    (ope/arena.py), other segments hold their ring at offset 4096."""
-    offset = block.mapping.load64(40) or 4096
-    return Ring(block.mapping, offset)
+    """The Ring a Block's payload belongs to: every data segment holds its ring at offset
+    4096 (ope/arena.py)."""
+    return Ring(block.mapping, 4096)
 
 
 def decode_one(arena, desc):
@@ -446,10 +444,6 @@ def array_bounds(array):
     return start, start + array.nbytes
 
 
-def _ring_offset(arena, seg_id):
-    return arena.segment_mapping(0).load64(40) if seg_id == 0 else 4096
-
-
 @st.composite
 def payloads_near_a_ring(draw, ring_offset):
     """A payload offset around a ring's edges: most bad, some valid."""
@@ -459,11 +453,11 @@ def payloads_near_a_ring(draw, ring_offset):
 
 
 @st.composite
-def descriptors_near_a_ring(draw, arena, seg_ids):
+def descriptors_near_a_ring(draw, seg_ids):
     """A descriptor as unpack_frame passes it on (its sizes agree) for one of the peer's
     segments, or for any segment id, at a payload that may or may not be one of the ring's."""
     seg_id = draw(st.sampled_from(seg_ids) | st.integers(0, 2 ** 63 - 1))
-    payload = draw(payloads_near_a_ring(_ring_offset(arena, draw(st.sampled_from(seg_ids))))
+    payload = draw(payloads_near_a_ring(4096)
                    | st.integers(0, 2 ** 63 - 1))
     code = draw(st.sampled_from(CODES))
     itemsize = itemsize_of(code, draw(st.integers(0, 3)))
@@ -477,8 +471,8 @@ def descriptors_near_a_ring(draw, arena, seg_ids):
 @given(data=st.data())
 def test_bad_descriptors_raise_protocol_error_and_never_view_outside_a_ring(arenas, side, data):
     host, worker = arenas
-    arena, peer_ids = (host, [2]) if side == "host" else (worker, [0, 1])
-    desc = data.draw(descriptors_near_a_ring(arena, peer_ids))
+    arena, peer_ids = (host, [2]) if side == "host" else (worker, [1, 3])
+    desc = data.draw(descriptors_near_a_ring(peer_ids))
     try:
         array = decode_one(arena, desc)
     except ope.ProtocolError:
@@ -548,6 +542,7 @@ def test_a_string_tensor_travels_through_the_arena(arenas, strings):
     (2, None, 2 ** 40),       # longer than the ring
     (99, None, 8),            # a segment that does not exist
     (3, None, 8),             # an id the worker does not own
+    (0, None, 8),             # the control segment
 ])
 def test_a_table_of_bad_descriptors_raises_protocol_error(arenas, seg_id, payload, nbytes):
     """``None`` as the payload is replaced by a real, live payload of the worker's ring."""
