@@ -316,3 +316,51 @@ def test_torchscript_model_error_survives(load_model, gated):
         model.infer({"obs": np.zeros((0, 4), np.float32), "gain": np.float32(1)})
     assert model.infer({"obs": np.ones((1, 4), np.float32),
                         "gain": np.float32(1)})["logits"].shape == (1, 2)
+
+
+# What each unruly exception must come back as: (text in the message, text in the traceback).
+_UNRULY_TEXTS = {
+    "huge_message": ("[truncated 298,", "[truncated "),
+    "lone_surrogate": ("bad \\udc80 byte", "bad \\udc80 byte"),
+    "str_raises": ("<Unprintable object: its __str__ raised RuntimeError>", "raise Unprintable()"),
+    "huge_traceback": ("ValueError while running: deep down", "[truncated "),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(models.UNRULY_EXCEPTIONS))
+def test_an_unruly_model_exception_is_a_bounded_model_error_and_serving_goes_on(
+        load_model, unruly, kind):
+    model = load_model(unruly.path)
+    pid = model.health().get("pid")
+    with pytest.raises(ModelError) as caught:
+        model.infer({"kind": np.int32(models.UNRULY_EXCEPTIONS[kind])})
+    error, (in_message, in_traceback) = caught.value, _UNRULY_TEXTS[kind]
+    message = ope.OpeError.__str__(error)
+    assert in_message in message and len(message) <= ope.errors.MESSAGE_LIMIT
+    assert in_traceback in error.traceback_text
+    assert len(error.traceback_text) <= ope.errors.TRACEBACK_LIMIT
+    assert error.traceback_text.rstrip().endswith(("end", "byte", "deep down", "str() failed>"))
+    str(error).encode("utf-8")  # printable and encodable as it is
+    assert int(model.infer({"kind": np.int32(0)})["echo"]) == 0
+    assert model.health().get("restarts", 0) == 0 and model.health().get("pid") == pid
+
+
+def test_a_model_raising_unruly_exceptions_again_and_again_stays_usable(load_model, unruly):
+    model = load_model(unruly.path)
+    for _ in range(10):
+        for kind in models.UNRULY_EXCEPTIONS.values():
+            with pytest.raises(ModelError):
+                model.infer({"kind": np.int32(kind)})
+    assert int(model.infer({"kind": np.int32(0)})["echo"]) == 0
+    health = model.health()
+    assert health.get("restarts", 0) == 0 and health.get("state", "ready") == "ready"
+    assert model.stats()["errors"] == 10 * len(models.UNRULY_EXCEPTIONS)
+
+
+def test_an_unruly_exception_while_loading_is_a_bounded_model_error(tmp_path, load_model):
+    source = "def factory(d):\n    raise ValueError('bad \\udc80 ' + 'm' * 300_000)\n"
+    package = models.numpy_package(str(tmp_path), source, name="unloadable", inputs=[], outputs=[])
+    cut = r"in its factory: bad \\udc80 m+\n\.\.\. \[truncated"
+    with pytest.raises(ModelError, match=cut) as caught:
+        load_model(package.path)
+    assert len(ope.OpeError.__str__(caught.value)) <= ope.errors.MESSAGE_LIMIT

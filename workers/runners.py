@@ -16,12 +16,11 @@ import contextlib
 import importlib
 import os
 import sys
-import traceback
 import warnings
 
 import numpy as np
 
-from ope.errors import ModelError, PackageError
+from ope.errors import PackageError, model_error
 
 __all__ = ["Runner", "load_runner"]
 
@@ -46,9 +45,8 @@ def _model_error(package, error, while_doing):
     """ModelError for an exception raised by the model's code; the traceback starts at the
     model's frame, not ours."""
     frames = error.__traceback__.tb_next if error.__traceback__ else None
-    return ModelError(f"model {package.name!r} raised {type(error).__name__} {while_doing}: "
-                      f"{error}", error_type=type(error).__name__,
-                      traceback_text="".join(traceback.format_exception(type(error), error, frames)))
+    return model_error(error, f"model {package.name!r} raised {type(error).__name__} "
+                              f"{while_doing}", frames)
 
 
 def _call_model(package, model, inputs):
