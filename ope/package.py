@@ -17,6 +17,11 @@ Design idea: a package is written into a staging folder beside its destination, 
 there, and renamed into place, so a package that exists on disk is complete and has passed
 its own test. Reading checks the format version, then the manifest both ways (no missing,
 extra or changed file) before anything in the folder is parsed or executed.
+
+A package read once is pinned by its manifest's digest (the sha256 of manifest.json's bytes,
+which name every other file's sha256): whoever reads the folder again for the same model (a
+worker, each time it starts) passes the digest to :func:`read_package`, which refuses a
+folder that a deployment has changed since, instead of serving another model under its name.
 """
 
 import hashlib
@@ -51,10 +56,11 @@ _TEST_OUTPUTS = "test_data/outputs.npz"
 class Package:
     """Read-only view of a verified package on disk. Obtain one with :func:`read_package`."""
 
-    def __init__(self, path, config, inputs, outputs, files):
+    def __init__(self, path, config, inputs, outputs, files, manifest_digest):
         self.path = path
         self.config = config  # the raw config.json, already checked by _parse_specs
         self.files = files  # relative path -> sha256 hex digest, from the manifest
+        self.manifest_digest = manifest_digest  # sha256 hex digest of manifest.json's bytes
         self.name = config["name"]
         self.runner = config["runner"]
         self.inputs = inputs
@@ -110,24 +116,43 @@ class Package:
 
 # --- reading ------------------------------------------------------------------------------
 
-def read_package(path):
-    """Open and verify the package at ``path``; PackageError on anything wrong with it."""
+def read_package(path, *, manifest_digest=None):
+    """Open and verify the package at ``path``; PackageError on anything wrong with it.
+    ``manifest_digest``: the :attr:`Package.manifest_digest` of an earlier read of this
+    package, which the folder must still have (PackageError if it changed on disk)."""
     path = os.path.abspath(os.fspath(path))
     if not os.path.isdir(path):
         raise PackageError(f"no model package at {path} (not a directory)")
-    config = _read_json(path, _CONFIG)
+    config_bytes = _read_file(path, _CONFIG)
+    config = _parse_json(path, _CONFIG, config_bytes)
     _check_format(path, config)
-    files = _verify_manifest(path, _read_json(path, _MANIFEST))
-    return Package(path, config, *_parse_specs(path, config), files)
+    manifest_bytes = _read_file(path, _MANIFEST)
+    digest = hashlib.sha256(manifest_bytes).hexdigest()
+    if manifest_digest is not None and digest != manifest_digest:
+        raise PackageError(f"package at {path} changed on disk since it was loaded (manifest "
+                           f"digest: expected {manifest_digest[:16]}..., found {digest[:16]}...); "
+                           f"load it again to serve the new version")
+    # config.json is checked by the bytes parsed above, not read again: what is verified is
+    # what is used, even if the file changes meanwhile.
+    files = _verify_manifest(path, _parse_json(path, _MANIFEST, manifest_bytes),
+                             {_CONFIG: config_bytes})
+    return Package(path, config, *_parse_specs(path, config), files, digest)
 
 
-def _read_json(path, relative):
+def _read_file(path, relative):
     try:
-        with open(os.path.join(path, relative), encoding="utf-8") as file:
-            return json.load(file)
+        with open(os.path.join(path, relative), "rb") as file:
+            return file.read()
     except FileNotFoundError:
         raise PackageError(f"package {path}: {relative} is missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except OSError as error:
+        raise PackageError(f"package {path}: cannot read {relative} ({error})") from None
+
+
+def _parse_json(path, relative, data):
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise PackageError(f"package {path}: {relative} is not valid JSON ({error})") from None
 
 
@@ -141,7 +166,9 @@ def _check_format(path, config):
                            f"(this ope reads version {FORMAT_VERSION})")
 
 
-def _verify_manifest(path, manifest):
+def _verify_manifest(path, manifest, already_read):
+    """The manifest's files, after checking the folder against them; ``already_read``:
+    relative path -> the bytes of a file read before, hashed instead of reading it again."""
     if not isinstance(manifest, dict) or manifest.get("algorithm") != "sha256" \
             or not isinstance(manifest.get("files"), dict):
         raise PackageError(f"package {path}: {_MANIFEST} is malformed")
@@ -155,7 +182,10 @@ def _verify_manifest(path, manifest):
         raise PackageError(f"package {path}: unexpected file(s) {', '.join(extra)} "
                            f"(not in {_MANIFEST})")
     for relative in sorted(expected):
-        digest = _sha256(os.path.join(path, relative))
+        if relative in already_read:
+            digest = hashlib.sha256(already_read[relative]).hexdigest()
+        else:
+            digest = _sha256(os.path.join(path, relative))
         if digest != expected[relative]:
             raise PackageError(f"package {path}: hash mismatch for {relative} (manifest "
                                f"{str(expected[relative])[:12]}..., file {digest[:12]}...)")

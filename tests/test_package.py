@@ -82,6 +82,18 @@ def test_package_records_specs_and_files(affine):
                                   np.arange(8, dtype=np.float32).reshape(2, 4))
 
 
+def test_a_package_is_pinned_by_its_manifests_digest(tmp_path, affine):
+    path = copy_of(affine, tmp_path)
+    digest = hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest()
+    assert affine.manifest_digest == digest
+    assert ope.read_package(path, manifest_digest=digest).manifest_digest == digest
+    edit_config(path, name="renamed")
+    rehash(path)
+    with pytest.raises(PackageError, match=f"package at {path} changed on disk since it was "
+                                           f"loaded \\(manifest digest: expected {digest[:16]}"):
+        ope.read_package(path, manifest_digest=digest)
+
+
 def test_loading_writes_nothing_into_the_package(load_model, affine):
     load_model(affine.path).infer({"x": np.zeros((1, 4), np.float32)})
     ope.read_package(affine.path)  # no __pycache__ or other new file: the manifest still holds

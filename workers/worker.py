@@ -101,7 +101,7 @@ class Worker:
         try:
             if options.get("cpus"):
                 os.sched_setaffinity(0, options["cpus"])
-            self.package = read_package(path)
+            self.package = read_package(path, manifest_digest=options.get("manifest_digest"))
             ensure_requirements(self.package)
             self.runner = load_runner(self.package)
             if options.get("threads") and "torch" in sys.modules:
