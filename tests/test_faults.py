@@ -299,6 +299,22 @@ def test_a_restart_refuses_a_package_replaced_on_disk_since_it_was_loaded(open_m
         _answer(model)
 
 
+def test_a_restart_refuses_a_link_added_to_the_package_since_it_was_loaded(open_model, tmp_path):
+    path = _two_versions(tmp_path)[0]
+    model = open_model(path)
+    # A linked folder code/model/ would be imported before code/model.py; the manifest,
+    # and so its digest, do not change.
+    outside = tmp_path / "outside" / "model"
+    outside.mkdir(parents=True)
+    (outside / "__init__.py").write_text("def factory(d):\n    return lambda x: {'y': x * 0}\n")
+    os.symlink(outside, os.path.join(path, "code", "model"))
+    os.kill(model.health()["pid"], signal.SIGKILL)
+    with pytest.raises(ope.WorkerCrashed):
+        _answer(model)
+    with pytest.raises(ope.PackageError, match="code/model is a symbolic link"):
+        _answer(model)
+
+
 def test_replicas_never_serve_a_package_replaced_on_disk(open_model, tmp_path):
     path, upcoming = _two_versions(tmp_path)
     model = open_model(path, replicas=2)

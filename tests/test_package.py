@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import ope
+import ope.cli
 from ope import ModelError, PackageError, RequirementError, SpecError, TensorSpec
 from ope.requirements import check_requirements
 
@@ -215,7 +216,15 @@ def test_missing_entrypoint_module_is_a_package_error(tmp_path, load_model):
     assert config["entrypoint"] == "other:factory"
     shutil.move(tmp_path / "p" / "code" / "other.py", tmp_path / "p" / "code" / "gone.py")
     rehash(tmp_path / "p")
-    with pytest.raises(PackageError, match="entrypoint module 'other' not found"):
+    with pytest.raises(PackageError, match="module 'other' is not in the package's code/"):
+        load_model(package.path)
+
+
+def test_missing_entrypoint_submodule_is_a_package_error(tmp_path, load_model):
+    code_dir = models.write_code(str(tmp_path), "def factory(d):\n    return dict\n")
+    package = ope.package_python(tmp_path / "p", name="p", code_dir=code_dir,
+                                 entrypoint="model.gone:factory", inputs=[], outputs=[])
+    with pytest.raises(PackageError, match="entrypoint module 'model.gone' not found"):
         load_model(package.path)
 
 
@@ -275,6 +284,96 @@ def test_corrupt_torchscript_file_is_a_package_error(tmp_path, load_model, gated
     rehash(path)
     with pytest.raises(PackageError, match="cannot load TorchScript file"):
         load_model(str(path))
+
+
+# --- links and code from outside the package ---------------------------------------------------
+
+def outside_code(tmp_path, answer="x * 0"):
+    """A folder outside any package holding a package ``model`` (which, linked into code/,
+    would be imported before code/model.py)."""
+    folder = tmp_path / "outside" / "model"
+    folder.mkdir(parents=True)
+    (folder / "__init__.py").write_text(f"def factory(d):\n    return lambda x: {{'y': {answer}}}\n")
+    return folder
+
+
+def link_outside_copy(path, relative):
+    """Replace ``relative`` by a link to an identical copy outside: every hash still matches."""
+    outside = path.parent / "outside-copy"
+    outside.mkdir()
+    shutil.copy(path / relative, outside / "file")
+    (path / relative).unlink()
+    (path / relative).symlink_to(outside / "file")
+
+
+@pytest.mark.parametrize("change, entry, message", [
+    (lambda p, t: (p / "code" / "model").symlink_to(outside_code(t), target_is_directory=True),
+     "code/model", "is a symbolic link"),
+    (lambda p, t: link_outside_copy(p, "code/model.py"), "code/model.py", "is a symbolic link"),
+    (lambda p, t: link_outside_copy(p, "data/weight.npy"), "data/weight.npy", "is a symbolic link"),
+    (lambda p, t: ((p / "code" / "alias.py").symlink_to("model.py"), rehash(p)), "code/alias.py",
+     "is a symbolic link"),
+    (lambda p, t: os.mkfifo(p / "code" / "pipe"), "code/pipe", "is not a regular file or folder"),
+])
+def test_a_link_or_special_file_in_a_package_is_refused(tmp_path, load_model, affine, change,
+                                                        entry, message):
+    path = copy_of(affine, tmp_path)
+    change(path, tmp_path)
+    expected = f"package {path}: {entry} {message}"
+    with pytest.raises(PackageError, match=expected):
+        ope.read_package(path)
+    with pytest.raises(PackageError, match=expected):
+        load_model(str(path))
+
+
+def test_ope_check_refuses_a_package_with_a_link(tmp_path, capsys, affine):
+    path = copy_of(affine, tmp_path)
+    (path / "code" / "model").symlink_to(outside_code(tmp_path), target_is_directory=True)
+    assert ope.cli.main(["check", str(path)]) == 1
+    assert "code/model is a symbolic link" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("what", ["code_dir", "data_dir"])
+def test_packaging_refuses_a_link_in_the_folders_it_copies(tmp_path, what):
+    folders = {what: tmp_path / what for what in ("code_dir", "data_dir")}
+    for folder in folders.values():
+        folder.mkdir()
+    (folders["code_dir"] / "model.py").write_text("def factory(d):\n    return dict\n")
+    (folders[what] / "linked").symlink_to(outside_code(tmp_path), target_is_directory=True)
+    with pytest.raises(PackageError, match=f"{what} '{folders[what]}': linked is a symbolic link"):
+        ope.package_python(tmp_path / "p", name="p", entrypoint="model:factory", inputs=[],
+                           outputs=[], **{key: str(folder) for key, folder in folders.items()})
+    assert sorted(os.listdir(tmp_path)) == ["code_dir", "data_dir", "outside"]
+
+
+@pytest.mark.parametrize("entrypoint", ["json:loads", "os:getcwd"])
+def test_an_entrypoint_outside_the_packages_code_is_refused(tmp_path, load_model, affine,
+                                                            entrypoint):
+    code_dir = models.write_code(str(tmp_path), "def factory(d):\n    return dict\n")
+    top = entrypoint.partition(":")[0]
+    with pytest.raises(PackageError, match=f"entrypoint '{entrypoint}': module '{top}' is not "
+                                           f"in code_dir '{code_dir}'"):
+        ope.package_python(tmp_path / "p", name="p", code_dir=code_dir, entrypoint=entrypoint,
+                           inputs=[], outputs=[])
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(("p", ".p"))]
+    path = copy_of(affine, tmp_path)
+    edit_config(path, entrypoint=entrypoint)
+    rehash(path)
+    expected = f"entrypoint '{entrypoint}': module '{top}' is not in the package's code/"
+    with pytest.raises(PackageError, match=expected):
+        ope.read_package(path)
+    with pytest.raises(PackageError, match=expected):
+        load_model(str(path))
+
+
+def test_an_entrypoint_module_imported_from_elsewhere_is_refused(tmp_path, load_model):
+    # code/sys.py passes the check of the package's files, but the builtin sys comes first.
+    package = models.numpy_package(str(tmp_path), "def factory(d):\n    return dict\n",
+                                   name="p", module="sys", inputs=[], outputs=[])
+    assert package.entrypoint == "sys:factory"
+    with pytest.raises(PackageError, match="entrypoint 'sys:factory': module 'sys' was imported "
+                                           "from no file, not from the package's code/"):
+        load_model(package.path)
 
 
 # --- requirements ------------------------------------------------------------------------------
