@@ -3,13 +3,28 @@
 Everything ope raises on purpose derives from :class:`OpeError`. The same error types are
 raised in-process and out-of-process: a worker reports its failure as (type name, message,
 traceback text) and the host re-raises it as the matching type from this module.
+
+An error's texts come from code ope does not control (a model's exception), so one rule,
+:func:`bounded_text`, makes every text ope reports safe in both modes: printable and encodable
+(lone surrogates escaped), and bounded in length (a worker's ERROR must fit its control
+queue, and a log line should not carry megabytes). :func:`model_error` applies it to an
+exception raised by model code, whose ``__str__`` may even raise. (These helpers are for
+ope's own modules; ``__all__``, which ``ope`` re-exports, lists the error types only.)
 """
+
+import traceback
 
 __all__ = [
     "OpeError", "PackageError", "RequirementError", "SpecError", "ModelError",
     "ProtocolError", "ArenaFull", "WorkerError", "WorkerCrashed", "WorkerTimeout",
     "MemoryLimitExceeded", "ModelBroken", "ModelClosed", "EnvError",
 ]
+
+MESSAGE_LIMIT = 2_000  # characters of an error's message
+TRACEBACK_LIMIT = 16_000  # characters of a model's traceback text
+# Room kept for the note that replaces the middle of a cut text (it takes under 60 characters),
+# so a cut text stays within its limit and cutting it again changes nothing.
+_NOTE_ROOM = 64
 
 
 class OpeError(Exception):
@@ -91,3 +106,37 @@ class ModelClosed(OpeError):
 
 class EnvError(OpeError):
     """A worker environment is missing, incompatible, or could not be created."""
+
+
+def bounded_text(text, limit):
+    """``text`` made safe to report: lone surrogates (which UTF-8 cannot carry, so a message
+    holding one could not be sent) escaped as ``\\udc80``, and a text longer than ``limit``
+    characters cut to at most ``limit``. The middle goes, replaced by a note of how many
+    characters went: the start says what happened, the end of a traceback where it happened."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(text) <= limit:
+        return text
+    keep = max(limit - _NOTE_ROOM, 0)
+    head = keep - keep // 2
+    return (f"{text[:head]}\n... [truncated {len(text) - keep:,} characters] ...\n"
+            f"{text[len(text) - keep // 2:]}")
+
+
+def exception_text(exc):
+    """``str(exc)``, or a placeholder naming the exception's type when its ``__str__`` raises."""
+    try:
+        return str(exc)
+    except Exception as failure:
+        return f"<{type(exc).__name__} object: its __str__ raised {type(failure).__name__}>"
+
+
+def model_error(exc, headline, frames):
+    """The ModelError for ``exc``, raised by model code: message ``headline: <exc's text>``,
+    traceback text from ``frames`` (a traceback object or None), both by :func:`bounded_text`."""
+    try:
+        trace = "".join(traceback.format_exception(type(exc), exc, frames))
+    except Exception as failure:  # format_exception reads attributes the exception may break
+        trace = f"<the traceback could not be formatted: {type(failure).__name__}>"
+    return ModelError(bounded_text(f"{headline}: {exception_text(exc)}", MESSAGE_LIMIT),
+                      error_type=bounded_text(type(exc).__name__, MESSAGE_LIMIT),
+                      traceback_text=bounded_text(trace, TRACEBACK_LIMIT))

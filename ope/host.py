@@ -92,7 +92,10 @@ class OutOfProcessModel(Model):
         if threads is not None:
             for var in _THREAD_VARIABLES:
                 self._env_vars.setdefault(var, str(threads))
-        self._load_options = {"cpus": sorted(cpus) if cpus else None, "threads": threads}
+        # The manifest's digest pins every worker, restarts included, to the package read
+        # here (ope/package.py): a folder replaced on disk since is refused, not served.
+        self._load_options = {"cpus": sorted(cpus) if cpus else None, "threads": threads,
+                              "manifest_digest": package.manifest_digest}
         self._policy = RestartPolicy(max_restarts, restart_window_s)
         # Sending (and allocating from our rings) and receiving run concurrently, each under
         # its own lock; changing the worker takes both, always the receive lock first.

@@ -16,7 +16,16 @@ Layout of a package folder::
 Design idea: a package is written into a staging folder beside its destination, checked
 there, and renamed into place, so a package that exists on disk is complete and has passed
 its own test. Reading checks the format version, then the manifest both ways (no missing,
-extra or changed file) before anything in the folder is parsed or executed.
+extra or changed file) before anything in the folder is parsed or executed. A package holds
+regular files and folders only: a symbolic link anywhere in it is refused, since the manifest
+cannot vouch for what it points to (a linked folder in code/ would even shadow a verified
+module). A python package's entrypoint must be a module of its own code/, so it runs only the
+code its manifest verified.
+
+A package read once is pinned by its manifest's digest (the sha256 of manifest.json's bytes,
+which name every other file's sha256): whoever reads the folder again for the same model (a
+worker, each time it starts) passes the digest to :func:`read_package`, which refuses a
+folder that a deployment has changed since, instead of serving another model under its name.
 """
 
 import hashlib
@@ -51,10 +60,11 @@ _TEST_OUTPUTS = "test_data/outputs.npz"
 class Package:
     """Read-only view of a verified package on disk. Obtain one with :func:`read_package`."""
 
-    def __init__(self, path, config, inputs, outputs, files):
+    def __init__(self, path, config, inputs, outputs, files, manifest_digest):
         self.path = path
         self.config = config  # the raw config.json, already checked by _parse_specs
         self.files = files  # relative path -> sha256 hex digest, from the manifest
+        self.manifest_digest = manifest_digest  # sha256 hex digest of manifest.json's bytes
         self.name = config["name"]
         self.runner = config["runner"]
         self.inputs = inputs
@@ -73,6 +83,11 @@ class Package:
     def code_dir(self):
         """Absolute path of the copied code (python packages)."""
         return os.path.join(self.path, _CODE_DIR)
+
+    @property
+    def code_modules(self):
+        """Names of the top-level modules and packages in code/ (python packages)."""
+        return _code_modules(self.files)
 
     @property
     def data_dir(self):
@@ -110,24 +125,49 @@ class Package:
 
 # --- reading ------------------------------------------------------------------------------
 
-def read_package(path):
-    """Open and verify the package at ``path``; PackageError on anything wrong with it."""
+def read_package(path, *, manifest_digest=None):
+    """Open and verify the package at ``path``; PackageError on anything wrong with it.
+    ``manifest_digest``: the :attr:`Package.manifest_digest` of an earlier read of this
+    package, which the folder must still have (PackageError if it changed on disk)."""
     path = os.path.abspath(os.fspath(path))
     if not os.path.isdir(path):
         raise PackageError(f"no model package at {path} (not a directory)")
-    config = _read_json(path, _CONFIG)
+    config_bytes = _read_file(path, _CONFIG)
+    config = _parse_json(path, _CONFIG, config_bytes)
     _check_format(path, config)
-    files = _verify_manifest(path, _read_json(path, _MANIFEST))
-    return Package(path, config, *_parse_specs(path, config), files)
+    manifest_bytes = _read_file(path, _MANIFEST)
+    digest = hashlib.sha256(manifest_bytes).hexdigest()
+    if manifest_digest is not None and digest != manifest_digest:
+        raise PackageError(f"package at {path} changed on disk since it was loaded (manifest "
+                           f"digest: expected {manifest_digest[:16]}..., found {digest[:16]}...); "
+                           f"load it again to serve the new version")
+    # config.json is checked by the bytes parsed above, not read again: what is verified is
+    # what is used, even if the file changes meanwhile.
+    files = _verify_manifest(path, _parse_json(path, _MANIFEST, manifest_bytes),
+                             {_CONFIG: config_bytes})
+    package = Package(path, config, *_parse_specs(path, config), files, digest)
+    if package.runner == "python":
+        problem = _foreign_entrypoint(package.entrypoint, package.code_modules,
+                                      f"the package's {_CODE_DIR}/")
+        if problem:
+            raise PackageError(f"package {path}: {_CONFIG}: {problem}")
+    return package
 
 
-def _read_json(path, relative):
+def _read_file(path, relative):
     try:
-        with open(os.path.join(path, relative), encoding="utf-8") as file:
-            return json.load(file)
+        with open(os.path.join(path, relative), "rb") as file:
+            return file.read()
     except FileNotFoundError:
         raise PackageError(f"package {path}: {relative} is missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except OSError as error:
+        raise PackageError(f"package {path}: cannot read {relative} ({error})") from None
+
+
+def _parse_json(path, relative, data):
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise PackageError(f"package {path}: {relative} is not valid JSON ({error})") from None
 
 
@@ -141,7 +181,9 @@ def _check_format(path, config):
                            f"(this ope reads version {FORMAT_VERSION})")
 
 
-def _verify_manifest(path, manifest):
+def _verify_manifest(path, manifest, already_read):
+    """The manifest's files, after checking the folder against them; ``already_read``:
+    relative path -> the bytes of a file read before, hashed instead of reading it again."""
     if not isinstance(manifest, dict) or manifest.get("algorithm") != "sha256" \
             or not isinstance(manifest.get("files"), dict):
         raise PackageError(f"package {path}: {_MANIFEST} is malformed")
@@ -155,7 +197,13 @@ def _verify_manifest(path, manifest):
         raise PackageError(f"package {path}: unexpected file(s) {', '.join(extra)} "
                            f"(not in {_MANIFEST})")
     for relative in sorted(expected):
-        digest = _sha256(os.path.join(path, relative))
+        if relative in already_read:
+            digest = hashlib.sha256(already_read[relative]).hexdigest()
+        else:
+            try:
+                digest = _sha256(os.path.join(path, relative))
+            except OSError as error:  # changed since it was listed
+                raise PackageError(f"package {path}: cannot read {relative} ({error})") from None
         if digest != expected[relative]:
             raise PackageError(f"package {path}: hash mismatch for {relative} (manifest "
                                f"{str(expected[relative])[:12]}..., file {digest[:12]}...)")
@@ -163,17 +211,64 @@ def _verify_manifest(path, manifest):
 
 
 def _list_files(path):
-    """Every file under ``path`` as a relative posix path, except the manifest itself."""
-    for root, _, names in os.walk(path):
-        for name in names:
-            relative = os.path.relpath(os.path.join(root, name), path).replace(os.sep, "/")
-            if relative != _MANIFEST:
+    """Every file of the package folder ``path`` as a relative posix path, except the manifest
+    itself; PackageError for a link or another thing a package cannot hold (_walk)."""
+    return [relative for relative in _walk(path, f"package {path}") if relative != _MANIFEST]
+
+
+def _walk(root, where):
+    """Every file under ``root`` as a relative posix path. PackageError, naming ``where`` and
+    the entry, for a symbolic link (to a file or a folder) or anything else that is not a
+    regular file or folder, and for a folder that cannot be listed."""
+    folders = [""]
+    while folders:
+        folder = folders.pop()
+        try:
+            with os.scandir(os.path.join(root, folder)) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
+        except OSError as error:
+            raise PackageError(f"{where}: cannot list {folder or '.'} ({error})") from None
+        for entry in entries:
+            relative = folder + entry.name
+            if entry.is_symlink():
+                raise PackageError(f"{where}: {relative} is a symbolic link; a package holds "
+                                   f"no links, since its manifest cannot vouch for what they "
+                                   f"point to (copy the target in instead)")
+            if entry.is_dir(follow_symlinks=False):
+                folders.append(relative + "/")
+            elif entry.is_file(follow_symlinks=False):
                 yield relative
+            else:
+                raise PackageError(f"{where}: {relative} is not a regular file or folder")
+
+
+def _code_modules(files):
+    """The top-level module and package names that ``files`` (relative paths in a package)
+    put in code/: what an import from code/ can find there."""
+    names = set()
+    prefix = _CODE_DIR + "/"
+    for relative in files:
+        if relative.startswith(prefix):
+            entry, in_folder, _ = relative[len(prefix):].partition("/")
+            if in_folder or entry.endswith((".py", ".so")):
+                names.add(entry.partition(".")[0])
+    return names
+
+
+def _foreign_entrypoint(entrypoint, modules, where):
+    """Why ``entrypoint`` does not name a module of ``modules`` (the top-level names in
+    ``where``), or None if it does."""
+    top = entrypoint.partition(":")[0].partition(".")[0]
+    if top in modules:
+        return None
+    return (f"entrypoint {entrypoint!r}: module {top!r} is not in {where} (a package runs "
+            f"only its own code)")
 
 
 def _sha256(filename):
     digest = hashlib.sha256()  # not hashlib.file_digest: workers may run Python 3.10
-    with open(filename, "rb") as file:
+    # O_NOFOLLOW: a file replaced by a link after it was listed is not followed either.
+    with open(os.open(filename, os.O_RDONLY | os.O_NOFOLLOW), "rb") as file:
         for chunk in iter(lambda: file.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -259,6 +354,10 @@ def package_python(path, *, name, code_dir, entrypoint, data_dir=None, framework
 
     def write_artefacts(staging):
         _copy_tree(code_dir, os.path.join(staging, _CODE_DIR), "code_dir")
+        problem = _foreign_entrypoint(entrypoint, _code_modules(_list_files(staging)),
+                                      f"code_dir {code_dir!r}")
+        if problem:
+            raise PackageError(problem)
         if data_dir is not None:
             _copy_tree(data_dir, os.path.join(staging, _DATA_DIR), "data_dir")
         return {"entrypoint": entrypoint, "framework": framework}
@@ -373,6 +472,7 @@ def _copy_file(source, target):
 def _copy_tree(source, target, what):
     if not os.path.isdir(source):
         raise PackageError(f"{what} {source!r} is not a directory")
+    list(_walk(source, f"{what} {source!r}"))  # refuses links before anything is copied
     shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
 
 

@@ -241,8 +241,10 @@ _WIRE_ERRORS = {cls.__name__: cls for cls in (
 
 
 def error_fields(exc, limit):
-    """The extra fields of an ope error for an ERROR message, texts cut to ``limit`` chars."""
-    return {k: getattr(exc, k)[-limit:] for k in _WIRE_FIELDS if isinstance(getattr(exc, k, None), str)}
+    """The extra fields of an ope error for an ERROR message, texts by ope.errors' text rule
+    (bounded_text) to at most ``limit`` characters."""
+    return {k: errors.bounded_text(getattr(exc, k), limit) for k in _WIRE_FIELDS
+            if isinstance(getattr(exc, k, None), str)}
 
 
 def error_from_message(message):

@@ -129,3 +129,8 @@ def placeholder(package_root):
 @pytest.fixture(scope="session")
 def probe(package_root):
     return models.probe_package(str(package_root))
+
+
+@pytest.fixture(scope="session")
+def unruly(package_root):
+    return models.unruly_package(str(package_root))

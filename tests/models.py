@@ -16,7 +16,7 @@ from ope import TensorSpec
 
 __all__ = ["write_code", "numpy_package", "echo_package", "probe_package", "affine_package",
            "torchscript_package", "eager_torch_package", "placeholder_package",
-           "GatedPolicy", "PROBE_BEHAVIOURS"]
+           "unruly_package", "GatedPolicy", "PROBE_BEHAVIOURS", "UNRULY_EXCEPTIONS"]
 
 
 def write_code(root, source, module="model"):
@@ -95,6 +95,49 @@ def probe_package(root):
         root, _PROBE_SOURCE, name="probe",
         inputs=[TensorSpec("x", "float32", ("n", 2)), TensorSpec("behaviour", "string", ())],
         outputs=[TensorSpec("y", "float32", ("n", 2)), TensorSpec("label", "string", ("n",))])
+
+
+# What the unruly model raises, by the value of its input "kind" (0: no exception).
+UNRULY_EXCEPTIONS = {"huge_message": 1, "lone_surrogate": 2, "str_raises": 3,
+                     "huge_traceback": 4}
+
+_UNRULY_SOURCE = '''
+class Unprintable(Exception):
+    def __str__(self):
+        raise RuntimeError("no text for this exception")
+
+
+def ping(depth):
+    if depth == 0:
+        raise ValueError("deep down")
+    pong(depth - 1)
+
+
+def pong(depth):
+    ping(depth)  # alternating frames: the traceback module cannot fold them as a repeat
+
+
+def factory(data_dir):
+    def run(kind):
+        if kind == 1:
+            raise ValueError("start " + "m" * 300_000 + " end")
+        if kind == 2:
+            raise ValueError("bad \\udc80 byte")
+        if kind == 3:
+            raise Unprintable()
+        if kind == 4:
+            ping(300)
+        return {"echo": kind}
+    return run
+'''
+
+
+def unruly_package(root, name="unruly"):
+    """kind: int32 () -> echo: int32 (); raises the exception UNRULY_EXCEPTIONS names for
+    ``kind``: a 300 kB message, a lone surrogate, a ``__str__`` that raises, a deep traceback."""
+    return numpy_package(root, _UNRULY_SOURCE, name=name,
+                         inputs=[TensorSpec("kind", "int32", ())],
+                         outputs=[TensorSpec("echo", "int32", ())])
 
 
 _AFFINE_SOURCE = '''

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import ope
+import ope.cli
 from ope import ModelError, PackageError, RequirementError, SpecError, TensorSpec
 from ope.requirements import check_requirements
 
@@ -80,6 +81,18 @@ def test_package_records_specs_and_files(affine):
             "test_data/inputs.npz", "test_data/outputs.npz"} == set(reread.files)
     np.testing.assert_array_equal(reread.test_inputs()["x"],
                                   np.arange(8, dtype=np.float32).reshape(2, 4))
+
+
+def test_a_package_is_pinned_by_its_manifests_digest(tmp_path, affine):
+    path = copy_of(affine, tmp_path)
+    digest = hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest()
+    assert affine.manifest_digest == digest
+    assert ope.read_package(path, manifest_digest=digest).manifest_digest == digest
+    edit_config(path, name="renamed")
+    rehash(path)
+    with pytest.raises(PackageError, match=f"package at {path} changed on disk since it was "
+                                           f"loaded \\(manifest digest: expected {digest[:16]}"):
+        ope.read_package(path, manifest_digest=digest)
 
 
 def test_loading_writes_nothing_into_the_package(load_model, affine):
@@ -203,7 +216,15 @@ def test_missing_entrypoint_module_is_a_package_error(tmp_path, load_model):
     assert config["entrypoint"] == "other:factory"
     shutil.move(tmp_path / "p" / "code" / "other.py", tmp_path / "p" / "code" / "gone.py")
     rehash(tmp_path / "p")
-    with pytest.raises(PackageError, match="entrypoint module 'other' not found"):
+    with pytest.raises(PackageError, match="module 'other' is not in the package's code/"):
+        load_model(package.path)
+
+
+def test_missing_entrypoint_submodule_is_a_package_error(tmp_path, load_model):
+    code_dir = models.write_code(str(tmp_path), "def factory(d):\n    return dict\n")
+    package = ope.package_python(tmp_path / "p", name="p", code_dir=code_dir,
+                                 entrypoint="model.gone:factory", inputs=[], outputs=[])
+    with pytest.raises(PackageError, match="entrypoint module 'model.gone' not found"):
         load_model(package.path)
 
 
@@ -265,6 +286,96 @@ def test_corrupt_torchscript_file_is_a_package_error(tmp_path, load_model, gated
         load_model(str(path))
 
 
+# --- links and code from outside the package ---------------------------------------------------
+
+def outside_code(tmp_path, answer="x * 0"):
+    """A folder outside any package holding a package ``model`` (which, linked into code/,
+    would be imported before code/model.py)."""
+    folder = tmp_path / "outside" / "model"
+    folder.mkdir(parents=True)
+    (folder / "__init__.py").write_text(f"def factory(d):\n    return lambda x: {{'y': {answer}}}\n")
+    return folder
+
+
+def link_outside_copy(path, relative):
+    """Replace ``relative`` by a link to an identical copy outside: every hash still matches."""
+    outside = path.parent / "outside-copy"
+    outside.mkdir()
+    shutil.copy(path / relative, outside / "file")
+    (path / relative).unlink()
+    (path / relative).symlink_to(outside / "file")
+
+
+@pytest.mark.parametrize("change, entry, message", [
+    (lambda p, t: (p / "code" / "model").symlink_to(outside_code(t), target_is_directory=True),
+     "code/model", "is a symbolic link"),
+    (lambda p, t: link_outside_copy(p, "code/model.py"), "code/model.py", "is a symbolic link"),
+    (lambda p, t: link_outside_copy(p, "data/weight.npy"), "data/weight.npy", "is a symbolic link"),
+    (lambda p, t: ((p / "code" / "alias.py").symlink_to("model.py"), rehash(p)), "code/alias.py",
+     "is a symbolic link"),
+    (lambda p, t: os.mkfifo(p / "code" / "pipe"), "code/pipe", "is not a regular file or folder"),
+])
+def test_a_link_or_special_file_in_a_package_is_refused(tmp_path, load_model, affine, change,
+                                                        entry, message):
+    path = copy_of(affine, tmp_path)
+    change(path, tmp_path)
+    expected = f"package {path}: {entry} {message}"
+    with pytest.raises(PackageError, match=expected):
+        ope.read_package(path)
+    with pytest.raises(PackageError, match=expected):
+        load_model(str(path))
+
+
+def test_ope_check_refuses_a_package_with_a_link(tmp_path, capsys, affine):
+    path = copy_of(affine, tmp_path)
+    (path / "code" / "model").symlink_to(outside_code(tmp_path), target_is_directory=True)
+    assert ope.cli.main(["check", str(path)]) == 1
+    assert "code/model is a symbolic link" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("what", ["code_dir", "data_dir"])
+def test_packaging_refuses_a_link_in_the_folders_it_copies(tmp_path, what):
+    folders = {what: tmp_path / what for what in ("code_dir", "data_dir")}
+    for folder in folders.values():
+        folder.mkdir()
+    (folders["code_dir"] / "model.py").write_text("def factory(d):\n    return dict\n")
+    (folders[what] / "linked").symlink_to(outside_code(tmp_path), target_is_directory=True)
+    with pytest.raises(PackageError, match=f"{what} '{folders[what]}': linked is a symbolic link"):
+        ope.package_python(tmp_path / "p", name="p", entrypoint="model:factory", inputs=[],
+                           outputs=[], **{key: str(folder) for key, folder in folders.items()})
+    assert sorted(os.listdir(tmp_path)) == ["code_dir", "data_dir", "outside"]
+
+
+@pytest.mark.parametrize("entrypoint", ["json:loads", "os:getcwd"])
+def test_an_entrypoint_outside_the_packages_code_is_refused(tmp_path, load_model, affine,
+                                                            entrypoint):
+    code_dir = models.write_code(str(tmp_path), "def factory(d):\n    return dict\n")
+    top = entrypoint.partition(":")[0]
+    with pytest.raises(PackageError, match=f"entrypoint '{entrypoint}': module '{top}' is not "
+                                           f"in code_dir '{code_dir}'"):
+        ope.package_python(tmp_path / "p", name="p", code_dir=code_dir, entrypoint=entrypoint,
+                           inputs=[], outputs=[])
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(("p", ".p"))]
+    path = copy_of(affine, tmp_path)
+    edit_config(path, entrypoint=entrypoint)
+    rehash(path)
+    expected = f"entrypoint '{entrypoint}': module '{top}' is not in the package's code/"
+    with pytest.raises(PackageError, match=expected):
+        ope.read_package(path)
+    with pytest.raises(PackageError, match=expected):
+        load_model(str(path))
+
+
+def test_an_entrypoint_module_imported_from_elsewhere_is_refused(tmp_path, load_model):
+    # code/sys.py passes the check of the package's files, but the builtin sys comes first.
+    package = models.numpy_package(str(tmp_path), "def factory(d):\n    return dict\n",
+                                   name="p", module="sys", inputs=[], outputs=[])
+    assert package.entrypoint == "sys:factory"
+    with pytest.raises(PackageError, match="entrypoint 'sys:factory': module 'sys' was imported "
+                                           "from no file, not from the package's code/"):
+        load_model(package.path)
+
+
 # --- requirements ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("requires, message", [
@@ -316,3 +427,51 @@ def test_torchscript_model_error_survives(load_model, gated):
         model.infer({"obs": np.zeros((0, 4), np.float32), "gain": np.float32(1)})
     assert model.infer({"obs": np.ones((1, 4), np.float32),
                         "gain": np.float32(1)})["logits"].shape == (1, 2)
+
+
+# What each unruly exception must come back as: (text in the message, text in the traceback).
+_UNRULY_TEXTS = {
+    "huge_message": ("[truncated 298,", "[truncated "),
+    "lone_surrogate": ("bad \\udc80 byte", "bad \\udc80 byte"),
+    "str_raises": ("<Unprintable object: its __str__ raised RuntimeError>", "raise Unprintable()"),
+    "huge_traceback": ("ValueError while running: deep down", "[truncated "),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(models.UNRULY_EXCEPTIONS))
+def test_an_unruly_model_exception_is_a_bounded_model_error_and_serving_goes_on(
+        load_model, unruly, kind):
+    model = load_model(unruly.path)
+    pid = model.health().get("pid")
+    with pytest.raises(ModelError) as caught:
+        model.infer({"kind": np.int32(models.UNRULY_EXCEPTIONS[kind])})
+    error, (in_message, in_traceback) = caught.value, _UNRULY_TEXTS[kind]
+    message = ope.OpeError.__str__(error)
+    assert in_message in message and len(message) <= ope.errors.MESSAGE_LIMIT
+    assert in_traceback in error.traceback_text
+    assert len(error.traceback_text) <= ope.errors.TRACEBACK_LIMIT
+    assert error.traceback_text.rstrip().endswith(("end", "byte", "deep down", "str() failed>"))
+    str(error).encode("utf-8")  # printable and encodable as it is
+    assert int(model.infer({"kind": np.int32(0)})["echo"]) == 0
+    assert model.health().get("restarts", 0) == 0 and model.health().get("pid") == pid
+
+
+def test_a_model_raising_unruly_exceptions_again_and_again_stays_usable(load_model, unruly):
+    model = load_model(unruly.path)
+    for _ in range(10):
+        for kind in models.UNRULY_EXCEPTIONS.values():
+            with pytest.raises(ModelError):
+                model.infer({"kind": np.int32(kind)})
+    assert int(model.infer({"kind": np.int32(0)})["echo"]) == 0
+    health = model.health()
+    assert health.get("restarts", 0) == 0 and health.get("state", "ready") == "ready"
+    assert model.stats()["errors"] == 10 * len(models.UNRULY_EXCEPTIONS)
+
+
+def test_an_unruly_exception_while_loading_is_a_bounded_model_error(tmp_path, load_model):
+    source = "def factory(d):\n    raise ValueError('bad \\udc80 ' + 'm' * 300_000)\n"
+    package = models.numpy_package(str(tmp_path), source, name="unloadable", inputs=[], outputs=[])
+    cut = r"in its factory: bad \\udc80 m+\n\.\.\. \[truncated"
+    with pytest.raises(ModelError, match=cut) as caught:
+        load_model(package.path)
+    assert len(ope.OpeError.__str__(caught.value)) <= ope.errors.MESSAGE_LIMIT

@@ -296,12 +296,16 @@ def test_error_from_message_with_an_unhashable_type_name_is_a_model_error(type_n
     assert type(protocol.error_from_message(message)) is ope.ModelError
 
 
-def test_error_fields_round_trip_and_cut_long_texts():
-    exc = ope.ModelError("boom", error_type="ValueError", traceback_text="x" * 100 + "END")
-    fields = protocol.error_fields(exc, limit=10)
-    assert fields == {"error_type": "ValueError", "traceback_text": "xxxxxxxEND"}
-    back = protocol.error_from_message([ERROR, 1, "ModelError", "boom", fields])
-    assert back.traceback_text.endswith("END")
+def test_error_fields_round_trip_and_bound_their_texts():
+    exc = ope.ModelError("boom", error_type="Value\udc80Error",
+                         traceback_text="START" + "x" * 1000 + "END")
+    fields = protocol.error_fields(exc, limit=200)
+    assert fields["error_type"] == "Value\\udc80Error"  # a lone surrogate, escaped
+    text = fields["traceback_text"]
+    assert len(text) <= 200 and "[truncated 872 characters]" in text
+    sent = protocol.pack([ERROR, 1, "ModelError", "boom", fields])
+    back = protocol.error_from_message(protocol.unpack(sent))
+    assert back.traceback_text.startswith("START") and back.traceback_text.endswith("END")
     assert protocol.error_fields(ope.SpecError("bad"), limit=10) == {}
 
 

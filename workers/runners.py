@@ -16,12 +16,11 @@ import contextlib
 import importlib
 import os
 import sys
-import traceback
 import warnings
 
 import numpy as np
 
-from ope.errors import ModelError, PackageError
+from ope.errors import PackageError, model_error
 
 __all__ = ["Runner", "load_runner"]
 
@@ -46,9 +45,8 @@ def _model_error(package, error, while_doing):
     """ModelError for an exception raised by the model's code; the traceback starts at the
     model's frame, not ours."""
     frames = error.__traceback__.tb_next if error.__traceback__ else None
-    return ModelError(f"model {package.name!r} raised {type(error).__name__} {while_doing}: "
-                      f"{error}", error_type=type(error).__name__,
-                      traceback_text="".join(traceback.format_exception(type(error), error, frames)))
+    return model_error(error, f"model {package.name!r} raised {type(error).__name__} "
+                              f"{while_doing}", frames)
 
 
 def _call_model(package, model, inputs):
@@ -159,7 +157,7 @@ class _PythonRunner(Runner):
     def _load_model(self):
         package = self.package
         module_name, _, factory_name = package.entrypoint.partition(":")
-        with _private_imports(package.code_dir):
+        with _private_imports(package.code_dir, package.code_modules):
             try:
                 module = importlib.import_module(module_name)
             except ModuleNotFoundError as error:
@@ -169,6 +167,7 @@ class _PythonRunner(Runner):
                 raise _model_error(package, error, "while importing its code") from None
             except Exception as error:
                 raise _model_error(package, error, "while importing its code") from None
+        _check_origin(package, module)
         factory = getattr(module, factory_name, None)
         if not callable(factory):
             raise PackageError(f"package {package.name!r}: entrypoint {package.entrypoint!r} "
@@ -191,6 +190,19 @@ class _PythonRunner(Runner):
         with torch.inference_mode():
             result = _call_model(self.package, self._model, arguments)
         return _tensors_to_numpy(torch, result)
+
+
+def _check_origin(package, module):
+    """PackageError unless ``module`` was loaded from a file in the package's code/. Reading
+    the package checked that its entrypoint names a module there; this catches any way the
+    import still took another (a builtin or frozen module comes before code/, a module may
+    replace itself in sys.modules)."""
+    origin = getattr(module, "__file__", None)
+    code_dir = os.path.join(os.path.realpath(package.code_dir), "")
+    if not isinstance(origin, str) or not os.path.realpath(origin).startswith(code_dir):
+        raise PackageError(f"package {package.name!r}: entrypoint {package.entrypoint!r}: "
+                           f"module {module.__name__!r} was imported from "
+                           f"{origin or 'no file'}, not from the package's code/")
 
 
 class _PlaceholderRunner(Runner):
@@ -226,8 +238,9 @@ _RUNNERS = {"torchscript": _TorchScriptRunner, "python": _PythonRunner,
 
 
 @contextlib.contextmanager
-def _private_imports(code_dir):
-    """Import from ``code_dir`` without seeing, or leaking into, this process's modules.
+def _private_imports(code_dir, top_level):
+    """Import from ``code_dir``, whose top-level modules are named ``top_level``, without
+    seeing, or leaking into, this process's modules.
 
     Two packages loaded in one process may both ship a top-level module named ``model``;
     neither may get the other's. For the import, the package's top-level names leave
@@ -236,8 +249,6 @@ def _private_imports(code_dir):
     must import its modules at import time, not lazily) and the originals come back.
     No bytecode is written: the package folder must stay exactly as its manifest says.
     """
-    top_level = _top_level_names(code_dir)
-
     def own(module_name):
         return module_name.partition(".")[0] in top_level
 
@@ -253,12 +264,3 @@ def _private_imports(code_dir):
         for name in [name for name in sys.modules if own(name)]:
             del sys.modules[name]
         sys.modules.update(shadowed)
-
-
-def _top_level_names(code_dir):
-    names = set()
-    for entry in os.listdir(code_dir):
-        stem = entry.partition(".")[0]
-        if os.path.isdir(os.path.join(code_dir, entry)) or entry.endswith((".py", ".so")):
-            names.add(stem)
-    return names

@@ -15,14 +15,13 @@ import faulthandler
 import os
 import platform
 import sys
-import traceback
 
 import numpy as np
 
 import ope_native
 from ope import protocol
 from ope.arena import Arena
-from ope.errors import ModelError, OpeError
+from ope.errors import MESSAGE_LIMIT, TRACEBACK_LIMIT, OpeError, bounded_text, model_error
 from ope.package import read_package
 from ope.requirements import ensure_requirements
 from ope.spec import validate_inputs, validate_outputs
@@ -30,7 +29,6 @@ from workers.runners import load_runner
 
 __all__ = ["Worker", "main", "runtime_info"]
 
-_TRACEBACK_LIMIT = 16_000  # characters; a traceback must fit a control message
 _serve_calls = ope_native.serve_calls
 
 
@@ -103,7 +101,7 @@ class Worker:
         try:
             if options.get("cpus"):
                 os.sched_setaffinity(0, options["cpus"])
-            self.package = read_package(path)
+            self.package = read_package(path, manifest_digest=options.get("manifest_digest"))
             ensure_requirements(self.package)
             self.runner = load_runner(self.package)
             if options.get("threads") and "torch" in sys.modules:
@@ -157,13 +155,14 @@ class Worker:
 
 
 def _error_message(call_id, exc):
-    """An ERROR message for ``exc``; exceptions that are not ope's own become ModelError."""
+    """An ERROR message for ``exc``; exceptions that are not ope's own become ModelError. Its
+    texts go by ope.errors' text rule (bounded_text), whatever they hold: an ERROR that cannot
+    be encoded or does not fit the queue would end the worker."""
     if not isinstance(exc, OpeError):
-        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        exc = ModelError(f"{type(exc).__name__}: {exc}", error_type=type(exc).__name__,
-                         traceback_text=text)
-    return [protocol.ERROR, call_id, type(exc).__name__, OpeError.__str__(exc),
-            protocol.error_fields(exc, _TRACEBACK_LIMIT)]
+        exc = model_error(exc, type(exc).__name__, exc.__traceback__)
+    return [protocol.ERROR, call_id, type(exc).__name__,
+            bounded_text(OpeError.__str__(exc), MESSAGE_LIMIT),
+            protocol.error_fields(exc, TRACEBACK_LIMIT)]
 
 
 def main(argv=None):
