@@ -385,6 +385,11 @@ class Arena:
             raise ProtocolError(f"bad tensor frame ({len(data)} bytes) from the peer: {exc}") from exc
         return frame_message(kind, call_id, copied, tensors)
 
+    def keep_kept(self, arrays):
+        """Worker side, before answering a call: inputs in ``arrays`` (name -> array) that the
+        model still holds get private copies of their pages (ope_native.keep_kept_inputs)."""
+        ope_native.keep_kept_inputs(arrays, self._peer)
+
     def remap(self, arrays):
         """Worker side: map afresh the segments under ``arrays`` (inputs a model wrote into):
         their private copies must not stand in for the host's bytes in later calls."""

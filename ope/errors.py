@@ -15,7 +15,7 @@ ope's own modules; ``__all__``, which ``ope`` re-exports, lists the error types 
 import traceback
 
 __all__ = [
-    "OpeError", "PackageError", "RequirementError", "SpecError", "ModelError",
+    "OpeError", "PackageError", "RequirementError", "SpecError", "ModelError", "InputWriteError",
     "ProtocolError", "ArenaFull", "WorkerError", "WorkerCrashed", "WorkerTimeout",
     "MemoryLimitExceeded", "ModelBroken", "ModelClosed", "EnvError",
 ]
@@ -57,6 +57,11 @@ class ModelError(OpeError):
         if self.traceback_text:
             text += "\n\nModel traceback:\n" + self.traceback_text.rstrip()
         return text
+
+
+class InputWriteError(ModelError):
+    """The model wrote into one of its inputs in place (``x.mul_(2)``, ``relu_``). Inputs are
+    read-only: the caller's arrays and sealed buffers never change; the model stays usable."""
 
 
 class ProtocolError(OpeError):

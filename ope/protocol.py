@@ -237,7 +237,7 @@ _WIRE_FIELDS = ("error_type", "traceback_text")
 # Errors a worker may report; anything else it claims is reported as a ModelError.
 _WIRE_ERRORS = {cls.__name__: cls for cls in (
     errors.PackageError, errors.RequirementError, errors.SpecError, errors.ModelError,
-    errors.ArenaFull, errors.ProtocolError)}
+    errors.InputWriteError, errors.ArenaFull, errors.ProtocolError)}
 
 
 def error_fields(exc, limit):
@@ -253,6 +253,6 @@ def error_from_message(message):
     cls = _WIRE_ERRORS.get(type_name) if isinstance(type_name, str) else None
     if cls is None or not isinstance(text, str) or not isinstance(fields, dict):
         return errors.ModelError(f"worker reported {type_name!r:.100}: {text!r:.2000}")
-    if cls is errors.ModelError:
+    if issubclass(cls, errors.ModelError):
         return cls(text, **{k: v for k, v in fields.items() if k in _WIRE_FIELDS and isinstance(v, str)})
     return cls(text)

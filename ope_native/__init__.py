@@ -7,11 +7,11 @@ are documented in ope/ring.py, ope/channel.py and ope/protocol.py."""
 from ope_native._native import (
     BLOCK_HEADER, CALL_ANSWERED, CALL_NOT_PLAIN, CALL_NOT_SENT, CALL_SENT, CALL_UNCHECKED, LINE,
     QUEUE_HEADER, RING_HEADER, SPIN_S, Block, CallStats, Mapping, call_alone, check_plain,
-    decode_frame, encode_frame, exit_with_parent, pack_frame, release_inputs, serve_calls,
-    unpack_frame,
+    decode_frame, encode_frame, exit_with_parent, keep_kept_inputs, pack_frame, release_inputs,
+    serve_calls, unpack_frame,
 )
 
 __all__ = ["BLOCK_HEADER", "CALL_ANSWERED", "CALL_NOT_PLAIN", "CALL_NOT_SENT", "CALL_SENT",
            "CALL_UNCHECKED", "LINE", "QUEUE_HEADER", "RING_HEADER", "SPIN_S", "Block", "CallStats",
            "Mapping", "call_alone", "check_plain", "decode_frame", "encode_frame",
-           "exit_with_parent", "pack_frame", "release_inputs", "serve_calls", "unpack_frame"]
+           "exit_with_parent", "keep_kept_inputs", "pack_frame", "release_inputs", "serve_calls", "unpack_frame"]

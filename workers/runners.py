@@ -8,8 +8,14 @@ what is left (e.g. lists of str).
 
 This module is imported inside worker processes, so it depends only on numpy and on
 ope.errors / ope.spec / ope.package, never on host-side modules; torch is imported only by
-the runners that need it. The arrays a runner receives may be read-only views on shared
-memory: they are handed to the model without a copy and never written by the runner.
+the runners that need it. The arrays a runner receives are read-only views: on the caller's
+arrays in process, on the worker's copy-on-write mapping of the host's memory out of process.
+
+A model never changes the caller's data. numpy refuses writes to a read-only view; torch
+ignores the flag, so a torch runner hands its model tensors over the worker's copy-on-write
+memory, where a write reaches only the worker's own pages, and in process over copies. Either
+way an in-place op on an input (``x.mul_(2)``) bumps the tensor's version counter, and the call
+fails with InputWriteError naming the input, the same in both modes.
 """
 
 import contextlib
@@ -20,7 +26,7 @@ import warnings
 
 import numpy as np
 
-from ope.errors import PackageError, model_error
+from ope.errors import InputWriteError, PackageError, model_error
 
 __all__ = ["Runner", "load_runner"]
 
@@ -28,17 +34,20 @@ __all__ = ["Runner", "load_runner"]
 class Runner:
     """Executes one loaded model: ``run(inputs) -> outputs``, both dicts keyed by name."""
 
-    def __init__(self, package):
+    def __init__(self, package, private_inputs=False):
         self.package = package
+        self.private_inputs = private_inputs
 
     def run(self, inputs):
         raise NotImplementedError
 
 
-def load_runner(package):
+def load_runner(package, private_inputs=False):
     """The runner for ``package``. PackageError if its artefact or entrypoint is unusable,
-    ModelError if the model's own code raised while loading."""
-    return _RUNNERS[package.runner](package)
+    ModelError if the model's own code raised while loading. ``private_inputs``: the arrays
+    ``run`` gets lie in memory whose writes stay in this process (a worker's copy-on-write
+    view, ope/arena.py), so a model may be handed them as they are."""
+    return _RUNNERS[package.runner](package, private_inputs)
 
 
 def _model_error(package, error, while_doing):
@@ -67,9 +76,12 @@ def _import_torch(package):
     return torch
 
 
-def _to_tensor(torch, array):
-    """A tensor sharing memory with ``array``. Read-only arrays (shared-memory inputs) are
-    shared too: torch warns that it cannot mark them read-only, which is expected here."""
+def _to_tensor(torch, array, private):
+    """A tensor for the model over ``array``'s memory if writes to it are ``private``, else over
+    a copy. Torch warns that it cannot mark a read-only array's tensor read-only, which is why
+    it is private or a copy."""
+    if not private:
+        return torch.from_numpy(np.array(array))
     try:
         if array.flags.writeable:
             return torch.from_numpy(array)
@@ -79,6 +91,19 @@ def _to_tensor(torch, array):
             return torch.from_numpy(array)
     except ValueError:  # negative strides: torch cannot view them, so this one array is copied
         return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _check_inputs_untouched(package, arguments, torch):
+    """InputWriteError naming the inputs the model wrote into: every in-place op bumps a
+    tensor's version counter, which starts at 0 for the tensors made for the call."""
+    written = [name for name, value in arguments.items()
+               if isinstance(value, torch.Tensor) and value._version]
+    if written:
+        raise InputWriteError(
+            f"model {package.name!r} wrote into its input{'s' * (len(written) > 1)} "
+            f"{', '.join(map(repr, written))} in place: inputs are read-only, so the caller's "
+            f"data is unchanged (copy an input before changing it, e.g. x.clone())",
+            error_type="InputWriteError")
 
 
 def _tensors_to_numpy(torch, outputs):
@@ -105,8 +130,8 @@ class _TorchScriptRunner(Runner):
     """Calls ``forward`` with one keyword argument per input, under inference mode. Results:
     a dict (by name), a tuple (in output spec order) or anything else (the only output)."""
 
-    def __init__(self, package):
-        super().__init__(package)
+    def __init__(self, package, private_inputs=False):
+        super().__init__(package, private_inputs)
         self._torch = torch = _import_torch(package)
         try:
             self._module = torch.jit.load(package.model_file, map_location="cpu").eval()
@@ -128,9 +153,11 @@ class _TorchScriptRunner(Runner):
         torch = self._torch
         # TorchScript takes strings as List[str], not arrays.
         arguments = {name: array.tolist() if name in self._string_inputs
-                     else _to_tensor(torch, array) for name, array in inputs.items()}
+                     else _to_tensor(torch, array, self.private_inputs)
+                     for name, array in inputs.items()}
         with torch.inference_mode():
             result = _call_model(self.package, self._module, arguments)
+        _check_inputs_untouched(self.package, arguments, torch)
         return _tensors_to_numpy(torch, self._by_name(result))
 
     def _by_name(self, result):
@@ -149,8 +176,8 @@ class _PythonRunner(Runner):
     """Imports the entrypoint from the package's code, calls ``factory(data_dir)`` once,
     then calls the returned model with one keyword argument per input."""
 
-    def __init__(self, package):
-        super().__init__(package)
+    def __init__(self, package, private_inputs=False):
+        super().__init__(package, private_inputs)
         self._torch = _import_torch(package) if package.framework == "torch" else None
         self._model = self._load_model()
 
@@ -185,10 +212,12 @@ class _PythonRunner(Runner):
         torch = self._torch
         if torch is None:
             return _call_model(self.package, self._model, inputs)
-        arguments = {name: array if array.dtype.kind == "U" else _to_tensor(torch, array)
+        arguments = {name: array if array.dtype.kind == "U"
+                     else _to_tensor(torch, array, self.private_inputs)
                      for name, array in inputs.items()}
         with torch.inference_mode():
             result = _call_model(self.package, self._model, arguments)
+        _check_inputs_untouched(self.package, arguments, torch)
         return _tensors_to_numpy(torch, result)
 
 
@@ -209,8 +238,8 @@ class _PlaceholderRunner(Runner):
     """Random outputs of the spec'd dtypes; symbols take their sizes from the inputs, other
     free dims are 1."""
 
-    def __init__(self, package):
-        super().__init__(package)
+    def __init__(self, package, private_inputs=False):
+        super().__init__(package, private_inputs)
         self._random = np.random.default_rng()
 
     def run(self, inputs):

@@ -15,6 +15,7 @@ import faulthandler
 import os
 import platform
 import sys
+import traceback
 
 import numpy as np
 
@@ -68,7 +69,11 @@ class Worker:
             if call is None:
                 self.handle(protocol.unpack(data, self.arena))
             else:
-                self._finish_call(*call)
+                call_id, arrays = call[0], call[1]
+                self.conversation.received([protocol.INFER, call_id, arrays])
+                reply = self._reply(*call)
+                del call  # what the model returned or raised may hold inputs: let it go
+                self._answer(arrays, *reply)
 
     def _next_message(self):
         """(data, call): the next message for Python to handle, or a call for it to finish;
@@ -103,7 +108,7 @@ class Worker:
                 os.sched_setaffinity(0, options["cpus"])
             self.package = read_package(path, manifest_digest=options.get("manifest_digest"))
             ensure_requirements(self.package)
-            self.runner = load_runner(self.package)
+            self.runner = load_runner(self.package, private_inputs=True)
             if options.get("threads") and "torch" in sys.modules:
                 sys.modules["torch"].set_num_threads(options["threads"])
         except Exception as exc:
@@ -114,28 +119,33 @@ class Worker:
     def _infer(self, message):
         call_id, arrays = message[1], message[2]
         try:
-            outputs = self.runner.run(arrays)
+            reply = self._reply(call_id, arrays, self.runner.run(arrays), None)
         except Exception as exc:
-            return _error_message(call_id, exc)
-        return self._answer(call_id, arrays, outputs)
+            reply = self._reply(call_id, arrays, None, exc)
+        self._answer(arrays, *reply)
 
-    def _finish_call(self, call_id, arrays, outputs, error):
-        """Answer a call that serve_calls decoded and ran, and left to Python: the model
-        raised ``error``, or its ``outputs`` need the spec's check (or its error)."""
-        self.conversation.received([protocol.INFER, call_id, arrays])
-        reply = _error_message(call_id, error) if error is not None \
-            else self._answer(call_id, arrays, outputs)
-        if reply is not None:
-            self._send(reply)
+    def _reply(self, call_id, arrays, outputs, error):
+        """(message, frame, failed) answering a call the model ran (serve_calls leaves to
+        Python the calls whose model raised ``error`` or whose ``outputs`` need the spec's
+        check): the RESULT and its frame, or the ERROR to send instead."""
+        if error is None:
+            try:
+                return [protocol.RESULT, call_id], self._encode_outputs(call_id, arrays, outputs), False
+            except Exception as exc:
+                error = exc
+        message = _error_message(call_id, error)
+        _drop_frames(error)
+        return message, None, True
 
-    def _answer(self, call_id, arrays, outputs):
-        """Send the RESULT of ``outputs``; the ERROR to send instead if they cannot be."""
-        try:
-            frame = self._encode_outputs(call_id, arrays, outputs)
-        except Exception as exc:
-            return _error_message(call_id, exc)
-        self._send([protocol.RESULT, call_id], frame)
-        return None
+    def _answer(self, arrays, message, frame, failed):
+        """Send a call's reply, once the inputs it leaves behind are safe to give back: an
+        input the model still holds keeps a private copy of its pages, and after a failed
+        call (the model may have written into an input, then raised) the host's segments are
+        mapped afresh, so no later call reads this call's private copies (ope/arena.py)."""
+        if failed:
+            self.arena.remap(arrays.values())
+        self.arena.keep_kept(arrays)
+        self._send(message, frame)
 
     def _encode_outputs(self, call_id, inputs, outputs):
         """The RESULT frame of ``outputs``, each written into the worker's ring once."""
@@ -152,6 +162,16 @@ class Worker:
 
     def _shutdown(self, message):
         self.running = False
+
+
+def _drop_frames(exc):
+    """Clear the locals of the finished frames in ``exc``'s tracebacks (its causes and
+    contexts too): they hold the call's inputs, which would otherwise look kept by the model."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)
+        exc = exc.__cause__ or exc.__context__
 
 
 def _error_message(call_id, exc):
