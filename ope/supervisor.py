@@ -13,8 +13,10 @@ Stopping is a ladder that is always climbed to the end: ask (SHUTDOWN), wait; SI
 SIGKILL, wait. Failed workers are replaced under a :class:`RestartPolicy`: at most
 ``max_restarts`` failures within ``window_s``, each restart delayed by an exponential backoff;
 past that the model is broken and refuses calls with its failure history. A worker never
-outlives its host: it runs a native watchdog on the host's pid (ope_native.exit_with_parent)
-that also removes the host's segments.
+outlives its host: it runs a native watchdog (ope_native.exit_with_parent) on the host's pid
+and on the read end of a pipe whose write end only the host holds, close-on-exec, so that the
+host's death and its exec of another program both end the worker; the watchdog also removes
+the host's segments.
 """
 
 import collections
@@ -69,6 +71,36 @@ def describe_exit(returncode):
     return f"exited with code {returncode}"
 
 
+_host_pipe = None  # (read end, write end) of this process's pipe to its workers' watchdogs
+_host_pipe_lock = threading.Lock()
+
+
+def _host_pipe_read_end():
+    """The read end to hand a worker's watchdog. The pipe is made once per host process and
+    its write end stays open, unused, for the host's whole life; both ends are close-on-exec
+    (PEP 446) and workers get only the read end (pass_fds), so the write end closes exactly
+    when the host dies or execs, and every worker's watchdog sees end of file."""
+    global _host_pipe
+    with _host_pipe_lock:
+        if _host_pipe is None:
+            _host_pipe = os.pipe()
+        return _host_pipe[0]
+
+
+def _drop_host_pipe_in_child():
+    """A forked child must not hold its parent's write end: it would keep the parent's
+    workers alive after the parent execs. A child that loads models makes its own pipe."""
+    global _host_pipe, _host_pipe_lock
+    _host_pipe_lock = threading.Lock()
+    if _host_pipe is not None:
+        for fd in _host_pipe:
+            os.close(fd)
+        _host_pipe = None
+
+
+os.register_at_fork(after_in_child=_drop_host_pipe_in_child)
+
+
 class WorkerProcess:
     """One started worker process and the thread that reads its output."""
 
@@ -76,10 +108,11 @@ class WorkerProcess:
         self.name = name
         self.logger = logging.getLogger(f"ope.worker.{name}")
         self._tail = collections.deque(maxlen=_TAIL_LINES)
+        host_pipe = _host_pipe_read_end()
         self.proc = subprocess.Popen(
-            [*_worker_command(python), *args],
+            [*_worker_command(python), *args, "--host-pipe", str(host_pipe)],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            env=env, close_fds=True,
+            env=env, close_fds=True, pass_fds=(host_pipe,),
             # Terminal signals (Ctrl-C) go to the host, which then stops its workers in order.
             start_new_session=True)
         self.pid = self.proc.pid

@@ -314,6 +314,50 @@ def test_a_host_killed_mid_call_takes_its_worker_and_segments_with_it(faulty):
     host.stdout.close()
 
 
+_EXEC_HOST_SCRIPT = textwrap.dedent('''
+    import ctypes, os, sys, time
+    import ope
+    model = ope.load({path!r}, out_of_process=True)
+    print("worker", model.stats()["pid"], flush=True)
+    if {how!r} != "exec":
+        # A child that outlives what the host does next; a raw fork skips Python's at-fork
+        # handlers, so that child keeps the host's end of the watchdog pipe.
+        child = ctypes.CDLL(None).fork() if {how!r} == "raw_fork_then_die" else os.fork()
+        if child == 0:
+            time.sleep(30)
+            os._exit(0)
+        print("child", child, flush=True)
+    if {how!r} == "raw_fork_then_die":
+        os.kill(os.getpid(), 9)
+    os.execv(sys.executable, [sys.executable, "-c", "import time; time.sleep(30)"])
+''')
+
+
+@pytest.mark.parametrize("how", ["exec", "fork_then_exec", "raw_fork_then_die"])
+def test_a_host_that_execs_or_dies_takes_its_worker_and_segments_with_it(faulty, how):
+    """exec keeps the host's pid, so only the end of file on the host's pipe tells the worker
+    that its host is gone; a forked child of the host must not hold that pipe open; a child
+    that does (forked behind Python's back) leaves the host's death to the pidfd."""
+    script = _EXEC_HOST_SCRIPT.format(path=faulty, how=how)
+    host = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    child = None
+    try:
+        worker_pid = int(host.stdout.readline().split()[1])
+        if how != "exec":
+            child = int(host.stdout.readline().split()[1])
+        start = time.monotonic()
+        assert _wait_gone(worker_pid, 1.0 + SLACK_S)
+        assert time.monotonic() - start < 1.0 + SLACK_S
+        assert (host.poll() is None) == (how != "raw_fork_then_die")
+        assert _segments_of(host.pid) == []
+    finally:
+        if child is not None:
+            os.kill(child, signal.SIGKILL)
+        host.kill()
+        host.wait()
+        host.stdout.close()
+
+
 def test_interpreter_exit_with_a_model_open_leaves_nothing_behind(faulty):
     host = _run_host(faulty, mid_call=False)
     worker_pid = int(host.stdout.readline().split()[1])
