@@ -197,7 +197,6 @@ class OutOfProcessModel(Model):
         how = worker.stop(self.stop_grace_s, asked=not force)
         if how != "exited" and not force:
             worker.logger.warning("worker pid %d did not shut down when asked: %s", worker.pid, how)
-        worker.reap()
         self._arena.forget_peer_segments()
 
     def _send(self, message, channel, timeout_s=-1.0, data=None):
@@ -223,6 +222,7 @@ class OutOfProcessModel(Model):
                 raise self._timed_out(worker, doing)
 
     def _worker_died(self, worker, doing):
+        worker.kill()  # what it started dies too; its exit status and last output are in
         how = f"worker of model {self.name!r} (pid {worker.pid}) {describe_exit(worker.returncode)}"
         reason, tail = self._kill_reason, worker.output_tail()
         self._fail(reason or f"crashed: {describe_exit(worker.returncode)}")
@@ -239,8 +239,9 @@ class OutOfProcessModel(Model):
 
     def _supervise(self):
         worker = self._worker
-        if worker is not None and self.memory_limit_mb is not None:
-            rss = private_rss(worker.pid)
+        pids = worker.sample() if worker is not None else []
+        if pids and self.memory_limit_mb is not None:
+            rss = private_rss(pids)
             if rss is not None and rss > self.memory_limit_mb * _MIB:
                 self._kill_reason = (f"memory limit exceeded: {rss / _MIB:.0f} MiB private RSS "
                                      f"> memory_limit_mb={self.memory_limit_mb}")
@@ -556,7 +557,7 @@ class OutOfProcessModel(Model):
                       pid=worker.pid if worker else None, restarts=len(self._policy.history),
                       failures=[{"time": t, "reason": r} for t, _, r in self._policy.history])
         if worker is not None:
-            health.update(_process_usage(worker.pid))
+            health.update(_process_usage(worker))
         return health
 
     def stats(self):
@@ -732,13 +733,13 @@ def _arena_block(array):
     return base if type(base) is _Block else None
 
 
-def _process_usage(pid):
+def _process_usage(worker):
     try:
-        proc = psutil.Process(pid)
+        proc = psutil.Process(worker.pid)
         with proc.oneshot():
             memory = proc.memory_info()
             cpu = proc.cpu_times()
-        return {"rss_bytes": memory.rss, "private_rss_bytes": private_rss(pid),
+        return {"rss_bytes": memory.rss, "private_rss_bytes": private_rss(worker.sample()),
                 "cpu_user_s": cpu.user, "cpu_system_s": cpu.system}
     except psutil.Error:  # the worker may be gone by now; health reports what it can
         return {}

@@ -19,6 +19,7 @@ import psutil
 import pytest
 
 import ope
+from ope.supervisor import LIVENESS_SLICE_S
 from faults import fault_inputs, fault_package
 
 SLACK_S = 1.0
@@ -125,6 +126,102 @@ def test_crossing_the_memory_limit_kills_the_worker_and_raises(open_model):
     assert_works(model)
     assert model.stats()["pid"] != pid
     assert "memory limit" in model.health()["failures"][-1]["reason"]
+
+
+def _helpers_of(model):
+    """The processes the model's worker started (its children: none has left it yet)."""
+    return psutil.Process(model.stats()["pid"]).children()
+
+
+def _end_worker(model, end):
+    """End the model's worker the way ``end`` says; returns seconds to the error."""
+    start = time.monotonic()
+    if end == "close":
+        model.close()
+    elif end == "crash":
+        with pytest.raises(ope.WorkerCrashed) as caught:
+            model.infer(fault_inputs("exit3"))
+        assert "fault: exiting with code 3" in caught.value.stderr_tail
+    elif end == "timeout":
+        with pytest.raises(ope.WorkerTimeout):
+            model.infer(fault_inputs("spin"), timeout_s=0.3)
+    elif end == "memory":
+        with pytest.raises(ope.MemoryLimitExceeded):
+            model.infer(fault_inputs("balloon"))
+    return time.monotonic() - start
+
+
+@pytest.mark.parametrize("helper", ["spawn", "escape", "fork"])
+@pytest.mark.parametrize("end", ["close", "crash", "timeout", "memory"])
+def test_processes_a_model_starts_die_with_its_worker(open_model, helper, end):
+    """A helper holds the worker's output pipe open and, for "escape", sits outside its
+    process group: the error still comes in time, and the helper dies with the worker."""
+    model = open_model(memory_limit_mb=150 if end == "memory" else None)
+    assert_works(model)
+    model.infer(fault_inputs(helper))
+    helpers = _helpers_of(model)
+    assert len(helpers) == 1
+    time.sleep(0.3)  # the supervisor's periodic look at the worker's descendants
+    elapsed = _end_worker(model, end)
+    assert _wait_gone(helpers[0].pid, SLACK_S)
+    if end == "crash":
+        assert elapsed < 0.1 + SLACK_S
+    elif end == "timeout":
+        assert elapsed < 0.3 + LIVENESS_SLICE_S + SLACK_S
+    if end != "close":
+        assert_works(model)
+
+
+def test_processes_started_at_load_die_with_the_worker(open_model, package_root):
+    model = open_model(fault_package(str(package_root), name="load_spawn", load="spawn"))
+    helpers = _helpers_of(model)
+    assert len(helpers) == 1
+    model.close()
+    assert _wait_gone(helpers[0].pid, SLACK_S)
+
+
+def test_a_restart_leaves_no_helper_thread_or_descriptor_behind(open_model):
+    """Each worker's helper held its output pipe: the host must not keep a thread or a
+    descriptor waiting for that pipe's end."""
+    model = open_model(max_restarts=100)
+    assert_works(model)
+    threads, fds = threading.active_count(), len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        model.infer(fault_inputs("spawn"))
+        with pytest.raises(ope.WorkerCrashed):
+            model.infer(fault_inputs("sigkill"))
+        assert_works(model)
+    assert threading.active_count() <= threads
+    assert len(os.listdir("/proc/self/fd")) <= fds
+
+
+def _anonymous_rss():
+    """Bytes of this process's anonymous resident memory: its heap, not shared mappings."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) << 10
+    raise AssertionError("no RssAnon in /proc/self/status")
+
+
+@pytest.mark.parametrize("when", ["load", "call"])
+def test_output_without_newlines_keeps_the_host_small(open_model, package_root, caplog, when):
+    path = fault_package(str(package_root), name="load_flood", load="flood") \
+        if when == "load" else fault_package(str(package_root))
+    name = os.path.basename(path)
+    before = _anonymous_rss()
+    with caplog.at_level("INFO", logger=f"ope.worker.{name}"):
+        model = open_model(path)
+        if when == "call":
+            model.infer(fault_inputs("flood"))
+        deadline = time.monotonic() + 10.0
+        while not any("flood done" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, "the output after the flood never came"
+            time.sleep(0.01)  # polling the reader thread's progress
+    assert _anonymous_rss() - before < 16 << 20
+    cut = [r.getMessage() for r in caplog.records if "cut: line longer" in r.getMessage()]
+    assert len(cut) == 1 and len(cut[0]) < 65 << 10
+    assert_works(model)
 
 
 def test_garbage_in_shared_memory_is_a_protocol_error_not_a_host_crash(open_model):
