@@ -83,8 +83,9 @@ class OutOfProcessModel(Model):
     worker's interpreter), ``env_vars`` (extra environment), ``cpus`` (CPU affinity of the
     worker), ``threads`` (intra-op threads: OMP/MKL/OpenBLAS and torch), ``arena_mb`` (initial ring size
     per direction), ``arena_max_mb`` (growth limit per direction), ``memory_limit_mb``
-    (private RSS of the worker and its children), ``restart`` ("lazy" or "eager"),
-    ``max_restarts`` and ``restart_window_s``, ``stop_grace_s`` (between SIGTERM and SIGKILL).
+    (resident memory of the worker and its children, anonymous and shared, less the arena),
+    ``restart`` ("lazy" or "eager"), ``max_restarts`` and ``restart_window_s``,
+    ``stop_grace_s`` (between SIGTERM and SIGKILL).
     """
 
     def __init__(self, package, *, timeout_s=None, load_timeout_s=120.0, python=None,
@@ -241,10 +242,11 @@ class OutOfProcessModel(Model):
         worker = self._worker
         pids = worker.sample() if worker is not None else []
         if pids and self.memory_limit_mb is not None:
-            rss = private_rss(pids)
-            if rss is not None and rss > self.memory_limit_mb * _MIB:
-                self._kill_reason = (f"memory limit exceeded: {rss / _MIB:.0f} MiB private RSS "
-                                     f"> memory_limit_mb={self.memory_limit_mb}")
+            limit = self.memory_limit_mb * _MIB
+            rss = private_rss(pids, above=limit)
+            if rss is not None and rss > limit:
+                self._kill_reason = (f"memory limit exceeded: {rss / _MIB:.0f} MiB resident "
+                                     f"outside the arena > memory_limit_mb={self.memory_limit_mb}")
                 worker.kill()
         if self.restart == "eager" and self._worker is None and not self._closed \
                 and self._state == "restarting" and self._recv_lock.acquire(blocking=False):

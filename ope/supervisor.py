@@ -5,8 +5,8 @@ into slices of :data:`LIVENESS_SLICE_S` and each slice checks the process (``wai
 crash (signal, ``os._exit``, OOM kill) is seen within one slice even while a call is blocked;
 liveness does not rest on a thread inside the worker, so a model stuck in a Python loop or in
 C code is caught by its deadline all the same. One :class:`Supervisor` thread per host
-enforces memory limits (private RSS of the worker and its children, by psutil) and performs
-eager restarts. A worker's output (stdout and stderr, merged) goes line by line to the logger
+enforces memory limits (the resident memory of the worker and its descendants, anonymous and
+shared, less the arena: :func:`private_rss`) and performs eager restarts. A worker's output (stdout and stderr, merged) goes line by line to the logger
 ``ope.worker.<model name>``, read for all workers by one thread; the last lines are kept for
 error messages.
 
@@ -23,6 +23,7 @@ the host's segments.
 import collections
 import logging
 import os
+import re
 import select
 import selectors
 import signal
@@ -35,7 +36,7 @@ import weakref
 import psutil
 
 __all__ = ["WorkerProcess", "RestartPolicy", "Supervisor", "LIVENESS_SLICE_S", "describe_exit",
-           "child_environment", "private_rss"]
+           "child_environment", "private_rss", "is_arena_mapping"]
 
 _log = logging.getLogger("ope.supervisor")
 
@@ -128,7 +129,6 @@ class WorkerProcess:
         self._reaped = False
         self._descendants = {}  # pid -> psutil.Process (which checks its pid is not reused)
         try:
-            self._process = psutil.Process(self.pid)
             self._output = _WorkerOutput(self.proc.stdout, self.logger)
             self._reader = _OutputReader.get()
             self._reader.add(self._output)
@@ -158,33 +158,34 @@ class WorkerProcess:
         """The last lines the worker wrote; after :meth:`kill`, all it wrote is in."""
         return self._output.tail()
 
-    def sample(self):
-        """The pids of the worker and of its descendants now. Every descendant seen is
-        remembered for as long as it runs, so that the worker's end kills it also when it
-        left the group or its parent died. [] once the worker is reaped."""
+    def sample(self, fresh=False):
+        """The pids of the worker and of its descendants (by a scan of /proc at most
+        :data:`_SCAN_MAX_AGE_S` old, unless ``fresh``). Every descendant seen is remembered
+        for as long as it runs, so that the worker's end kills it also when it left the group
+        or its parent died. [] once the worker is reaped."""
         with self._lock:
             if self._reaped:
                 return []
-            try:
-                children = self._process.children(recursive=True)
-            except psutil.NoSuchProcess:
-                children = []
+            now = _descendants(self.pid, 0.0 if fresh else _SCAN_MAX_AGE_S)
             known = self._descendants
-            now = {child.pid for child in children}
             for pid in [pid for pid, proc in known.items()
                         if pid not in now and not proc.is_running()]:
                 del known[pid]
-            for child in children:
-                seen = known.get(child.pid)
-                if seen is None or seen.create_time() != child.create_time():
-                    known[child.pid] = child
+            for pid in now:
+                try:
+                    proc = psutil.Process(pid)
+                except psutil.NoSuchProcess:
+                    continue
+                seen = known.get(pid)
+                if seen is None or seen.create_time() != proc.create_time():
+                    known[pid] = proc
             return [self.pid, *now]
 
     def stop(self, grace_s, asked=False):
         """Climb the ladder: (if ``asked`` to shut down: wait), SIGTERM to the group, wait,
         then :meth:`kill`. Returns the step that ended the worker: 'exited', 'terminated' or
         'killed'."""
-        self.sample()  # the last look at its descendants while it runs
+        self.sample(fresh=True)  # the last look at its descendants while it runs
         if not self.alive() or (asked and self._wait(grace_s)):
             how = "exited"
         else:
@@ -244,6 +245,40 @@ class WorkerProcess:
 
     def __repr__(self):
         return f"<WorkerProcess {self.name} pid={self.pid} {describe_exit(self.returncode)}>"
+
+
+_SCAN_MAX_AGE_S = 0.05  # one scan of /proc serves every worker sampled within this time
+_scan_lock = threading.Lock()
+_scan = (float("-inf"), {})  # (monotonic time, parent pid -> child pids) of the last scan
+
+
+def _descendants(pid, max_age_s):
+    """The pids of ``pid``'s descendants, by a scan of /proc at most ``max_age_s`` old. A scan
+    costs ~10 us per process on the machine, so the supervisor's round shares one among all
+    its workers."""
+    global _scan
+    with _scan_lock:
+        taken, children = _scan
+        if time.monotonic() - taken > max_age_s:
+            children = collections.defaultdict(list)
+            for entry in os.scandir("/proc"):
+                if entry.name.isdigit():
+                    try:
+                        with open(f"/proc/{entry.name}/stat", "rb") as stat_file:
+                            stat = stat_file.read()
+                    except OSError:  # gone meanwhile
+                        continue
+                    # Fields after the command (which may hold anything): state, ppid, ...
+                    ppid = int(stat[stat.rindex(b")") + 2:].split(None, 2)[1])
+                    children[ppid].append(int(entry.name))
+            _scan = (time.monotonic(), children)
+    found, stack = set(), [pid]
+    while stack:
+        for child in children.get(stack.pop(), ()):
+            if child not in found:
+                found.add(child)
+                stack.append(child)
+    return found
 
 
 def _signal_group(pgid, sig):
@@ -389,19 +424,68 @@ def child_environment(extra=None):
     return env
 
 
-def private_rss(pids):
-    """Bytes of private resident memory of ``pids`` (a worker and its descendants, as
-    :meth:`WorkerProcess.sample` gives them): RSS less shared pages, as the arena and shared
-    libraries are not the worker's own growth. None for no pids."""
-    if not pids:
+# The arena's mappings, by the path /proc shows for them: /dev/shm segments, and memfd segments.
+_ARENA_MAPPINGS = ("/dev/shm/ope-", "/memfd:ope-arena")
+
+
+def is_arena_mapping(path):
+    """Whether a mapping of this path is the arena's: shared with the host, so not charged to
+    the worker's memory limit."""
+    return path.startswith(_ARENA_MAPPINGS)
+
+
+def private_rss(pids, above=None):
+    """Bytes of resident memory charged to ``pids`` (a worker and its descendants, as
+    :meth:`WorkerProcess.sample` gives them): anonymous pages and shared-memory pages
+    (``mmap(-1)``, memfd, /dev/shm), less the arena's mappings; file-backed pages (libraries,
+    mapped model files) are not counted. The cheap figure, RssAnon + RssShmem of
+    /proc/PID/status, includes the arena: only when it exceeds ``above`` (always, when
+    ``above`` is None) is the arena's share, read from /proc/PID/smaps, taken off. None when
+    none of ``pids`` is there."""
+    found, total = [], 0
+    for pid in pids:
+        charged = _anonymous_and_shared(pid)
+        if charged is not None:
+            found.append(pid)
+            total += charged
+    if not found:
+        return None
+    if above is not None and total <= above:
+        return total
+    return total - sum(_arena_resident(pid) for pid in found)
+
+
+def _anonymous_and_shared(pid):
+    """RssAnon + RssShmem of ``pid`` in bytes; None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as status:
+            text = status.read()
+    except (FileNotFoundError, ProcessLookupError):
         return None
     total = 0
-    for pid in pids:
-        try:
-            info = psutil.Process(pid).memory_info()
-        except psutil.NoSuchProcess:
-            continue
-        total += info.rss - info.shared
+    for line in text.splitlines():
+        if line.startswith((b"RssAnon:", b"RssShmem:")):
+            total += int(line.split()[1]) << 10
+    return total
+
+
+# In /proc/PID/smaps, the path of a shared-memory mapping ending its header line, and the first
+# Rss field after it (the mapping's own).
+_SHARED_MAPPING_PATH = re.compile(rb" ((?:/dev/shm/|/memfd:)[^\n]*)\n")
+_RSS_FIELD = re.compile(rb"^Rss: +(\d+) kB", re.MULTILINE)
+
+
+def _arena_resident(pid):
+    """Bytes of the arena's mappings resident in ``pid``."""
+    try:
+        with open(f"/proc/{pid}/smaps", "rb") as smaps:
+            text = smaps.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0
+    total = 0
+    for mapping in _SHARED_MAPPING_PATH.finditer(text):
+        if is_arena_mapping(mapping.group(1).decode("utf-8", "replace")):
+            total += int(_RSS_FIELD.search(text, mapping.end()).group(1)) << 10
     return total
 
 

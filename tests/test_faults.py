@@ -18,7 +18,9 @@ import numpy as np
 import psutil
 import pytest
 
+import models
 import ope
+from ope import TensorSpec
 from ope.supervisor import LIVENESS_SLICE_S
 from faults import fault_inputs, fault_package
 
@@ -222,6 +224,32 @@ def test_output_without_newlines_keeps_the_host_small(open_model, package_root, 
     cut = [r.getMessage() for r in caplog.records if "cut: line longer" in r.getMessage()]
     assert len(cut) == 1 and len(cut[0]) < 65 << 10
     assert_works(model)
+
+
+@pytest.mark.parametrize("fault", ["shared_balloon", "memfd_balloon"])
+def test_shared_memory_of_the_models_own_counts_against_the_limit(open_model, fault):
+    """384 MiB in a MAP_SHARED anonymous mapping or a memfd: shared memory, but not the
+    arena's, so it is the worker's own."""
+    model = open_model(memory_limit_mb=150)
+    with pytest.raises(ope.MemoryLimitExceeded, match="memory_limit_mb=150"):
+        model.infer(fault_inputs(fault))
+    assert_works(model)
+
+
+def test_the_arena_does_not_count_against_the_limit(open_model, package_root):
+    """200 MiB in and 200 MiB out through the arena, under a 150 MiB limit."""
+    path = models.echo_package(str(package_root), [TensorSpec("x", "uint8", ("n",))],
+                               name="big_echo").path
+    model = open_model(path, memory_limit_mb=150)
+    pid = model.stats()["pid"]
+    x = model.empty("x", (200 << 20,))
+    x[::4096] = 7
+    out = model.infer({"x": x})["echo_x"]
+    time.sleep(0.5)  # several of the supervisor's checks, with both mapped in the worker
+    assert out[4096] == 7 and model.stats()["pid"] == pid
+    assert model.health()["private_rss_bytes"] < 150 << 20
+    assert model.infer({"x": x})["echo_x"][8192] == 7
+    assert model.stats()["pid"] == pid and model.health()["restarts"] == 0
 
 
 def test_garbage_in_shared_memory_is_a_protocol_error_not_a_host_crash(open_model):
