@@ -6,12 +6,14 @@ crash (signal, ``os._exit``, OOM kill) is seen within one slice even while a cal
 liveness does not rest on a thread inside the worker, so a model stuck in a Python loop or in
 C code is caught by its deadline all the same. One :class:`Supervisor` thread per host
 enforces memory limits (the resident memory of the worker and its descendants, anonymous and
-shared, less the arena: :func:`private_rss`) and performs eager restarts. A worker's output (stdout and stderr, merged) goes line by line to the logger
+shared, less the arena: :func:`private_rss`), notes the worker's descendants, and performs
+eager restarts. A worker's output (stdout and stderr, merged) goes line by line to the logger
 ``ope.worker.<model name>``, read for all workers by one thread; the last lines are kept for
 error messages.
 
-Stopping is a ladder that is always climbed to the end: ask (SHUTDOWN), wait; SIGTERM, wait;
-SIGKILL, wait. Failed workers are replaced under a :class:`RestartPolicy`: at most
+Stopping is a ladder that is always climbed to the end: ask (SHUTDOWN), wait; SIGTERM to the
+worker's process group, wait; SIGKILL to the group and to every descendant noted, reap. What a
+model started dies with its worker, however the worker ends. Failed workers are replaced under a :class:`RestartPolicy`: at most
 ``max_restarts`` failures within ``window_s``, each restart delayed by an exponential backoff;
 past that the model is broken and refuses calls with its failure history. A worker never
 outlives its host: it runs a native watchdog (ope_native.exit_with_parent) on the host's pid
@@ -94,9 +96,10 @@ def _host_pipe_read_end():
 def _after_fork_in_child():
     """A forked child must not hold its parent's write end: it would keep the parent's
     workers alive after the parent execs. A child that loads models makes its own pipe, and
-    its own output reader (the parent's thread does not exist in the child)."""
-    global _host_pipe, _host_pipe_lock
-    _host_pipe_lock = threading.Lock()
+    its own output reader (the parent's thread does not exist in the child). Locks another
+    thread may have held at the fork are made anew."""
+    global _host_pipe, _host_pipe_lock, _scan_lock
+    _host_pipe_lock, _scan_lock = threading.Lock(), threading.Lock()
     if _host_pipe is not None:
         for fd in _host_pipe:
             os.close(fd)
@@ -185,12 +188,15 @@ class WorkerProcess:
         """Climb the ladder: (if ``asked`` to shut down: wait), SIGTERM to the group, wait,
         then :meth:`kill`. Returns the step that ended the worker: 'exited', 'terminated' or
         'killed'."""
-        self.sample(fresh=True)  # the last look at its descendants while it runs
-        if not self.alive() or (asked and self._wait(grace_s)):
+        if not self.alive():
             how = "exited"
         else:
-            self._signal_group(signal.SIGTERM)
-            how = "terminated" if self._wait(grace_s) else "killed"
+            self.sample(fresh=True)  # the last look at its descendants while it runs
+            if asked and self._wait(grace_s):
+                how = "exited"
+            else:
+                self._signal_group(signal.SIGTERM)
+                how = "terminated" if self._wait(grace_s) else "killed"
         self.kill()
         return how
 
@@ -210,7 +216,7 @@ class WorkerProcess:
             self._descendants.clear()
             self.proc.wait()
             self._reaped = True
-        self._reader.remove(self._output)
+            self._reader.remove(self._output)  # under the lock: a second kill() finds it done
 
     def _signal_group(self, sig):
         with self._lock:
