@@ -1,13 +1,13 @@
 """The worker process: serves one model to its host over a shared-memory arena.
 
-``python -m workers.worker --arena PREFIX --first-id N --host-pid PID --host-pipe FD ...`` attaches to the arena
-the host created, says HELLO, loads the package it is told to, then answers INFER messages in
-order until SHUTDOWN (protocol: ope/protocol.py). Inputs are read-only numpy views on the
-host's blocks; each output is written into a block of the worker's own ring once. While the
-model is ready, calls are answered in C around the model (ope_native.serve_calls: decode, run,
-encode, send), which leaves everything else to this loop: other messages, a model's error,
-outputs that need the spec's check. :class:`Worker` holds the loop so tests can drive it
-without a process; :func:`main` only wires it up.
+``python -m workers.worker --arena PREFIX --first-id N --host-pid PID --host-pipe FD ...``
+attaches to the arena the host created, says HELLO, loads the package it is told to, then
+answers INFER messages in order until SHUTDOWN (protocol: ope/protocol.py). Inputs are
+read-only numpy views on the host's blocks; each output is written into a block of the
+worker's own ring once. While the model is ready, calls are answered in C around the model
+(ope_native.serve_calls: decode, run, encode, send), which leaves everything else to this
+loop: other messages, a model's error, outputs that need the spec's check. :class:`Worker`
+holds the loop so tests can drive it without a process; :func:`main` only wires it up.
 """
 
 import argparse
