@@ -16,11 +16,10 @@ worker's process group, wait; SIGKILL to the group and to every descendant noted
 model started dies with its worker, however the worker ends. Failed workers are replaced
 under a :class:`RestartPolicy`: at most ``max_restarts`` failures within ``window_s``, each
 restart delayed by an exponential backoff; past that the model is broken and refuses calls
-with its failure history. A worker never
-outlives its host: it runs a native watchdog (ope_native.exit_with_parent) on the host's pid
-and on the read end of a pipe whose write end only the host holds, close-on-exec, so that the
-host's death and its exec of another program both end the worker; the watchdog also removes
-the host's segments.
+with its failure history. A worker never outlives its host: it runs a native watchdog
+(ope_native.exit_with_parent) on the host's pid and on the read end of a pipe whose write end
+only the host holds, close-on-exec, so that the host's death and its exec of another program
+both end the worker; the watchdog also removes the host's segments.
 """
 
 import collections
