@@ -6,10 +6,13 @@ Measured on the real path, with the fault-injection package of the test suite:
 - crash while a call is blocked: the worker is SIGKILLed from outside mid-call; time from the
   kill to WorkerCrashed in the caller (bound: 100 ms);
 - crash inside the call (os._exit): time from the call's start to WorkerCrashed, less the
-  round trip of a healthy call;
+  round trip of a healthy call; again with a helper process the model started (which holds
+  the worker's output pipe and must die with it);
 - deadline: how far past ``timeout_s`` WorkerTimeout arrives (the ladder's SIGTERM included);
+  again with a helper process;
 - memory limit: from the worker's start of ballooning to MemoryLimitExceeded;
-- host death: from SIGKILL of a host process to its worker's exit (bound: 1 s);
+- host death: from SIGKILL of a host process to its worker's exit (bound: 1 s); the same from
+  a host's exec of another program;
 - restart: the first call after a crash, which starts a fresh worker.
 """
 
@@ -61,13 +64,16 @@ def crash_while_blocked(path, rounds):
     return samples
 
 
-def _time_to_error(path, rounds, fault, error, **options):
-    """Per round: a healthy call (its time is the baseline), then the faulty call; returns the
-    faulty call's time to ``error`` less the baseline, in ms."""
+def _time_to_error(path, rounds, fault, error, helper=False, **options):
+    """Per round: a healthy call (its time is the baseline; with ``helper`` it starts a
+    process that never stops), then the faulty call; returns the faulty call's time to
+    ``error`` less the baseline, in ms."""
     samples = []
     with ope.load(path, out_of_process=True, max_restarts=10_000, **options) as model:
         for _ in range(rounds):
             model.infer(fault_inputs("ok"))  # the first call after a fault starts a worker
+            if helper:
+                model.infer(fault_inputs("spawn"))
             start = time.perf_counter()
             model.infer(fault_inputs("ok"))
             baseline = time.perf_counter() - start
@@ -79,12 +85,12 @@ def _time_to_error(path, rounds, fault, error, **options):
     return samples
 
 
-def crash_in_call(path, rounds):
-    return _time_to_error(path, rounds, "exit3", ope.WorkerCrashed)
+def crash_in_call(path, rounds, helper=False):
+    return _time_to_error(path, rounds, "exit3", ope.WorkerCrashed, helper)
 
 
-def deadline_overshoot(path, rounds, timeout_s=0.2):
-    samples = _time_to_error(path, rounds, "spin", ope.WorkerTimeout, timeout_s=timeout_s)
+def deadline_overshoot(path, rounds, timeout_s=0.2, helper=False):
+    samples = _time_to_error(path, rounds, "spin", ope.WorkerTimeout, helper, timeout_s=timeout_s)
     return [ms - timeout_s * 1e3 for ms in samples]
 
 
@@ -107,27 +113,36 @@ def restart_cost(path, rounds):
 
 
 _HOST = textwrap.dedent('''
-    import sys, ope, numpy as np
+    import os, sys, time, ope, numpy as np
     sys.path.insert(0, {tests!r})
     from faults import fault_inputs
     model = ope.load({path!r}, out_of_process=True)
     print(model.stats()["pid"], flush=True)
+    if {exec_!r}:
+        time.sleep(0.2)
+        print(time.monotonic(), flush=True)  # CLOCK_MONOTONIC: the same clock in every process
+        os.execv(sys.executable, [sys.executable, "-c", "import time; time.sleep(60)"])
     model.infer(fault_inputs("sleep", x=(60.0,)))
 ''')
 
 
-def host_death(path, rounds):
+def host_death(path, rounds, exec_=False):
+    """ms from the host's SIGKILL (or its exec of another program) to its worker's exit."""
     samples, leftovers = [], 0
     tests = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests")
     for _ in range(rounds):
-        host = subprocess.Popen([sys.executable, "-c", _HOST.format(tests=tests, path=path)],
-                                stdout=subprocess.PIPE, text=True)
+        script = _HOST.format(tests=tests, path=path, exec_=exec_)
+        host = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
         worker = psutil.Process(int(host.stdout.readline()))
-        time.sleep(0.2)  # the call is in flight
-        start = time.perf_counter()
-        host.kill()
+        if exec_:
+            start = float(host.stdout.readline())
+        else:
+            time.sleep(0.2)  # the call is in flight
+            start = time.monotonic()
+            host.kill()
         _wait_dead(worker)
-        samples.append((time.perf_counter() - start) * 1e3)
+        samples.append((time.monotonic() - start) * 1e3)
+        host.kill()
         host.wait()
         host.stdout.close()
         leftovers += len([n for n in os.listdir("/dev/shm") if n.startswith(f"ope-{host.pid}-")])
@@ -158,12 +173,18 @@ def main():
         rows = [
             ("crash while blocked (kill -> error)", crash_while_blocked(path, args.rounds), 100),
             ("crash inside the call (extra time)", crash_in_call(path, args.rounds), 100),
+            ("  the same, the model started a helper", crash_in_call(path, args.rounds, True), 100),
             ("deadline overshoot (past timeout_s)", deadline_overshoot(path, args.rounds), None),
+            ("  the same, the model started a helper",
+             deadline_overshoot(path, args.rounds, helper=True), None),
             ("memory limit 200 MB (call start -> error)", memory_limit(path, args.rounds), None),
             ("first call after a crash (fresh worker)", restart_cost(path, args.rounds), None),
         ]
         death, leftovers = host_death(path, max(3, args.rounds // 2))
         rows.append(("host SIGKILL -> worker gone", death, 1000))
+        death, left = host_death(path, max(3, args.rounds // 2), exec_=True)
+        rows.append(("host exec -> worker gone", death, 1000))
+        leftovers += left
     print()
     for name, samples, bound in rows:
         verdict = "" if bound is None else (

@@ -223,9 +223,12 @@ class Arena:
                 seg_id, fd = map(int, item.split(":"))
                 arena._peer_fds[seg_id] = fd
             mapping = ope_native.Mapping(control_fd, os.fstat(control_fd).st_size, populate=True)
+            h2w_q, w2h_q = _check_header(mapping, 0)
+        except BaseException:
+            arena.close()
+            raise
         finally:
             os.close(control_fd)
-        h2w_q, w2h_q = _check_header(mapping, 0)
         arena.channel = Channel(mapping, out_q=w2h_q, in_q=h2w_q)
         return arena
 

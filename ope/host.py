@@ -72,8 +72,9 @@ class OutOfProcessModel(Model):
     worker's interpreter), ``env_vars`` (extra environment), ``cpus`` (CPU affinity of the
     worker), ``threads`` (intra-op threads: OMP/MKL/OpenBLAS and torch), ``arena_mb`` (initial ring size
     per direction), ``arena_max_mb`` (growth limit per direction), ``memory_limit_mb``
-    (private RSS of the worker and its children), ``restart`` ("lazy" or "eager"),
-    ``max_restarts`` and ``restart_window_s``, ``stop_grace_s`` (between SIGTERM and SIGKILL).
+    (resident memory of the worker and its children, anonymous and shared, less the arena),
+    ``restart`` ("lazy" or "eager"), ``max_restarts`` and ``restart_window_s``,
+    ``stop_grace_s`` (between SIGTERM and SIGKILL).
     """
 
     def __init__(self, package, *, timeout_s=None, load_timeout_s=120.0, python=None,
@@ -193,7 +194,6 @@ class OutOfProcessModel(Model):
         how = worker.stop(self.stop_grace_s, asked=not force)
         if how != "exited" and not force:
             worker.logger.warning("worker pid %d did not shut down when asked: %s", worker.pid, how)
-        worker.reap()
         self._arena.disconnect()
 
     def _send(self, message, channel, timeout_s=-1.0, data=None):
@@ -219,6 +219,7 @@ class OutOfProcessModel(Model):
                 raise self._timed_out(worker, doing)
 
     def _worker_died(self, worker, doing):
+        worker.kill()  # what it started dies too; its exit status and last output are in
         how = f"worker of model {self.name!r} (pid {worker.pid}) {describe_exit(worker.returncode)}"
         reason, tail = self._kill_reason, worker.output_tail()
         self._fail(reason or f"crashed: {describe_exit(worker.returncode)}")
@@ -235,11 +236,13 @@ class OutOfProcessModel(Model):
 
     def _supervise(self):
         worker = self._worker
-        if worker is not None and self.memory_limit_mb is not None:
-            rss = private_rss(worker.pid)
-            if rss is not None and rss > self.memory_limit_mb * _MIB:
-                self._kill_reason = (f"memory limit exceeded: {rss / _MIB:.0f} MiB private RSS "
-                                     f"> memory_limit_mb={self.memory_limit_mb}")
+        pids = worker.sample() if worker is not None else []
+        if pids and self.memory_limit_mb is not None:
+            limit = self.memory_limit_mb * _MIB
+            rss = private_rss(pids, above=limit)
+            if rss is not None and rss > limit:
+                self._kill_reason = (f"memory limit exceeded: {rss / _MIB:.0f} MiB resident "
+                                     f"outside the arena > memory_limit_mb={self.memory_limit_mb}")
                 worker.kill()
         if self.restart == "eager" and self._worker is None and not self._closed \
                 and self._state == "restarting" and self._recv_lock.acquire(blocking=False):
@@ -552,7 +555,7 @@ class OutOfProcessModel(Model):
                       pid=worker.pid if worker else None, restarts=len(self._policy.history),
                       failures=[{"time": t, "reason": r} for t, _, r in self._policy.history])
         if worker is not None:
-            health.update(_process_usage(worker.pid))
+            health.update(_process_usage(worker))
         return health
 
     def stats(self):
@@ -728,13 +731,13 @@ def _arena_block(array):
     return base if type(base) is _Block else None
 
 
-def _process_usage(pid):
+def _process_usage(worker):
     try:
-        proc = psutil.Process(pid)
+        proc = psutil.Process(worker.pid)
         with proc.oneshot():
             memory = proc.memory_info()
             cpu = proc.cpu_times()
-        return {"rss_bytes": memory.rss, "private_rss_bytes": private_rss(pid),
+        return {"rss_bytes": memory.rss, "private_rss_bytes": private_rss(worker.sample()),
                 "cpu_user_s": cpu.user, "cpu_system_s": cpu.system}
     except psutil.Error:  # the worker may be gone by now; health reports what it can
         return {}

@@ -39,6 +39,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -1238,38 +1239,73 @@ static PyTypeObject CallStatsType = {
 /* ---- module ------------------------------------------------------------------------------ */
 
 /* The worker's guarantee that it never outlives its host, whatever its model is doing: a
- * plain pthread (no GIL, so a model stuck in C code holding the GIL cannot delay it) sleeps on
- * a pidfd of the parent and SIGKILLs its own process when the parent is gone. getppid() is
- * checked as well, for kernels without pidfd. PR_SET_PDEATHSIG is not used: it fires when the
- * parent *thread* exits, and hosts start workers from whichever thread makes the call. The
- * arena needs no clean-up here: its segments are memfds, gone with their last holder. */
+ * plain pthread (no GIL, so a model stuck in C code holding the GIL cannot delay it) sleeps in
+ * poll() on a pidfd of the parent and on the read end of the host's pipe, whose write end only
+ * the host holds, close-on-exec: end of file on it means the host died or exec'd another
+ * program (which keeps the pid, so the pidfd alone misses it). The pidfd still catches a host
+ * that died while a child forked behind Python's back holds the write end; the pipe alone
+ * still works across pid namespaces. When the host is gone the watchdog SIGKILLs its own
+ * process; the arena needs no clean-up, its segments are memfds, gone with their last holder.
+ * getppid() is checked as well, for kernels without pidfd. PR_SET_PDEATHSIG is not used: it
+ * fires when the parent *thread* exits, and hosts start workers from whichever thread makes
+ * the call. */
+typedef struct {
+    pid_t parent;
+    int pipe_fd;
+} ParentWatch;
+
 static void *parent_watch(void *arg) {
-    pid_t parent = (pid_t)(intptr_t)arg;
-    int pidfd = (int)syscall(SYS_pidfd_open, parent, 0);
+    ParentWatch *w = arg;
+    struct pollfd p[2];
+    nfds_t n = 0;
+    int pidfd = (int)syscall(SYS_pidfd_open, w->parent, 0);
+    if (pidfd >= 0) p[n++] = (struct pollfd){pidfd, POLLIN, 0};
+    if (w->pipe_fd >= 0) p[n++] = (struct pollfd){w->pipe_fd, POLLIN, 0};
     for (;;) {
-        if (getppid() != parent) break;
-        if (pidfd >= 0) {
-            struct pollfd p = {pidfd, POLLIN, 0};
-            if (poll(&p, 1, 100) > 0) break;
-        } else {
-            usleep(100000);
+        if (getppid() != w->parent) break;
+        /* With nothing to watch, poll() sleeps out its timeout and getppid() decides. */
+        if (poll(p, n, 100) <= 0) continue;
+        int gone = 0;
+        for (nfds_t i = 0; i < n; i++) {
+            /* The host never writes to the pipe: any readiness is end of file. */
+            if (p[i].revents & ~POLLNVAL) gone = 1;
         }
+        if (gone) break;
+        /* A descriptor the model closed under us: watch what is left. */
+        nfds_t kept = 0;
+        for (nfds_t i = 0; i < n; i++) {
+            if (!(p[i].revents & POLLNVAL)) p[kept++] = p[i];
+        }
+        n = kept;
     }
     kill(getpid(), SIGKILL);
     return NULL;
 }
 
-/* exit_with_parent(pid): see parent_watch(). */
+/* exit_with_parent(pid, pipe_fd=-1): see parent_watch(). */
 static PyObject *exit_with_parent(PyObject *m, PyObject *args) {
     long parent;
-    if (!PyArg_ParseTuple(args, "l", &parent)) return NULL;
+    int pipe_fd = -1;
+    if (!PyArg_ParseTuple(args, "l|i", &parent, &pipe_fd)) return NULL;
+    if (pipe_fd >= 0) {
+        struct stat st;
+        if (fstat(pipe_fd, &st) != 0 || !S_ISFIFO(st.st_mode)) {
+            PyErr_Format(PyExc_ValueError, "descriptor %d is not the read end of a pipe", pipe_fd);
+            return NULL;
+        }
+    }
     if (getppid() != (pid_t)parent) {
         PyErr_Format(PyExc_RuntimeError, "parent %ld is already gone", parent);
         return NULL;
     }
+    ParentWatch *w = PyMem_RawMalloc(sizeof *w); /* lives as long as the process */
+    if (!w) return PyErr_NoMemory();
+    w->parent = (pid_t)parent;
+    w->pipe_fd = pipe_fd;
     pthread_t t;
-    int err = pthread_create(&t, NULL, parent_watch, (void *)(intptr_t)parent);
+    int err = pthread_create(&t, NULL, parent_watch, w);
     if (err) {
+        PyMem_RawFree(w);
         errno = err;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
@@ -2197,7 +2233,7 @@ static PyMethodDef module_methods[] = {
     {"check_plain", (PyCFunction)(void (*)(void))check_plain, METH_FASTCALL,
      "check_plain(rows, values, sizes) -> {name: array} or None: ope.spec's success path."},
     {"exit_with_parent", exit_with_parent, METH_VARARGS,
-     "exit_with_parent(pid): when parent `pid` is gone, SIGKILL this process."},
+     "exit_with_parent(pid, pipe_fd=-1): when parent `pid` is gone, or the pipe whose read end is `pipe_fd` reaches end of file, SIGKILL this process."},
     {NULL}};
 
 static struct PyModuleDef native_module = {

@@ -2,11 +2,12 @@
 
 ``mode`` parametrises every test that loads a model; adding "out_of_process" to MODES runs
 the same tests through the other execution mode. ``load_model`` loads in that mode and
-closes at teardown. An autouse check fails any test that leaves a shared-memory segment
-(``/dev/shm/ope-*``) or a child process behind.
+closes at teardown. An autouse check fails any test that leaves a child process, a thread or a
+file descriptor (an arena segment among them) behind.
 """
 
 import os
+import threading
 import time
 
 import psutil
@@ -14,6 +15,7 @@ import pytest
 
 import ope
 import ope.host
+import ope.supervisor
 
 import models  # tests/ is on sys.path: pytest puts a rootless conftest's folder there
 
@@ -53,50 +55,66 @@ def load_model(mode):
         model.close()
 
 
-@pytest.fixture(autouse=True)
-def no_leaks():
-    segments_before = _ope_segments()
-    children_before = set(psutil.Process().children(recursive=True))
-    yield
-    leaked = _new_segments_still_there(segments_before)
-    assert not leaked, f"shared-memory segments left behind: {sorted(leaked)}"
-    children = set(psutil.Process().children(recursive=True)) - children_before
-    assert not children, f"child processes left behind: {children}"
-
-
-def _ope_segments():
-    """ope- segments this test run could have left: those of this process, less those of
-    models still open (module-scoped fixtures), and those whose owner is dead (a host process
-    a test started and killed). Live owners elsewhere are other runs on this machine."""
-    mine = f"ope-{os.getpid()}-"
-    return {name for name in os.listdir("/dev/shm")
-            if name.startswith("ope-") and (name.startswith(mine) or not _owner_alive(name))}
-
-
-def _owner_alive(name):
-    try:
-        return psutil.pid_exists(int(name.split("-")[1]))
-    except (IndexError, ValueError):
-        return False
+# ope's host-wide threads, which live as long as the host once started.
+HOST_THREADS = {"ope-supervisor", "ope-output"}
 
 
 @pytest.fixture(scope="session", autouse=True)
-def nothing_left_at_the_end():
-    before = {name for name in os.listdir("/dev/shm") if name.startswith(f"ope-{os.getpid()}-")}
+def host_wide_resources():
+    """Start what ope keeps for a host's whole life (the supervisor and output reader threads,
+    the pipe to workers' watchdogs) before the first test, so that no test counts them as its
+    leak."""
+    ope.supervisor.Supervisor.get()
+    ope.supervisor._OutputReader.get()
+    ope.supervisor._host_pipe_read_end()
+
+
+@pytest.fixture(autouse=True)
+def no_leaks():
+    children_before = set(psutil.Process().children(recursive=True))
+    threads_before, fds_before = set(threading.enumerate()), _open_fds()
     yield
-    left = {name for name in os.listdir("/dev/shm") if name.startswith(f"ope-{os.getpid()}-")}
-    assert left <= before, f"segments of this test run left in /dev/shm: {sorted(left - before)}"
+    children = set(psutil.Process().children(recursive=True)) - children_before
+    assert not children, f"child processes left behind: {children}"
+    threads, fds = _new_threads_and_fds_still_there(threads_before, fds_before)
+    assert not threads, f"threads left behind: {sorted(t.name for t in threads)}"
+    assert not fds, f"file descriptors left open: {fds}"  # arena segments among them
 
 
-def _new_segments_still_there(before, grace_s=2.0):
-    """New ope- segments that persist. /dev/shm is machine-wide: a segment another ope
-    process (a second test run) holds for a moment is not ours, so give it time to go."""
+def _open_fds():
+    """This process's descriptors, with what each refers to."""
+    fds = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            fds[int(fd)] = os.readlink(f"/proc/self/fd/{fd}")
+        except FileNotFoundError:  # the listing's own descriptor, or one closed meanwhile
+            pass
+    return fds
+
+
+def _new_threads_and_fds_still_there(threads_before, fds_before, grace_s=2.0):
+    """New threads (other than ope's host-wide ones) still running and new descriptors still
+    open after a grace for those ending now (a collector thread seeing its model closed)."""
     deadline = time.monotonic() + grace_s
-    leaked = _ope_segments() - before
-    while leaked and time.monotonic() < deadline:
-        time.sleep(0.05)
-        leaked &= _ope_segments()
-    return leaked
+    while True:
+        threads = {t for t in threading.enumerate()
+                   if t not in threads_before and t.name not in HOST_THREADS}
+        fds = {fd: target for fd, target in _open_fds().items()
+               if fds_before.get(fd) != target}
+        if not (threads or fds) or time.monotonic() >= deadline:
+            return threads, fds
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_names_in_dev_shm():
+    """ope's segments are memfds: a run of the suite never makes a name in /dev/shm (other
+    runs on the machine may, hence only names of this host process)."""
+    before = set(os.listdir("/dev/shm"))
+    yield
+    made = {name for name in set(os.listdir("/dev/shm")) - before
+            if name.startswith(f"ope-{os.getpid()}-")}
+    assert not made, f"names made in /dev/shm: {sorted(made)}"
 
 
 # Packages are immutable once built, so one build serves the whole session.

@@ -2,7 +2,10 @@
 
 Input ``fault`` (int32, shape ()) picks what the call does; ``x`` (float32, ("n",)) is echoed
 plus one when nothing goes wrong. The package's data dir holds ``faults.json`` with faults at
-load time and "crash on the Nth call".
+load time and "crash on the Nth call". Some faults only leave something behind and then answer
+as "ok" does: a helper process that never stops ("spawn" in the worker's process group,
+"escape" in a session of its own, "fork" a bare fork), or 64 MiB of output without a newline
+("flood").
 """
 
 import json
@@ -15,10 +18,11 @@ import models
 __all__ = ["FAULTS", "fault_package", "fault_inputs"]
 
 FAULTS = {"ok": 0, "segfault": 1, "exit3": 2, "sigkill": 3, "spin": 4, "sleep": 5,
-          "balloon": 6, "garbage": 7, "raise": 8, "ignore_sigterm_spin": 9}
+          "balloon": 6, "garbage": 7, "raise": 8, "ignore_sigterm_spin": 9, "spawn": 10,
+          "escape": 11, "fork": 12, "flood": 13, "shared_balloon": 14, "memfd_balloon": 15}
 
 _SOURCE = '''
-import ctypes, json, os, signal, sys, time
+import ctypes, json, mmap, os, signal, subprocess, sys, time
 import numpy as np
 
 
@@ -41,6 +45,40 @@ def _control_segment():
     raise RuntimeError("no control segment mapped")
 
 
+def _start_helper(how):
+    """A process the model starts and never stops, as a data loader or a server might."""
+    if how == "fork":
+        if os.fork() == 0:
+            time.sleep(1000)
+            os._exit(0)
+    else:
+        subprocess.Popen(["sleep", "1000"], start_new_session=(how == "escape"))
+
+
+def _flood():
+    """64 MiB on stderr without a newline, as a progress bar redrawn with \\r writes it."""
+    chunk = "#" * (1 << 20)
+    for _ in range(64):
+        sys.stderr.write(chunk)
+    sys.stderr.write("\\nflood done\\n")
+    sys.stderr.flush()
+
+
+def _shared_balloon(memfd):
+    """384 MiB of shared memory of the model's own (not the arena's), touched, then held."""
+    size, step = 384 << 20, 1 << 20
+    if memfd:
+        fd = os.memfd_create("balloon")
+        os.ftruncate(fd, size)
+        area = mmap.mmap(fd, size)
+    else:
+        area = mmap.mmap(-1, size)
+    ones = b"\\1" * step
+    for offset in range(0, size, step):
+        area[offset:offset + step] = ones
+    time.sleep(60)
+
+
 def _corrupt_channel():
     """Scribble over the worker-to-host queue, as a buggy native extension might."""
     address, _ = _control_segment()
@@ -58,6 +96,10 @@ def factory(data_dir):
         raise RuntimeError("cannot load: weights are corrupt")
     if config.get("load") == "hang":
         time.sleep(3600)
+    if config.get("load") in ("spawn", "escape", "fork"):
+        _start_helper(config["load"])
+    if config.get("load") == "flood":
+        _flood()
     calls = [0]
     balloon = []
 
@@ -91,6 +133,12 @@ def factory(data_dir):
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             while True:
                 pass
+        elif fault in (10, 11, 12):
+            _start_helper({10: "spawn", 11: "escape", 12: "fork"}[fault])
+        elif fault == 13:
+            _flood()
+        elif fault in (14, 15):
+            _shared_balloon(memfd=(fault == 15))
         return {"y": x + 1}
     return run
 '''

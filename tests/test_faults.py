@@ -18,8 +18,10 @@ import numpy as np
 import psutil
 import pytest
 
-import ope
 import models
+import ope
+from ope import TensorSpec
+from ope.supervisor import LIVENESS_SLICE_S
 from faults import fault_inputs, fault_package
 
 SLACK_S = 1.0
@@ -126,6 +128,128 @@ def test_crossing_the_memory_limit_kills_the_worker_and_raises(open_model):
     assert_works(model)
     assert model.stats()["pid"] != pid
     assert "memory limit" in model.health()["failures"][-1]["reason"]
+
+
+def _helpers_of(model):
+    """The processes the model's worker started (its children: none has left it yet)."""
+    return psutil.Process(model.stats()["pid"]).children()
+
+
+def _end_worker(model, end):
+    """End the model's worker the way ``end`` says; returns seconds to the error."""
+    start = time.monotonic()
+    if end == "close":
+        model.close()
+    elif end == "crash":
+        with pytest.raises(ope.WorkerCrashed) as caught:
+            model.infer(fault_inputs("exit3"))
+        assert "fault: exiting with code 3" in caught.value.stderr_tail
+    elif end == "timeout":
+        with pytest.raises(ope.WorkerTimeout):
+            model.infer(fault_inputs("spin"), timeout_s=0.3)
+    elif end == "memory":
+        with pytest.raises(ope.MemoryLimitExceeded):
+            model.infer(fault_inputs("balloon"))
+    return time.monotonic() - start
+
+
+@pytest.mark.parametrize("helper", ["spawn", "escape", "fork"])
+@pytest.mark.parametrize("end", ["close", "crash", "timeout", "memory"])
+def test_processes_a_model_starts_die_with_its_worker(open_model, helper, end):
+    """A helper holds the worker's output pipe open and, for "escape", sits outside its
+    process group: the error still comes in time, and the helper dies with the worker."""
+    model = open_model(memory_limit_mb=150 if end == "memory" else None)
+    assert_works(model)
+    model.infer(fault_inputs(helper))
+    helpers = _helpers_of(model)
+    assert len(helpers) == 1
+    time.sleep(0.3)  # the supervisor's periodic look at the worker's descendants
+    elapsed = _end_worker(model, end)
+    assert _wait_gone(helpers[0].pid, SLACK_S)
+    if end == "crash":
+        assert elapsed < 0.1 + SLACK_S
+    elif end == "timeout":
+        assert elapsed < 0.3 + LIVENESS_SLICE_S + SLACK_S
+    if end != "close":
+        assert_works(model)
+
+
+def test_processes_started_at_load_die_with_the_worker(open_model, package_root):
+    model = open_model(fault_package(str(package_root), name="load_spawn", load="spawn"))
+    helpers = _helpers_of(model)
+    assert len(helpers) == 1
+    model.close()
+    assert _wait_gone(helpers[0].pid, SLACK_S)
+
+
+def test_a_restart_leaves_no_helper_thread_or_descriptor_behind(open_model):
+    """Each worker's helper held its output pipe: the host must not keep a thread or a
+    descriptor waiting for that pipe's end."""
+    model = open_model(max_restarts=100)
+    assert_works(model)
+    threads, fds = threading.active_count(), len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        model.infer(fault_inputs("spawn"))
+        with pytest.raises(ope.WorkerCrashed):
+            model.infer(fault_inputs("sigkill"))
+        assert_works(model)
+    assert threading.active_count() <= threads
+    assert len(os.listdir("/proc/self/fd")) <= fds
+
+
+def _anonymous_rss():
+    """Bytes of this process's anonymous resident memory: its heap, not shared mappings."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) << 10
+    raise AssertionError("no RssAnon in /proc/self/status")
+
+
+@pytest.mark.parametrize("when", ["load", "call"])
+def test_output_without_newlines_keeps_the_host_small(open_model, package_root, caplog, when):
+    path = fault_package(str(package_root), name="load_flood", load="flood") \
+        if when == "load" else fault_package(str(package_root))
+    name = os.path.basename(path)
+    before = _anonymous_rss()
+    with caplog.at_level("INFO", logger=f"ope.worker.{name}"):
+        model = open_model(path)
+        if when == "call":
+            model.infer(fault_inputs("flood"))
+        deadline = time.monotonic() + 10.0
+        while not any("flood done" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, "the output after the flood never came"
+            time.sleep(0.01)  # polling the reader thread's progress
+    assert _anonymous_rss() - before < 16 << 20
+    cut = [r.getMessage() for r in caplog.records if "cut: line longer" in r.getMessage()]
+    assert len(cut) == 1 and len(cut[0]) < 65 << 10
+    assert_works(model)
+
+
+@pytest.mark.parametrize("fault", ["shared_balloon", "memfd_balloon"])
+def test_shared_memory_of_the_models_own_counts_against_the_limit(open_model, fault):
+    """384 MiB in a MAP_SHARED anonymous mapping or a memfd: shared memory, but not the
+    arena's, so it is the worker's own."""
+    model = open_model(memory_limit_mb=150)
+    with pytest.raises(ope.MemoryLimitExceeded, match="memory_limit_mb=150"):
+        model.infer(fault_inputs(fault))
+    assert_works(model)
+
+
+def test_the_arena_does_not_count_against_the_limit(open_model, package_root):
+    """200 MiB in and 200 MiB out through the arena, under a 150 MiB limit."""
+    path = models.echo_package(str(package_root), [TensorSpec("x", "uint8", ("n",))],
+                               name="big_echo").path
+    model = open_model(path, memory_limit_mb=150)
+    pid = model.stats()["pid"]
+    x = model.empty("x", (200 << 20,))
+    x[::4096] = 7
+    out = model.infer({"x": x})["echo_x"]
+    time.sleep(0.5)  # several of the supervisor's checks, with both mapped in the worker
+    assert out[4096] == 7 and model.stats()["pid"] == pid
+    assert model.health()["private_rss_bytes"] < 150 << 20
+    assert model.infer({"x": x})["echo_x"][8192] == 7
+    assert model.stats()["pid"] == pid and model.health()["restarts"] == 0
 
 
 def test_garbage_in_shared_memory_is_a_protocol_error_not_a_host_crash(open_model):
@@ -405,6 +529,50 @@ def test_a_host_killed_mid_call_takes_its_worker_and_segments_with_it(faulty):
     assert time.monotonic() - start < 1.0 + SLACK_S
     assert _segments_of(host.pid) == []
     host.stdout.close()
+
+
+_EXEC_HOST_SCRIPT = textwrap.dedent('''
+    import ctypes, os, sys, time
+    import ope
+    model = ope.load({path!r}, out_of_process=True)
+    print("worker", model.stats()["pid"], flush=True)
+    if {how!r} != "exec":
+        # A child that outlives what the host does next; a raw fork skips Python's at-fork
+        # handlers, so that child keeps the host's end of the watchdog pipe.
+        child = ctypes.CDLL(None).fork() if {how!r} == "raw_fork_then_die" else os.fork()
+        if child == 0:
+            time.sleep(30)
+            os._exit(0)
+        print("child", child, flush=True)
+    if {how!r} == "raw_fork_then_die":
+        os.kill(os.getpid(), 9)
+    os.execv(sys.executable, [sys.executable, "-c", "import time; time.sleep(30)"])
+''')
+
+
+@pytest.mark.parametrize("how", ["exec", "fork_then_exec", "raw_fork_then_die"])
+def test_a_host_that_execs_or_dies_takes_its_worker_and_segments_with_it(faulty, how):
+    """exec keeps the host's pid, so only the end of file on the host's pipe tells the worker
+    that its host is gone; a forked child of the host must not hold that pipe open; a child
+    that does (forked behind Python's back) leaves the host's death to the pidfd."""
+    script = _EXEC_HOST_SCRIPT.format(path=faulty, how=how)
+    host = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    child = None
+    try:
+        worker_pid = int(host.stdout.readline().split()[1])
+        if how != "exec":
+            child = int(host.stdout.readline().split()[1])
+        start = time.monotonic()
+        assert _wait_gone(worker_pid, 1.0 + SLACK_S)
+        assert time.monotonic() - start < 1.0 + SLACK_S
+        assert (host.poll() is None) == (how != "raw_fork_then_die")
+        assert _segments_of(host.pid) == []
+    finally:
+        if child is not None:
+            os.kill(child, signal.SIGKILL)
+        host.kill()
+        host.wait()
+        host.stdout.close()
 
 
 def test_interpreter_exit_with_a_model_open_leaves_nothing_behind(faulty):

@@ -1,7 +1,8 @@
 """The worker process: serves one model to its host over a shared-memory arena.
 
-``python -m workers.worker --arena SPEC --first-id N --host-pid PID`` attaches to the arena
-the host handed it (its segments are inherited descriptors, ope/arena.py), says HELLO, loads the package it is told to, then answers INFER messages in
+``python -m workers.worker --arena SPEC --first-id N --host-pid PID --host-pipe FD ...``
+attaches to the arena the host handed it (its segments are inherited descriptors,
+ope/arena.py), says HELLO, loads the package it is told to, then answers INFER messages in
 order until SHUTDOWN (protocol: ope/protocol.py). Inputs are read-only numpy views on the
 host's blocks; each output is written into a block of the worker's own ring once. While the
 model is ready, calls are answered in C around the model (ope_native.serve_calls: decode, run,
@@ -190,10 +191,14 @@ def main(argv=None):
     parser.add_argument("--arena", required=True, help="the arena's inherited descriptors")
     parser.add_argument("--first-id", type=int, required=True, help="first id for new segments")
     parser.add_argument("--host-pid", type=int, required=True, help="exit when this pid is gone")
+    parser.add_argument("--host-pipe", type=int, required=True,
+                        help="read end of the host's pipe: exit at its end of file")
     parser.add_argument("--max-bytes", type=int, required=True, help="arena limit of this side")
     args = parser.parse_args(argv)
     faulthandler.enable()  # a crashing model leaves its stack in the output the host keeps
-    ope_native.exit_with_parent(args.host_pid)
+    # Processes the model starts need not hold it; the watchdog's copy is all it takes.
+    os.set_inheritable(args.host_pipe, False)
+    ope_native.exit_with_parent(args.host_pid, args.host_pipe)
     arena = Arena.attach(args.arena, args.first_id, args.max_bytes)
     try:
         Worker(arena).serve()
