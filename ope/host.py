@@ -77,6 +77,8 @@ class OutOfProcessModel(Model):
     ``stop_grace_s`` (between SIGTERM and SIGKILL).
     """
 
+    _bound_to_process = True
+
     def __init__(self, package, *, timeout_s=None, load_timeout_s=120.0, python=None,
                  env_vars=None, cpus=None, threads=None, arena_mb=4, arena_max_mb=4096, memory_limit_mb=None,
                  restart="lazy", max_restarts=5, restart_window_s=60.0, stop_grace_s=1.0):
@@ -393,7 +395,7 @@ class OutOfProcessModel(Model):
                     self._start_worker()
         with self._send_lock:
             if self._closed:
-                raise ModelClosed(f"model {self.name!r} is closed")
+                raise self._closed_error()
             if self._worker is None:  # it failed since: start another
                 return self._send_call(arrays, bindings, timeout_s, future)
             call_id = next(self._call_ids)
@@ -568,6 +570,10 @@ class OutOfProcessModel(Model):
             pid=worker.pid if worker else None, restarts=len(self._policy.history),
             state="closed" if self._closed else self._state, worker=dict(self._info))
         return stats
+
+    def _disown(self):
+        super()._disown()
+        self._state = "closed"  # the lone call's fast path checks only the state
 
     def _close(self):
         _open_models.discard(self)

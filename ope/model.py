@@ -16,6 +16,7 @@ import concurrent.futures
 import logging
 import os
 import time
+import weakref
 
 import numpy as np
 
@@ -32,9 +33,27 @@ _now_ns = time.monotonic_ns  # the clock ope_native.CallStats reads
 # Latency percentiles come from the most recent calls only, so stats() stays O(window).
 _LATENCY_WINDOW = 4096
 
+# Models whose workers, arena and threads belong to the process that loaded them. A forked
+# child inherits copies of their handles, not the models: there each is closed for good, and
+# closing or dropping it only drops the child's own mappings (Model._disown).
+_process_bound = weakref.WeakSet()
+
+
+def _disown_in_child():
+    for model in list(_process_bound):
+        model._disown()
+    _process_bound.clear()
+
+
+os.register_at_fork(after_in_child=_disown_in_child)
+
 
 class Model(abc.ABC):
     """A loaded model. Use as a context manager, or call :meth:`close`."""
+
+    # Whether the model lives in resources of the loading process (a worker, shared memory)
+    # that a forked child must not touch.
+    _bound_to_process = False
 
     def __init__(self, package):
         self.package = package
@@ -44,7 +63,11 @@ class Model(abc.ABC):
         self._input_plan = input_plan(self.inputs)
         self._output_plan = output_plan(self.outputs)
         self._closed = False
+        self._closed_because = None  # why calls are refused, when not close()
         self._call_stats = ope_native.CallStats(_LATENCY_WINDOW)
+        if self._bound_to_process:
+            self._owner_pid = os.getpid()
+            _process_bound.add(self)
 
     def __repr__(self):
         state = "closed" if self._closed else "open"
@@ -90,7 +113,7 @@ class Model(abc.ABC):
 
     def _validate_inputs(self, inputs):
         if self._closed:
-            raise ModelClosed(f"model {self.name!r} is closed")
+            raise self._closed_error()
         return check_inputs(self._input_plan, inputs)
 
     def _validate_outputs(self, outputs, bindings):
@@ -137,6 +160,17 @@ class Model(abc.ABC):
         """Whether the model takes calls; modes add what they know (e.g. the worker)."""
         return {"name": self.name, "open": not self._closed}
 
+    def _closed_error(self):
+        return ModelClosed(self._closed_because or f"model {self.name!r} is closed")
+
+    def _disown(self):
+        """In a forked child: this copy of the handle does not reach the model, which stays
+        the parent's. Calls raise ModelClosed saying so; close() has nothing to release."""
+        self._closed = True
+        self._closed_because = (
+            f"model {self.name!r} belongs to process {self._owner_pid}, which loaded it; this "
+            f"process ({os.getpid()}) is a fork of it: load the model again here")
+
     def close(self):
         """Release the model; further calls raise ModelClosed. Safe to call twice."""
         if self._closed:
@@ -163,7 +197,7 @@ class Model(abc.ABC):
     def _empty_spec(self, name, shape):
         """The spec of input ``name`` after checking that ``empty(name, shape)`` may be made."""
         if self._closed:
-            raise ModelClosed(f"model {self.name!r} is closed")
+            raise self._closed_error()
         spec = self._input_spec(name)
         if spec.dtype == "string":
             raise SpecError(f"input {name!r}: string tensors cannot be preallocated; pass a "

@@ -88,6 +88,8 @@ class ReplicaSet(Model):
     while the others serve. Workers start in parallel threads: start-up takes about as long as
     one worker's."""
 
+    _bound_to_process = True
+
     def __init__(self, package, replicas, *, restart="eager", **worker_options):
         if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
             raise ValueError(f"replicas must be a positive int, got {replicas!r}")

@@ -108,6 +108,8 @@ def _after_fork_in_child():
         _host_pipe = None
     _OutputReader._instance = None
     _OutputReader._instance_lock = threading.Lock()
+    Supervisor._instance = None
+    Supervisor._instance_lock = threading.Lock()
 
 
 class WorkerProcess:
@@ -432,7 +434,6 @@ def child_environment(extra=None):
     return env
 
 
-# The arena's mappings, by the path /proc shows for them: /dev/shm segments, and memfd segments.
 _ARENA_MAPPING = f"/memfd:{SEGMENT_NAME}"  # how /proc/PID/smaps names an arena segment
 
 

@@ -615,3 +615,50 @@ def test_soak_thousands_of_calls_with_random_faults(open_model):
     model = open_model(max_restarts=100_000)
     outcomes = _stress(model, 2000, seed=2)
     assert outcomes["ok"] + outcomes["error"] == 2000
+
+
+# -- a forked host ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("replicas", [None, 2])
+def test_a_forked_child_cannot_use_or_stop_its_parents_model(faulty, replicas):
+    """A model belongs to the process that loaded it: in a forked child (no exec) a call is
+    ModelClosed saying so, and closing, collecting or exiting only drops the child's copies.
+    The parent's workers, arena and calls go on untouched."""
+    import gc
+
+    from forked import run_in_child
+
+    model = ope.load(faulty, out_of_process=True, replicas=replicas)
+    try:
+        assert model.infer(fault_inputs(x=[1.0]))["y"].tolist() == [2.0]
+        pids = _worker_pids(model)
+
+        def child():
+            outcomes = []
+            for call in (lambda: model.infer(fault_inputs(x=[1.0])),
+                         lambda: model.submit(fault_inputs(x=[1.0])),
+                         lambda: model.empty("x", (4,))):
+                try:
+                    call()
+                    outcomes.append("served")
+                except ope.ModelClosed as exc:
+                    outcomes.append(str(exc))
+            model.close()
+            ope.host._close_open_models()  # what interpreter exit runs
+            return outcomes
+
+        kind, *result = run_in_child(child)
+        assert kind == "returned", result
+        assert all("is a fork of it" in text for text in result[0]), result
+        for _ in range(3):  # the parent's copy, and whatever the child dropped, collected
+            gc.collect()
+            assert model.infer(fault_inputs(x=[3.0]))["y"].tolist() == [4.0]
+        assert _worker_pids(model) == pids  # neither stopped nor restarted
+    finally:
+        model.close()
+
+
+def _worker_pids(model):
+    health = model.health()
+    return sorted(r["pid"] for r in health["replicas"]) if "replicas" in health else [health["pid"]]
