@@ -336,7 +336,10 @@ class OutOfProcessModel(Model):
             return _UNSENT, None, None
         if outcome == _NOT_SENT:
             self._state = "ready"
-            raise _send_failure(reply)
+            error = _send_failure(reply)
+            if isinstance(error, ProtocolError):  # a channel that cannot carry calls: replace it
+                self._fail(f"protocol error: {error}")
+            raise error
         call = _Call.start(self, timeout_s, *held, bindings, None)
         try:
             reply = self._lone_reply(reply)

@@ -19,7 +19,8 @@ __all__ = ["FAULTS", "fault_package", "fault_inputs"]
 
 FAULTS = {"ok": 0, "segfault": 1, "exit3": 2, "sigkill": 3, "spin": 4, "sleep": 5,
           "balloon": 6, "garbage": 7, "raise": 8, "ignore_sigterm_spin": 9, "spawn": 10,
-          "escape": 11, "fork": 12, "flood": 13, "shared_balloon": 14, "memfd_balloon": 15}
+          "escape": 11, "fork": 12, "flood": 13, "shared_balloon": 14, "memfd_balloon": 15,
+          "garbage_everywhere": 16, "garbage_host_queue": 17, "shrink": 18}
 
 _SOURCE = '''
 import ctypes, json, mmap, os, signal, subprocess, sys, time
@@ -43,6 +44,43 @@ def _control_segment():
         if int.from_bytes(ctypes.string_at(address + 24, 8), "little"):
             return address, size
     raise RuntimeError("no control segment mapped")
+
+
+def _scribble_everywhere():
+    """Random bytes over every byte of every arena segment this worker maps."""
+    for address, size in _arena_mappings():
+        ctypes.memmove(address, os.urandom(size), size)
+
+
+def _corrupt_host_queue():
+    """Garbage in the header of the host-to-worker queue, which the host writes into."""
+    address, _ = _control_segment()
+    h2w_queue = int.from_bytes(ctypes.string_at(address + 24, 8), "little")
+    ctypes.memmove(address + h2w_queue, os.urandom(384), 384)
+
+
+def _shrink_segments():
+    """Try to truncate every arena segment within reach, the host's own through /proc (a
+    process of the same user may open another's descriptors there); every try must fail."""
+    paths = [f"/proc/self/fd/{fd}" for fd in os.listdir("/proc/self/fd")]
+    paths += [f"/proc/{os.getppid()}/fd/{fd}" for fd in os.listdir(f"/proc/{os.getppid()}/fd")]
+    shrunk = []
+    for path in paths:
+        try:
+            if "memfd:ope-arena" not in os.readlink(path):
+                continue
+            fd = os.open(path, os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            os.ftruncate(fd, 0)
+            shrunk.append(path)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    if shrunk:
+        raise RuntimeError(f"truncated {shrunk}")
 
 
 def _start_helper(how):
@@ -139,6 +177,12 @@ def factory(data_dir):
             _flood()
         elif fault in (14, 15):
             _shared_balloon(memfd=(fault == 15))
+        elif fault == 16:
+            _scribble_everywhere()
+        elif fault == 17:
+            _corrupt_host_queue()
+        elif fault == 18:
+            _shrink_segments()
         return {"y": x + 1}
     return run
 '''
