@@ -11,6 +11,8 @@ Measured on the real path, with the fault-injection package of the test suite:
 - deadline: how far past ``timeout_s`` WorkerTimeout arrives (the ladder's SIGTERM included);
   again with a helper process;
 - memory limit: from the worker's start of ballooning to MemoryLimitExceeded;
+- garbage: the model writes random bytes over every arena segment it maps; extra time of that
+  call to ProtocolError, and the first call after it (a fresh worker and control segment);
 - host death: from SIGKILL of a host process to its worker's exit (bound: 1 s); the same from
   a host's exec of another program;
 - restart: the first call after a crash, which starts a fresh worker.
@@ -98,13 +100,17 @@ def memory_limit(path, rounds, limit_mb=200):
     return _time_to_error(path, rounds, "balloon", ope.MemoryLimitExceeded, memory_limit_mb=limit_mb)
 
 
-def restart_cost(path, rounds):
+def arena_garbage(path, rounds):
+    return _time_to_error(path, rounds, "garbage_everywhere", ope.ProtocolError)
+
+
+def restart_cost(path, rounds, fault="sigkill", error=ope.WorkerCrashed):
     samples = []
     with ope.load(path, out_of_process=True, max_restarts=10_000) as model:
         for _ in range(rounds):
             try:
-                model.infer(fault_inputs("sigkill"))
-            except ope.WorkerCrashed:
+                model.infer(fault_inputs(fault))
+            except error:
                 pass
             start = time.perf_counter()
             model.infer(fault_inputs("ok"))
@@ -179,6 +185,9 @@ def main():
              deadline_overshoot(path, args.rounds, helper=True), None),
             ("memory limit 200 MB (call start -> error)", memory_limit(path, args.rounds), None),
             ("first call after a crash (fresh worker)", restart_cost(path, args.rounds), None),
+            ("garbage in the arena (extra time to error)", arena_garbage(path, args.rounds), 100),
+            ("first call after garbage (fresh worker)",
+             restart_cost(path, args.rounds, "garbage_everywhere", ope.ProtocolError), None),
         ]
         death, leftovers = host_death(path, max(3, args.rounds // 2))
         rows.append(("host SIGKILL -> worker gone", death, 1000))
@@ -190,7 +199,7 @@ def main():
         verdict = "" if bound is None else (
             f"  bound {bound} ms: {'OK' if max(samples) <= bound else 'MISSED'}")
         print(f"{name:44s} {_summary(samples)}{verdict}")
-    print(f"segments left by killed hosts: {leftovers}")
+    print(f"names left in /dev/shm by killed hosts: {leftovers}")
 
 
 if __name__ == "__main__":

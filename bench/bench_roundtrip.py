@@ -381,13 +381,16 @@ def python_floor_peer():
     numpy's add, one copy out. What any Python-to-Python bridge pays on this machine."""
     arena = Arena.create(ring_bytes=1 << 20)
     seg_id, x_at, ring = arena.alloc(16)
+    spec, fds = arena.connect()
     pid = os.fork()
     if pid == 0:
-        worker = Arena.attach(arena.prefix, first_id=2)
+        worker = Arena.attach(spec, first_id=2)
         _, y_at, y_ring = worker.alloc(16)
         x_block = worker.segment_mapping(seg_id).block(x_at, 16, ring.offset, False, True)
         _python_floor_serve(worker.channel, x_block, y_ring.mapping, y_at)
         os._exit(0)
+    for fd in fds:  # the child's now
+        os.close(fd)
     channel, x = arena.channel, np.zeros(4, np.float32)
     mapping, request = channel.mapping, b"r" * 40  # a message of a frame's size
     x_in_arena = np.ndarray(4, np.float32, ring.mapping, x_at)

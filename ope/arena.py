@@ -300,8 +300,11 @@ class Arena:
     # -- the peer's segments ------------------------------------------------------------
 
     def segment_mapping(self, seg_id):
+        """The Mapping of segment ``seg_id``, ours or the peer's (mapped now if need be)."""
         own = [m for i, m, _ in self._own if i == seg_id]
-        return own[0] if own else self._peer[seg_id][0]
+        if own:
+            return own[0]
+        return (self._peer.get(seg_id) or self._map_peer_segment(seg_id))[0]
 
     def segment_id(self, mapping):
         """Id of one of this side's own segments by its Mapping, or None."""

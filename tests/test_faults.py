@@ -686,3 +686,32 @@ def test_a_forked_child_cannot_use_or_stop_its_parents_model(faulty, replicas):
 def _worker_pids(model):
     health = model.health()
     return sorted(r["pid"] for r in health["replicas"]) if "replicas" in health else [health["pid"]]
+
+
+def test_other_users_names_in_dev_shm_cannot_stop_a_load_or_a_growing_arena(faulty):
+    """Another user who watches /dev/shm and makes the names ope would make next, or leaves a
+    stale segment there, stops nothing: ope's segments have no names."""
+    squatted = ["/dev/shm/ope-1-deadbeef-0"]
+
+    def squat(name):
+        with open(name, "wb") as f:
+            f.write(b"\0" * 64)
+        os.chown(name, 65534, 65534)  # another user's, owner-only
+        os.chmod(name, 0o600)
+        squatted.append(name)
+
+    squat(squatted.pop())
+    ours = f"ope-{os.getpid()}-"
+    try:
+        with ope.load(faulty, out_of_process=True, arena_mb=1) as model:
+            prefixes = {name.rsplit("-", 1)[0] for name in os.listdir("/dev/shm")
+                        if name.startswith(ours)}
+            for prefix in prefixes:  # what a squatter sees of an arena with names
+                for seg_id in range(1, 9):
+                    squat(f"/dev/shm/{prefix}-{seg_id}")
+            big = np.arange(1 << 20, dtype=np.float32)  # 4 MiB each way: both sides grow
+            np.testing.assert_array_equal(model.infer(fault_inputs(x=big))["y"], big + 1)
+            assert not prefixes
+    finally:
+        for name in squatted:
+            os.unlink(name)
