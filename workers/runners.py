@@ -67,28 +67,27 @@ def _call_model(package, model, inputs):
 
 # --- torch helpers ------------------------------------------------------------------------
 
-def _import_torch(package):
+def _import_torch(package, private_inputs):
     try:
         import torch
     except ImportError:
         raise PackageError(f"package {package.name!r} needs torch, which is not "
                            f"installed") from None
+    if private_inputs:
+        # Torch warns that it cannot make a tensor over a read-only array read-only; over
+        # private memory that is expected. Filtered once, in the worker only: a filter set
+        # around every call would cost microseconds per call.
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
     return torch
 
 
 def _to_tensor(torch, array, private):
     """A tensor for the model over ``array``'s memory if writes to it are ``private``, else over
-    a copy. Torch warns that it cannot mark a read-only array's tensor read-only, which is why
-    it is private or a copy."""
+    a copy."""
     if not private:
         return torch.from_numpy(np.array(array))
     try:
-        if array.flags.writeable:
-            return torch.from_numpy(array)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "The given NumPy array is not writable",
-                                    UserWarning)
-            return torch.from_numpy(array)
+        return torch.from_numpy(array)
     except ValueError:  # negative strides: torch cannot view them, so this one array is copied
         return torch.from_numpy(np.ascontiguousarray(array))
 
@@ -132,7 +131,7 @@ class _TorchScriptRunner(Runner):
 
     def __init__(self, package, private_inputs=False):
         super().__init__(package, private_inputs)
-        self._torch = torch = _import_torch(package)
+        self._torch = torch = _import_torch(package, private_inputs)
         try:
             self._module = torch.jit.load(package.model_file, map_location="cpu").eval()
         except Exception as error:
@@ -178,7 +177,8 @@ class _PythonRunner(Runner):
 
     def __init__(self, package, private_inputs=False):
         super().__init__(package, private_inputs)
-        self._torch = _import_torch(package) if package.framework == "torch" else None
+        self._torch = _import_torch(package, private_inputs) if package.framework == "torch" \
+            else None
         self._model = self._load_model()
 
     def _load_model(self):
