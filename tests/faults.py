@@ -2,7 +2,9 @@
 
 Input ``fault`` (int32, shape ()) picks what the call does; ``x`` (float32, ("n",)) is echoed
 plus one when nothing goes wrong. The package's data dir holds ``faults.json`` with faults at
-load time and "crash on the Nth call".
+load time and "crash on the Nth call". A worker started with :data:`SLOW_RELOAD_ENV` naming a
+marker file loads at once the first time (and leaves the marker), and takes
+:data:`SLOW_RELOAD_S` seconds to load each time after: a restart that is slow on purpose.
 """
 
 import json
@@ -12,10 +14,14 @@ from ope import TensorSpec
 
 import models
 
-__all__ = ["FAULTS", "fault_package", "fault_inputs"]
+__all__ = ["FAULTS", "fault_package", "fault_inputs", "SLOW_RELOAD_ENV", "SLOW_RELOAD_S"]
 
+# "balloon_to": grows by 4 MiB every 10 ms up to x[0] MiB, then sleeps.
 FAULTS = {"ok": 0, "segfault": 1, "exit3": 2, "sigkill": 3, "spin": 4, "sleep": 5,
-          "balloon": 6, "garbage": 7, "raise": 8, "ignore_sigterm_spin": 9}
+          "balloon": 6, "garbage": 7, "raise": 8, "ignore_sigterm_spin": 9, "balloon_to": 10}
+
+SLOW_RELOAD_ENV = "OPE_FAULTS_SLOW_RELOAD"
+SLOW_RELOAD_S = 4.0
 
 _SOURCE = '''
 import ctypes, json, os, signal, sys, time
@@ -35,7 +41,18 @@ def _corrupt_channel():
         os.close(fd)
 
 
+def _maybe_slow_reload():
+    marker = os.environ.get("%s")
+    if not marker:
+        return
+    if os.path.exists(marker):
+        time.sleep(%r)
+    else:
+        open(marker, "w").close()
+
+
 def factory(data_dir):
+    _maybe_slow_reload()
     with open(os.path.join(data_dir, "faults.json")) as f:
         config = json.load(f)
     if config.get("load") == "crash":
@@ -77,6 +94,11 @@ def factory(data_dir):
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             while True:
                 pass
+        elif fault == 10:
+            while len(balloon) * 4 < float(x[0]):
+                balloon.append(np.ones(4 << 20, np.uint8))
+                time.sleep(0.01)
+            time.sleep(3600)
         return {"y": x + 1}
     return run
 '''
@@ -92,7 +114,8 @@ def fault_package(root, name="faults", **config):
     with open(os.path.join(data_dir, "faults.json"), "w") as f:
         json.dump(config, f)
     return models.numpy_package(
-        root, _SOURCE, name=name, module="faulty", data_dir=data_dir,
+        root, _SOURCE % (SLOW_RELOAD_ENV, SLOW_RELOAD_S), name=name, module="faulty",
+        data_dir=data_dir,
         inputs=[TensorSpec("fault", "int32", ()), TensorSpec("x", "float32", ("n",))],
         outputs=[TensorSpec("y", "float32", ("n",))]).path
 
