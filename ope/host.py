@@ -37,7 +37,7 @@ from ope.arena import Arena, gc_segments
 from ope.channel import corrupt_queue
 from ope.errors import (MemoryLimitExceeded, ModelBroken, ModelClosed, OpeError, ProtocolError,
                         WorkerCrashed, WorkerTimeout)
-from ope.model import Model
+from ope.model import Model, check_timeout
 from ope.supervisor import (LIVENESS_SLICE_S, RestartPolicy, Supervisor, WorkerProcess,
                             child_environment, describe_exit, private_rss)
 
@@ -92,6 +92,10 @@ class OutOfProcessModel(Model):
                  restart="lazy", max_restarts=5, restart_window_s=60.0, stop_grace_s=1.0):
         if restart not in ("lazy", "eager"):
             raise ValueError(f"restart must be 'lazy' or 'eager', got {restart!r}")
+        check_timeout(timeout_s)
+        if load_timeout_s is None:
+            raise TypeError("load_timeout_s must be a non-negative number of seconds, got None")
+        check_timeout(load_timeout_s, "load_timeout_s")
         super().__init__(package)
         _collect_dead_owners_once()
         self.timeout_s = timeout_s
