@@ -125,6 +125,24 @@ def test_a_done_callback_may_wait_for_the_next_call(load_model, timed):
     assert second.result(timeout=60)["y"][0] == 3 and seen == [3]
 
 
+def test_a_done_callback_gets_another_calls_result_with_a_timeout_as_soon_as_it_is_there(
+        load_model, timed):
+    model = load_model(timed)
+    first, second = model.submit(call_inputs(1)), model.submit(call_inputs(2, hold=0.05))
+    seen = []
+
+    def callback(done):
+        start = time.monotonic()
+        seen.append((second.result(timeout=5)["y"][0], time.monotonic() - start))
+
+    first.add_done_callback(callback)
+    assert first.result(timeout=60)["y"][0] == 2
+    assert second.result(timeout=60)["y"][0] == 3
+    assert len(seen) == 1, "the callback's wait raised"
+    value, waited = seen[0]
+    assert value == 3 and waited < 1.0, f"the callback waited {waited:.2f} s"
+
+
 _BAD_TIMEOUTS = [("1", TypeError), (True, TypeError), ([1.0], TypeError), (1j, TypeError),
                  (-1, ValueError), (-0.5, ValueError), (float("nan"), ValueError),
                  (np.float32("nan"), ValueError)]
