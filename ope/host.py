@@ -263,12 +263,15 @@ class OutOfProcessModel(Model):
         if not channel.send(protocol.pack(message) if data is None else data, timeout_s):
             raise _send_failure(None)
 
-    def _receive(self, deadline, doing):
-        """The worker's next message; raises instead of waiting on a dead or stuck worker."""
+    def _receive(self, deadline, doing, until=None):
+        """The worker's next message; raises instead of waiting on a dead or stuck worker.
+        ``until``: when the caller stops waiting (not a fault): None is returned then."""
         channel, worker = self._arena.channel, self._worker
         while True:
-            remaining = LIVENESS_SLICE_S if deadline is None else min(
-                LIVENESS_SLICE_S, deadline - time.monotonic())
+            end = deadline if until is None or (deadline is not None and deadline < until) \
+                else until
+            remaining = LIVENESS_SLICE_S if end is None else min(
+                LIVENESS_SLICE_S, end - time.monotonic())
             data = channel.receive(max(remaining, 0.0))
             if data is not None:
                 return protocol.unpack(data, self._arena)
@@ -276,8 +279,11 @@ class OutOfProcessModel(Model):
                 raise ModelClosed(f"model {self.name!r} was closed while {doing}")
             if not worker.alive():
                 raise self._worker_died(worker, doing)
-            if deadline is not None and time.monotonic() >= deadline:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
                 raise self._timed_out(worker, doing)
+            if until is not None and now >= until:
+                return None
 
     def _killed_for(self, worker):
         """Why the supervisor killed ``worker``, or None if it did not."""
@@ -565,18 +571,21 @@ class OutOfProcessModel(Model):
         _announce((call,))  # settled by a thread that has not announced it yet
         return call.result()
 
-    def _settle_until(self, call, reply=None):
-        """Receive and settle replies until ``call`` is settled; the caller holds the receive
-        lock. ``reply``: the next reply, when the caller has already received it. Returns the
-        calls settled, in order, for the caller to announce once it let go of the lock."""
+    def _settle_until(self, call, reply=None, until=None):
+        """Receive and settle replies until ``call`` is settled, or the monotonic time
+        ``until`` passes first; the caller holds the receive lock. ``reply``: the next reply,
+        when the caller has already received it. Returns the calls settled, in order, for the
+        caller to announce once it let go of the lock."""
         settled = []
         while not call.done:
             head = self._pending[0]
             if reply is None:
                 try:
-                    reply = self._receive(head.deadline, "running a call")
+                    reply = self._receive(head.deadline, "running a call", until)
                 except OpeError as exc:
                     reply = exc
+                if reply is None:
+                    break  # the caller's wait ended first
             settled += self._take_reply(head, reply)
             reply = None
         if not self._pending and self._state == "busy":
@@ -798,10 +807,10 @@ def _announce(calls):
 class _CallFuture(concurrent.futures.Future):
     """A Future whose result() collects the reply in the calling thread: waking a collector
     thread that would then wake this one costs a second wake-up per call, and on a VM each
-    can cost far more than the call. Waiting without collecting (done() polling, a
-    done-callback, asyncio, concurrent.futures.wait or as_completed, a timed result) wakes the
-    model's collector thread instead. The call already runs in the worker, so the future
-    cannot be cancelled."""
+    can cost far more than the call. A timed result() collects too, up to its timeout, if no
+    other thread is receiving; waiting without collecting (done() polling, a done-callback,
+    asyncio, concurrent.futures.wait or as_completed) wakes the model's collector thread
+    instead. The call already runs in the worker, so the future cannot be cancelled."""
 
     def __init__(self, model):
         super().__init__()
@@ -855,12 +864,10 @@ class _CallFuture(concurrent.futures.Future):
         return False
 
     def result(self, timeout=None):
-        self._collect_or_wake(timeout)
-        return super().result(timeout)
+        return super().result(self._collect_or_wake(timeout))
 
     def exception(self, timeout=None):
-        self._collect_or_wake(timeout)
-        return super().exception(timeout)
+        return super().exception(self._collect_or_wake(timeout))
 
     def add_done_callback(self, fn):
         super().add_done_callback(fn)
@@ -868,18 +875,31 @@ class _CallFuture(concurrent.futures.Future):
             self.model._wake_collector()
 
     def _collect_or_wake(self, timeout):
+        """Collect this call's reply in this thread if it can: always without a timeout;
+        with one, up to it, if the receive lock is free now (else, or if the reply did not
+        come in time, the collector thread completes the call). Returns what is left of
+        ``timeout`` to wait for the future."""
         if super().done():
-            return
-        call = self.call
-        if call.done:
-            _announce((call,))  # settled by a thread that has not announced it yet
-        elif timeout is not None:
-            self.model._wake_collector()
-        else:
+            return timeout
+        model, call = self.model, self.call
+        if timeout is None:
             try:
-                self.model._collect(call)
+                model._collect(call)
             except OpeError:
                 pass  # set on this future too; raised by the caller
+            return None
+        until = time.monotonic() + timeout
+        if model._recv_lock.acquire(blocking=False):
+            try:
+                settled = model._settle_until(call, until=until)
+            finally:
+                model._recv_lock.release()
+            _announce(settled)
+        if call.done:
+            _announce((call,))  # settled by a thread that has not announced it yet
+        else:
+            model._wake_collector()
+        return max(0.0, until - time.monotonic())
 
 
 class _WakingList(list):
