@@ -14,15 +14,39 @@ ope/arena.py), so a buggy worker produces a ProtocolError, not a crash of the ho
 Faults (ope/supervisor.py has the mechanisms): a call waits in short slices and checks the
 worker between them, so a crash raises WorkerCrashed within a slice; a call past its deadline
 raises WorkerTimeout after the worker is stopped; a worker past its memory limit is killed by
-the supervisor and the call raises MemoryLimitExceeded. Each fault discards the worker; the
-next call (or the supervisor, with ``restart="eager"``) starts a fresh one under the restart
-policy, and past its limit the model is broken (ModelBroken).
+the supervisor and the call raises MemoryLimitExceeded; a worker that dies while no call waits
+on it is seen by the supervisor. Each fault discards the worker; the next call (or, with
+``restart="eager"``, the model's restart thread) starts a fresh one under the restart policy,
+whose backoff is waited out with no lock held; past its limit the model is broken
+(ModelBroken).
+
+Locks, outermost first. A thread takes them only in this order (it may skip any), and no path
+waits for a lock above one it holds: a path that finds it needs one above (a sender that finds
+no worker) lets go of what it holds and starts over from the top.
+
+1. ``_recv_lock``: receiving from the worker and settling calls (the head of the pending
+   queue, the conversation's replies, the restart policy's record), and, together with 2,
+   replacing the worker (start, fail, discard, close).
+2. ``_send_lock``: sending, allocating from our rings (encoding, :meth:`empty`), call ids, the
+   tail of the pending queue.
+3. ``_keeper_lock``: which restart thread runs and what it is asked; held for a few steps.
+4. ``_collector_wakeup``: the collector thread's flags; held for a few steps. A future's own
+   condition (concurrent.futures) may be held when it is taken (futures.wait adds waiters).
+
+The supervisor thread takes none of these but 3, and the receive lock only with
+``blocking=False``; it never waits on a model. Futures are completed, and so callbacks and
+settle hooks run, only after the collecting thread let go of 1 and 2: a callback may call any
+model (its own, another replica of a set) and wait for any result. A ReplicaSet's lock guards
+its counters alone and is never held together with any of these. A worker is started only by
+a caller that found none (``restart="lazy"``) or by the model's restart thread, which runs on
+demand and ends when there is a worker again, the model is broken or closed.
 """
 
 import atexit
 import collections
 import concurrent.futures
 import itertools
+import logging
 import os
 import threading
 import time
@@ -37,12 +61,13 @@ from ope.arena import Arena
 from ope.channel import corrupt_queue
 from ope.errors import (MemoryLimitExceeded, ModelBroken, ModelClosed, OpeError, ProtocolError,
                         WorkerCrashed, WorkerTimeout)
-from ope.model import Model
+from ope.model import Model, check_timeout
 from ope.supervisor import (LIVENESS_SLICE_S, RestartPolicy, Supervisor, WorkerProcess,
                             child_environment, describe_exit, private_rss)
 
 __all__ = ["OutOfProcessModel"]
 
+_log = logging.getLogger("ope")
 _MIB = 1 << 20
 _Block = ope_native.Block
 _exchange_alone = ope_native.call_alone
@@ -84,6 +109,10 @@ class OutOfProcessModel(Model):
                  restart="lazy", max_restarts=5, restart_window_s=60.0, stop_grace_s=1.0):
         if restart not in ("lazy", "eager"):
             raise ValueError(f"restart must be 'lazy' or 'eager', got {restart!r}")
+        check_timeout(timeout_s)
+        if load_timeout_s is None:
+            raise TypeError("load_timeout_s must be a non-negative number of seconds, got None")
+        check_timeout(load_timeout_s, "load_timeout_s")
         super().__init__(package)
         self.timeout_s = timeout_s
         self.load_timeout_s = load_timeout_s
@@ -101,7 +130,7 @@ class OutOfProcessModel(Model):
                               "manifest_digest": package.manifest_digest}
         self._policy = RestartPolicy(max_restarts, restart_window_s)
         # Sending (and allocating from our rings) and receiving run concurrently, each under
-        # its own lock; changing the worker takes both, always the receive lock first.
+        # its own lock; changing the worker takes both (the module docstring has the order).
         self._send_lock = threading.RLock()
         self._recv_lock = threading.RLock()
         # The collector thread sleeps here until a future is waited on without collecting.
@@ -109,12 +138,20 @@ class OutOfProcessModel(Model):
         self._pending = collections.deque()
         self._collector = None
         self._collector_wanted = False
+        # The restart thread (_keep): runs while _keeping; _dead is a worker the supervisor
+        # saw die with no call receiving, for it to bury. Until the constructor has started
+        # the first worker, none runs: a failure there is raised, not mended.
+        self._keeper_lock = threading.Lock()
+        self._keeper = None
+        self._keeping = True
+        self._dead = None
+        self._closing = threading.Event()  # set by close: ends backoff waits at once
         self._call_ids = itertools.count(1)
         # The spec's rules for ope_native.call_alone, which runs their success path.
         self._plain_checks = (self._input_plan.native_rows, self._output_plan.native_rows)
         self._generation = 0
         self._worker = None
-        self._kill_reason = None
+        self._kill_reason = (None, None)  # (worker, why the supervisor killed it)
         self._info = {}
         self._state = "starting"
         self._arena = Arena.create(ring_bytes=arena_mb * _MIB, max_bytes=arena_max_mb * _MIB)
@@ -125,24 +162,21 @@ class OutOfProcessModel(Model):
             self._closed = True  # nothing for __del__ to close: the arena goes now
             self._arena.close()
             raise
+        self._keeping = False
         _open_models.add(self)
         Supervisor.get().watch(self)
 
     # -- worker lifecycle (callers hold both locks, or the receive lock for _fail) ----------
 
     def _start_worker(self):
-        """Start a worker, check its protocol version, and load the package in it."""
-        if self._policy.broken:
-            self._state = "broken"
-            raise ModelBroken(f"model {self.name!r} failed too often and is broken; "
-                              f"history: {self._policy.describe()}")
-        time.sleep(self._policy.delay_s())
+        """Start a worker, check its protocol version, and load the package in it. The caller
+        has waited out the restart policy's backoff (_await_worker, _keep)."""
+        self._check_not_broken()
         self._state = "starting"
         self._generation += 1
         spec, fds = self._arena.connect()
         channel = self._arena.channel
         self._conversation = protocol.Conversation("host")
-        self._kill_reason = None
         args = ["--arena", spec, "--first-id", str(self._generation << 20),
                 "--host-pid", str(os.getpid()), "--max-bytes", str(self._arena.max_bytes)]
         try:
@@ -165,6 +199,29 @@ class OutOfProcessModel(Model):
         self._info = ready[1]
         self._state = "ready"
 
+    def _check_not_broken(self):
+        if self._policy.broken:
+            self._state = "broken"
+            raise ModelBroken(f"model {self.name!r} failed too often and is broken; "
+                              f"history: {self._policy.describe()}")
+
+    def _await_worker(self):
+        """Start a worker for a call that found none, after the restart policy's backoff; with
+        restart="eager" whichever of this and the restart thread comes first starts it. The
+        caller holds no lock: the backoff is waited out with none held, then both are taken
+        in order."""
+        while self._worker is None:
+            if self._closed:
+                raise self._closed_error()
+            self._check_not_broken()
+            delay = self._policy.delay_s()
+            if delay > 0:
+                self._closing.wait(delay)
+                continue
+            with self._recv_lock, self._send_lock:
+                if self._worker is None and not self._closed:
+                    self._start_worker()
+
     def _check_hello(self, hello):
         if hello[0] == protocol.HELLO and hello[1] != protocol.VERSION:
             raise ProtocolError(
@@ -173,16 +230,16 @@ class OutOfProcessModel(Model):
         self._conversation.received(hello)
 
     def _fail(self, reason):
-        """Discard the worker after a fault: stop it, record why, maybe restart at once.
-        Closing the channel first wakes a sender blocked on a full queue, so the send lock
-        comes free."""
+        """Discard the worker after a fault (the caller holds the receive lock): stop it,
+        record why; with restart="eager" the restart thread starts another. Closing the
+        channel first wakes a sender blocked on a full queue, so the send lock comes free."""
         self._arena.channel.close()
         with self._send_lock:
             self._discard_worker(force=True)
         self._policy.record(reason)
         self._state = "broken" if self._policy.broken else "restarting"
-        if self.restart == "eager":
-            Supervisor.get().poke()
+        if self._wants_worker():
+            self._wake_keeper()
 
     def _discard_worker(self, force):
         worker, self._worker = self._worker, None
@@ -204,12 +261,15 @@ class OutOfProcessModel(Model):
         if not channel.send(protocol.pack(message) if data is None else data, timeout_s):
             raise _send_failure(None)
 
-    def _receive(self, deadline, doing):
-        """The worker's next message; raises instead of waiting on a dead or stuck worker."""
+    def _receive(self, deadline, doing, until=None):
+        """The worker's next message; raises instead of waiting on a dead or stuck worker.
+        ``until``: when the caller stops waiting (not a fault): None is returned then."""
         channel, worker = self._arena.channel, self._worker
         while True:
-            remaining = LIVENESS_SLICE_S if deadline is None else min(
-                LIVENESS_SLICE_S, deadline - time.monotonic())
+            end = deadline if until is None or (deadline is not None and deadline < until) \
+                else until
+            remaining = LIVENESS_SLICE_S if end is None else min(
+                LIVENESS_SLICE_S, end - time.monotonic())
             data = channel.receive(max(remaining, 0.0))
             if data is not None:
                 return protocol.unpack(data, self._arena)
@@ -217,13 +277,39 @@ class OutOfProcessModel(Model):
                 raise ModelClosed(f"model {self.name!r} was closed while {doing}")
             if not worker.alive():
                 raise self._worker_died(worker, doing)
-            if deadline is not None and time.monotonic() >= deadline:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
                 raise self._timed_out(worker, doing)
+            if until is not None and now >= until:
+                return None
+
+    def _killed_for(self, worker):
+        """Why the supervisor killed ``worker``, or None if it did not."""
+        killed, reason = self._kill_reason
+        return reason if killed is worker else None
+
+    def _replace_unusable_channel(self, error):
+        """After a send met a closed or corrupt queue (the caller holds no lock): replace the
+        worker now if no other thread is receiving; else close the channel and kill the
+        worker, and the receiving thread sees it die and replaces it."""
+        if self._closed:
+            return
+        if self._recv_lock.acquire(False):
+            try:
+                if self._worker is not None:
+                    self._fail(f"protocol error: {error}")
+            finally:
+                self._recv_lock.release()
+            return
+        worker = self._worker
+        self._arena.channel.close()
+        if worker is not None:
+            worker.kill()
 
     def _worker_died(self, worker, doing):
         worker.kill()  # what it started dies too; its exit status and last output are in
         how = f"worker of model {self.name!r} (pid {worker.pid}) {describe_exit(worker.returncode)}"
-        reason, tail = self._kill_reason, worker.output_tail()
+        reason, tail = self._killed_for(worker), worker.output_tail()
         self._fail(reason or f"crashed: {describe_exit(worker.returncode)}")
         if reason:
             return MemoryLimitExceeded(f"{how} while {doing}: {reason}")
@@ -234,37 +320,108 @@ class OutOfProcessModel(Model):
         return WorkerTimeout(f"worker of model {self.name!r} (pid {worker.pid}) did not finish "
                              f"{doing} in time; it was stopped and will be replaced")
 
-    # -- supervision (called by the Supervisor thread) ----------------------------------
+    # -- supervision: the Supervisor thread looks, the restart thread acts ----------------
 
     def _supervise(self):
+        """The supervisor's look at this model, every Supervisor.interval_s: the memory limit,
+        and a worker that died while no call was receiving from it (a call that is sees the
+        death itself). It never waits on this model: the receive lock is only tried, and
+        whatever takes time (discarding, starting) is left to the restart thread."""
         worker = self._worker
-        pids = worker.sample() if worker is not None else []
+        if worker is None or self._closed:
+            return
+        pids = worker.sample()
         if pids and self.memory_limit_mb is not None:
             limit = self.memory_limit_mb * _MIB
             rss = private_rss(pids, above=limit)
             if rss is not None and rss > limit:
-                self._kill_reason = (f"memory limit exceeded: {rss / _MIB:.0f} MiB resident "
-                                     f"outside the arena > memory_limit_mb={self.memory_limit_mb}")
+                self._kill_reason = (worker, f"memory limit exceeded: {rss / _MIB:.0f} MiB "
+                                             f"resident outside the arena > "
+                                             f"memory_limit_mb={self.memory_limit_mb}")
                 worker.kill()
-        if self.restart == "eager" and self._worker is None and not self._closed \
-                and self._state == "restarting" and self._recv_lock.acquire(blocking=False):
+        if not worker.alive() and self._recv_lock.acquire(blocking=False):
             try:
-                with self._send_lock:
-                    if self._worker is None and not self._closed:
+                if self._worker is worker:
+                    self._wake_keeper(dead=worker)
+            finally:
+                self._recv_lock.release()
+
+    def _wants_worker(self):
+        """Whether the restart thread should start a worker now (restart="eager")."""
+        return (self.restart == "eager" and self._worker is None and not self._closed
+                and not self._policy.broken)
+
+    def _wake_keeper(self, dead=None):
+        """Have the restart thread bury ``dead`` (a worker seen dead while idle), and start a
+        worker if the model wants one; starts the thread if none runs."""
+        with self._keeper_lock:
+            if dead is not None:
+                self._dead = dead
+            if not self._keeping and not self._closed:
+                self._keeping = True
+                self._keeper = threading.Thread(target=self._keep, daemon=True,
+                                                name=f"ope-restart-{self.name}")
+                self._keeper.start()
+
+    def _keep(self):
+        """The restart thread: buries a worker the supervisor saw dead, and with
+        restart="eager" starts workers (after the policy's backoff) until one runs; ends when
+        there is nothing left to do, or the model is broken or closed."""
+        while True:
+            with self._keeper_lock:
+                dead, self._dead = self._dead, None
+                if self._closed or (dead is None and not self._wants_worker()):
+                    self._keeping = False
+                    return
+            if dead is None:
+                self._closing.wait(self._policy.delay_s())
+            if not self._take_recv_lock():
+                continue  # closed: the loop ends
+            settled = ()
+            try:
+                if dead is not None:
+                    settled = self._bury(dead)
+                elif self._wants_worker():
+                    with self._send_lock:
                         self._start_worker()
             except OpeError:
                 pass  # recorded in the policy; the next call reports it
+            except Exception:  # this thread must go on, or nothing would restart the model
+                _log.exception("restarting model %r failed", self.name)
             finally:
                 self._recv_lock.release()
+            _announce(settled)
+
+    def _take_recv_lock(self):
+        """Take the receive lock for the restart thread; False once the model is closed."""
+        while not self._recv_lock.acquire(timeout=LIVENESS_SLICE_S):
+            if self._closed:
+                return False
+        return True
+
+    def _bury(self, dead):
+        """Deal with ``dead``, a worker the supervisor saw dead while no call was receiving
+        (the caller holds the receive lock): calls sent to it get what it answered before it
+        died, or its crash; with none, it is discarded now. Returns the calls settled, to be
+        announced once the lock is let go."""
+        if self._worker is not dead:
+            return ()  # a call saw the death first and dealt with it
+        if self._pending:
+            return self._settle_until(self._pending[-1])
+        how = describe_exit(dead.returncode)
+        dead.logger.warning("worker pid %d %s while idle", dead.pid, how)
+        self._fail(self._killed_for(dead) or f"crashed while idle: {how}")
+        return ()
 
     # -- calls --------------------------------------------------------------------------
     #
     # A call is sent at once (INFER, under the send lock) and joins the pending queue;
     # replies come in the order calls were sent, and whoever needs a result (the caller of
     # infer, a future's result(), or the collector thread for futures waited on in other
-    # ways) collects replies under the receive lock until its call is done, while
-    # further calls can still be sent. A fault fails the call at the head of the queue with
-    # its error and every call behind it, whose requests died with the worker.
+    # ways) collects replies under the receive lock until its call is settled, while
+    # further calls can still be sent; it announces the calls it settled (completing their
+    # futures) once it let go of the lock. A fault fails the call at the head of the queue
+    # with its error and every call behind it, whose requests died with the worker.
 
     def _infer(self, inputs, timeout_s):
         # The locks are taken by hand, positional arguments and no with-statement: on every
@@ -277,16 +434,22 @@ class OutOfProcessModel(Model):
                 step, result, bindings = self._call_alone(inputs, None, timeout_s)
                 if step is _UNSENT:  # Python's check converts the inputs, or raises the error
                     arrays, bindings = self._validate_inputs(inputs)
-                    step, result, bindings = self._call_alone(arrays, bindings, timeout_s)
+                    step, result, _ = self._call_alone(arrays, bindings, timeout_s)
             finally:
                 self._send_lock.release()
             if step is _CHECKED:
                 return result
-            # Still under the receive lock: a reply received for the call is the next one.
-            outputs = result if step is _RAW else self._collect(*result)
+            if step is _QUEUED:  # still under the receive lock: a reply received is the call's
+                call, reply = result
+                settled = self._settle_until(call, reply)
         finally:
             self._recv_lock.release()
-        return self._validate_outputs(outputs, bindings)
+        if step is _UNSENT:  # not ready, or calls came first: the general way, no lock held
+            return self._validate_outputs(self._run(arrays, bindings, timeout_s), bindings)
+        if step is _QUEUED:
+            _announce(settled)  # calls behind it that a fault failed
+            result = call.result()
+        return self._validate_outputs(result, bindings)
 
     def _run(self, arrays, bindings, timeout_s):
         return self._collect(self._send_call(arrays, bindings, timeout_s, None))
@@ -304,15 +467,16 @@ class OutOfProcessModel(Model):
 
         Returns (step, result, bindings): (_CHECKED, outputs, bindings) for outputs that
         passed the spec; (_RAW, outputs, bindings) for outputs still to be checked;
-        (_UNSENT, None, None), nothing sent, for the caller's inputs when they need Python's
-        check or the model is not ready (the caller checks them and calls again); or
-        (_QUEUED, (call, reply), bindings): anything else (a slow call, a reply that breaks
-        the protocol, a model not ready) joins the queue and goes the general way, with the
-        reply already received, if any. Raises the call's error."""
+        (_UNSENT, None, None), nothing sent, when the caller's inputs need Python's check
+        (the caller checks them and calls again) or the model is not ready or has calls in
+        flight: then the caller goes the general way without the locks, as the call may
+        have to wait for a worker, and a send under the receive lock could wait on a queue
+        that only collecting replies, which needs that lock, would drain (a lone call sends
+        with no call in flight: its queue is empty); or (_QUEUED, (call, reply), bindings):
+        anything else (a slow call, a reply that breaks the protocol) joins the queue, with
+        the reply already received, if any. Raises the call's error."""
         if self._pending or self._state != "ready":
-            if bindings is None:
-                return _UNSENT, None, None
-            return _QUEUED, (self._send_call(tensors, bindings, timeout_s, None), None), bindings
+            return _UNSENT, None, None
         call_id = next(self._call_ids)
         checks = self._plain_checks if bindings is None else None
         arena = self._arena
@@ -340,7 +504,7 @@ class OutOfProcessModel(Model):
             if isinstance(error, ProtocolError):  # a channel that cannot carry calls: replace it
                 self._fail(f"protocol error: {error}")
             raise error
-        call = _Call.start(self, timeout_s, *held, bindings, None)
+        call = _Call(self._deadline(timeout_s), *held, bindings, None)
         try:
             reply = self._lone_reply(reply)
         except BaseException:  # interrupted: the reply is still due, to the queued call
@@ -392,54 +556,73 @@ class OutOfProcessModel(Model):
         return len(self._pending)
 
     def _send_call(self, arrays, bindings, timeout_s, future):
-        while self._worker is None and not self._closed:
-            with self._recv_lock, self._send_lock:
-                if self._worker is None and not self._closed:
-                    self._start_worker()
-        with self._send_lock:
-            if self._closed:
-                raise self._closed_error()
-            if self._worker is None:  # it failed since: start another
-                return self._send_call(arrays, bindings, timeout_s, future)
-            call_id = next(self._call_ids)
-            frame, scratch, sealed = self._encode_inputs(call_id, arrays)
-            call = _Call.start(self, timeout_s, scratch, sealed, bindings, future)
-            try:
-                self._send([protocol.INFER, call_id], self._arena.channel, data=frame)
-            except OpeError:
-                call.release_inputs()
-                raise
-            self._pending.append(call)
-            self._state = "busy"
-        return call
+        """Send a call and queue it, first starting a worker if there is none. The caller
+        holds no lock."""
+        while True:
+            if self._worker is None:
+                self._await_worker()
+            with self._send_lock:
+                if self._closed:
+                    raise self._closed_error()
+                if self._worker is None:
+                    continue  # it failed since; starting takes the receive lock: let go first
+                call_id = next(self._call_ids)
+                deadline = self._deadline(timeout_s)  # before encoding: nothing to give back
+                frame, scratch, sealed = self._encode_inputs(call_id, arrays)
+                call = _Call(deadline, scratch, sealed, bindings, future)
+                try:
+                    self._send([protocol.INFER, call_id], self._arena.channel, data=frame)
+                except OpeError as exc:
+                    call.release_inputs()
+                    failed = exc
+                else:
+                    self._pending.append(call)
+                    self._state = "busy"
+                    return call
+            if isinstance(failed, ProtocolError):
+                self._replace_unusable_channel(failed)
+            raise failed
 
-    def _collect(self, call, reply=None):
-        """Collect replies until ``call`` is done; returns its raw outputs or raises its error.
-        ``reply``: the next reply, when the caller has already received it.
+    def _deadline(self, timeout_s):
+        """When a call sent now is due; ``timeout_s`` None takes the model's default."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        return None if timeout_s is None else time.monotonic() + timeout_s
 
-        A reply is decoded (which may fail) before its call leaves the queue, and a call is
-        announced to its future (which runs callbacks, and they may ask for other results,
-        re-entering here) only after it left the queue."""
+    def _collect(self, call):
+        """Collect replies until ``call`` is settled; returns its raw outputs or raises its
+        error. The caller holds no lock: callbacks of the calls settled here run once the
+        receive lock is let go."""
         with self._recv_lock:
-            while not call.done:
-                head = self._pending[0]
-                if reply is None:
-                    try:
-                        reply = self._receive(head.deadline, "running a call")
-                    except OpeError as exc:
-                        reply = exc
-                if self._take_reply(head, reply):
-                    head.announce()
-                reply = None
-            call.announce()  # settled by an outer frame of this thread: announce it here
-            if not self._pending and self._state == "busy":
-                self._state = "ready"
+            settled = self._settle_until(call)
+        _announce(settled)
+        _announce((call,))  # settled by a thread that has not announced it yet
         return call.result()
+
+    def _settle_until(self, call, reply=None, until=None):
+        """Receive and settle replies until ``call`` is settled, or the monotonic time
+        ``until`` passes first; the caller holds the receive lock. ``reply``: the next reply,
+        when the caller has already received it. Returns the calls settled, in order, for the
+        caller to announce once it let go of the lock."""
+        settled = []
+        while not call.done:
+            head = self._pending[0]
+            if reply is None:
+                try:
+                    reply = self._receive(head.deadline, "running a call", until)
+                except OpeError as exc:
+                    reply = exc
+                if reply is None:
+                    break  # the caller's wait ended first
+            settled += self._take_reply(head, reply)
+            reply = None
+        if not self._pending and self._state == "busy":
+            self._state = "ready"
+        return settled
 
     def _take_reply(self, head, reply):
         """Settle ``head``, the oldest call in flight, with ``reply``: the worker's message, or
-        the error that came instead of one. Returns whether it did; when the reply breaks the
-        protocol, or the worker failed, every pending call fails instead (_fail_pending).
+        the error that came instead of one. Returns the calls settled: ``head``, or when the
+        reply breaks the protocol, or the worker failed, every pending call (_fail_pending).
         A reply is decoded and checked before its call leaves the queue."""
         try:
             if isinstance(reply, OpeError):
@@ -447,11 +630,10 @@ class OutOfProcessModel(Model):
             self._conversation.received(reply)
             outputs, error = self._read_reply(head, reply)
         except OpeError as exc:
-            self._fail_pending(exc)
-            return False
+            return self._fail_pending(exc)
         self._pending.popleft()
         head.settle(outputs, error)
-        return True
+        return (head,)
 
     def _read_reply(self, call, reply):
         """(outputs, error) of ``call`` from the worker's reply (RESULT or ERROR)."""
@@ -474,9 +656,10 @@ class OutOfProcessModel(Model):
         return reply[2], None
 
     def _fail_pending(self, exc):
-        """Fail the head call with ``exc`` and the calls queued behind it as lost with it.
-        All are settled before any is announced, so a callback that asks for another of
-        them gets its error instead of waiting on a worker that is gone."""
+        """Fail the head call with ``exc`` and the calls queued behind it as lost with it;
+        returns them, settled, for the caller to announce (all are settled before any is, so
+        a callback that asks for another of them gets its error instead of waiting on a
+        worker that is gone)."""
         if isinstance(exc, ProtocolError) and self._worker is not None:
             self._fail(f"protocol error: {exc}")
         calls = list(self._pending)
@@ -485,14 +668,15 @@ class OutOfProcessModel(Model):
             call.release_inputs()
             call.settle(None, exc if index == 0 else type(exc)(
                 f"call lost: it was queued behind a call that failed with {exc}"))
-        for call in calls:
-            call.announce()
+        return calls
 
     def _wake_collector(self):
         """Have the collector thread complete the calls in flight: someone waits on a future
         without collecting its reply (a callback, asyncio, futures.wait, a timed result), or
         calls pile up that nobody collects."""
         with self._collector_wakeup:
+            if self._closed:
+                return
             if self._collector is None:
                 self._collector = threading.Thread(target=self._collect_forever, daemon=True,
                                                    name=f"ope-collector-{self.name}")
@@ -581,14 +765,16 @@ class OutOfProcessModel(Model):
     def _close(self):
         _open_models.discard(self)
         Supervisor.get().unwatch(self)
+        self._closing.set()
         for lock in (self._recv_lock, self._send_lock):
             if not lock.acquire(blocking=False):
-                # A call is in flight or blocked sending (maybe in another thread): wake it;
-                # it raises ModelClosed and lets go of the lock.
+                # A call is in flight, a worker starting, or a sender blocked (maybe in
+                # another thread): wake it; it raises ModelClosed and lets go of the lock.
                 self._arena.channel.close()
                 lock.acquire()
+        settled = ()
         try:
-            self._fail_pending(ModelClosed(f"model {self.name!r} was closed"))
+            settled = self._fail_pending(ModelClosed(f"model {self.name!r} was closed"))
             with self._collector_wakeup:
                 self._collector_wakeup.notify_all()
             self._discard_worker(force=self._arena.channel.closed)
@@ -597,22 +783,22 @@ class OutOfProcessModel(Model):
             self._arena.close()
             self._send_lock.release()
             self._recv_lock.release()
+        _announce(settled)
+        # Both threads end on their own once closed; waiting for them leaves none behind.
+        with self._keeper_lock, self._collector_wakeup:
+            helpers = [self._keeper, self._collector]
+        for thread in helpers:
+            if thread is not None and thread is not threading.current_thread():
+                thread.join()
 
 
 class _Call:
     """One call in flight: what to release when it is done, and how it ended. Ending takes two
-    steps: settle() records the outcome (under the receive lock); announce() then runs the
-    settle hooks and completes the future, once, in whichever frame gets there first."""
+    steps: settle() records the outcome (under the receive lock); _announce() then completes
+    the future, with no lock held, once, in whichever thread gets there first."""
 
     __slots__ = ("deadline", "scratch", "sealed", "bindings", "future", "done", "outputs",
-                 "error", "announced")
-
-    @classmethod
-    def start(cls, model, timeout_s, scratch, sealed, bindings, future):
-        """A call of ``model`` sent now; ``timeout_s`` None takes the model's default."""
-        timeout_s = model.timeout_s if timeout_s is None else timeout_s
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        return cls(deadline, scratch, sealed, bindings, future)
+                 "error")
 
     def __init__(self, deadline, scratch, sealed, bindings, future):
         self.deadline = deadline
@@ -623,7 +809,6 @@ class _Call:
         self.done = False
         self.outputs = None
         self.error = None
-        self.announced = False
 
     def release_inputs(self):
         _release_inputs(self.scratch, self.sealed)
@@ -638,21 +823,25 @@ class _Call:
             raise self.error
         return self.outputs
 
-    def announce(self):
-        if self.announced:
-            return
-        self.announced = True
-        if self.future is not None:
-            self.future.complete(self.outputs, self.error)
+
+def _announce(calls):
+    """Complete the futures of settled ``calls`` (the caller holds no lock of their model):
+    first every future, then their done-callbacks, so that a callback finds each call settled
+    with it done, whatever it waits on (result, done, futures.wait). A call whose future
+    another thread completes, or has completed, is left to it."""
+    completed = [call.future for call in calls
+                 if call.future is not None and call.future.complete(call.outputs, call.error)]
+    for future in completed:
+        future.run_callbacks()
 
 
 class _CallFuture(concurrent.futures.Future):
     """A Future whose result() collects the reply in the calling thread: waking a collector
     thread that would then wake this one costs a second wake-up per call, and on a VM each
-    can cost far more than the call. Waiting without collecting (done() polling, a
-    done-callback, asyncio, concurrent.futures.wait or as_completed, a timed result) wakes the
-    model's collector thread instead. The call already runs in the worker, so the future
-    cannot be cancelled."""
+    can cost far more than the call. A timed result() collects too, up to its timeout, if no
+    other thread is receiving; waiting without collecting (done() polling, a done-callback,
+    asyncio, concurrent.futures.wait or as_completed) wakes the model's collector thread
+    instead. The call already runs in the worker, so the future cannot be cancelled."""
 
     def __init__(self, model):
         super().__init__()
@@ -663,8 +852,9 @@ class _CallFuture(concurrent.futures.Future):
         self.set_running_or_notify_cancel()
 
     def when_settled(self, hook):
-        """ope's own bookkeeping: ``hook(failed)`` runs as the call settles, in the collecting
-        thread, without waking the collector (see ope.model.when_settled); at once if it has."""
+        """ope's own bookkeeping: ``hook(failed)`` runs as the future completes, in the thread
+        that collected the call, without waking the collector (see ope.model.when_settled);
+        at once if it has."""
         with self._condition:
             if self._settle_hooks is not None:
                 self._settle_hooks.append(hook)
@@ -672,28 +862,43 @@ class _CallFuture(concurrent.futures.Future):
         hook(self.call.error is not None)
 
     def complete(self, outputs, error):
+        """Run the settle hooks and complete the future, its done-callbacks left for
+        run_callbacks; returns whether this thread did it: the first to get here does (the
+        hooks taken under the condition decide), any other returns False at once."""
         with self._condition:
             hooks, self._settle_hooks = self._settle_hooks, None
+        if hooks is None:
+            return False
         for hook in hooks:
             hook(error is not None)
         if error is None:
             self.set_result(outputs)
         else:
             self.set_exception(error)
+        return True
+
+    def _invoke_callbacks(self):
+        """set_result's own run of the done-callbacks: left out, run_callbacks does it."""
+
+    def run_callbacks(self):
+        super()._invoke_callbacks()
 
     def done(self):
         if super().done():
             return True
+        call = self.call
+        if call is not None and call.done:  # settled; its thread has not announced it yet
+            _announce((call,))
+            if super().done():
+                return True
         self.model._wake_collector()  # someone polls: the reply must come without result()
         return False
 
     def result(self, timeout=None):
-        self._collect_or_wake(timeout)
-        return super().result(timeout)
+        return super().result(self._collect_or_wake(timeout))
 
     def exception(self, timeout=None):
-        self._collect_or_wake(timeout)
-        return super().exception(timeout)
+        return super().exception(self._collect_or_wake(timeout))
 
     def add_done_callback(self, fn):
         super().add_done_callback(fn)
@@ -701,15 +906,31 @@ class _CallFuture(concurrent.futures.Future):
             self.model._wake_collector()
 
     def _collect_or_wake(self, timeout):
+        """Collect this call's reply in this thread if it can: always without a timeout;
+        with one, up to it, if the receive lock is free now (else, or if the reply did not
+        come in time, the collector thread completes the call). Returns what is left of
+        ``timeout`` to wait for the future."""
         if super().done():
-            return
-        if timeout is not None:
-            self.model._wake_collector()
-            return
-        try:
-            self.model._collect(self.call)
-        except OpeError:
-            pass  # set on this future too; raised by the caller
+            return timeout
+        model, call = self.model, self.call
+        if timeout is None:
+            try:
+                model._collect(call)
+            except OpeError:
+                pass  # set on this future too; raised by the caller
+            return None
+        until = time.monotonic() + timeout
+        if model._recv_lock.acquire(blocking=False):
+            try:
+                settled = model._settle_until(call, until=until)
+            finally:
+                model._recv_lock.release()
+            _announce(settled)
+        if call.done:
+            _announce((call,))  # settled by a thread that has not announced it yet
+        else:
+            model._wake_collector()
+        return max(0.0, until - time.monotonic())
 
 
 class _WakingList(list):

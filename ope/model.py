@@ -14,6 +14,7 @@ import abc
 import asyncio
 import concurrent.futures
 import logging
+import numbers
 import os
 import time
 import weakref
@@ -25,7 +26,7 @@ from ope.errors import ModelClosed, OpeError, SpecError
 from ope.spec import check_inputs, check_outputs, check_shape, input_plan, output_plan
 from workers.runners import load_runner
 
-__all__ = ["Model", "InProcessModel", "when_settled"]
+__all__ = ["Model", "InProcessModel", "when_settled", "check_timeout"]
 
 _log = logging.getLogger("ope")
 _now_ns = time.monotonic_ns  # the clock ope_native.CallStats reads
@@ -76,9 +77,13 @@ class Model(abc.ABC):
     def infer(self, inputs, *, timeout_s=None):
         """Run the model on ``inputs`` (name -> numpy array, CPU torch tensor, or list of str
         for string tensors); returns outputs by name as numpy arrays. SpecError before
-        running if an input does not match the spec, ModelError if the model raised."""
+        running if an input does not match the spec, ModelError if the model raised.
+        ``timeout_s``: this call's deadline in seconds (None: the model's default; it applies
+        out of process); a bad one raises TypeError or ValueError before anything is sent."""
         start = _now_ns()
         try:
+            if timeout_s is not None:
+                check_timeout(timeout_s)
             outputs = self._infer(inputs, timeout_s)
         except BaseException:
             self._call_stats.record(start, True)
@@ -93,6 +98,8 @@ class Model(abc.ABC):
         to different models run in parallel."""
         start = _now_ns()
         try:
+            if timeout_s is not None:
+                check_timeout(timeout_s)
             arrays, bindings = self._validate_inputs(inputs)
             future = self._submit(arrays, bindings, timeout_s)
         except BaseException:
@@ -211,6 +218,19 @@ class Model(abc.ABC):
                 return spec
         raise SpecError(f"unknown input {name!r} (expected "
                         f"{', '.join(repr(spec.name) for spec in self.inputs)})")
+
+
+def check_timeout(timeout_s, name="timeout_s"):
+    """Raise unless ``timeout_s`` is None or a non-negative real number of seconds: TypeError
+    for another type (a bool too), ValueError for a negative number or NaN."""
+    kind = type(timeout_s)
+    if kind is not float and kind is not int:  # the common types pass without the ABC check
+        if timeout_s is None:
+            return
+        if kind is bool or not isinstance(timeout_s, numbers.Real):
+            raise TypeError(f"{name} must be None or a number of seconds, got {timeout_s!r}")
+    if not timeout_s >= 0:  # NaN fails this too
+        raise ValueError(f"{name} must be a non-negative number of seconds, got {timeout_s!r}")
 
 
 def when_settled(future, hook):

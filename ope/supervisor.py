@@ -6,10 +6,12 @@ crash (signal, ``os._exit``, OOM kill) is seen within one slice even while a cal
 liveness does not rest on a thread inside the worker, so a model stuck in a Python loop or in
 C code is caught by its deadline all the same. One :class:`Supervisor` thread per host
 enforces memory limits (the resident memory of the worker and its descendants, anonymous and
-shared, less the arena: :func:`private_rss`), notes the worker's descendants, and performs
-eager restarts. A worker's output (stdout and stderr, merged) goes line by line to the logger
-``ope.worker.<model name>``, read for all workers by one thread; the last lines are kept for
-error messages.
+shared, less the arena: :func:`private_rss`), notes the worker's descendants, and sees workers
+that die while no call waits on them. It only looks: it never waits on a model, and whatever
+takes time (discarding a worker, backoff, starting one) runs in that model's own restart
+thread, so no model's trouble delays the supervision of another. A worker's output (stdout
+and stderr, merged) goes line by line to the logger ``ope.worker.<model name>``, read for all
+workers by one thread; the last lines are kept for error messages.
 
 Stopping is a ladder that is always climbed to the end: ask (SHUTDOWN), wait; SIGTERM to the
 worker's process group, wait; SIGKILL to the group and to every descendant noted, reap. What a
@@ -537,10 +539,12 @@ class RestartPolicy:
 
 
 class Supervisor:
-    """The host's one watcher thread: memory limits and eager restarts of all models.
+    """The host's one watcher thread: memory limits and the liveness of idle workers of all
+    models.
 
     Models register with :meth:`watch`; the thread holds them weakly and calls
-    ``model._supervise()`` every :attr:`interval_s`."""
+    ``model._supervise()`` every :attr:`interval_s`, which must not wait on the model (a lock
+    only tried, no start or stop): one model's round is short, whatever the others do."""
 
     interval_s = 0.1
     _instance = None
@@ -549,7 +553,6 @@ class Supervisor:
     def __init__(self):
         self._models = weakref.WeakSet()
         self._lock = threading.Lock()
-        self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ope-supervisor", daemon=True)
         self._thread.start()
 
@@ -568,14 +571,12 @@ class Supervisor:
         with self._lock:
             self._models.discard(model)
 
-    def poke(self):
-        """Run a round now (e.g. right after a failure, for an eager restart)."""
-        self._wake.set()
-
     def _run(self):
+        due = time.monotonic()
         while True:
-            self._wake.wait(self.interval_s)
-            self._wake.clear()
+            # Rounds keep their cadence: the time a round took comes off the next wait.
+            due = max(due + self.interval_s, time.monotonic())
+            time.sleep(max(0.0, due - time.monotonic()))
             with self._lock:
                 models = list(self._models)
             for model in models:

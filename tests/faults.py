@@ -5,7 +5,9 @@ plus one when nothing goes wrong. The package's data dir holds ``faults.json`` w
 load time and "crash on the Nth call". Some faults only leave something behind and then answer
 as "ok" does: a helper process that never stops ("spawn" in the worker's process group,
 "escape" in a session of its own, "fork" a bare fork), or 64 MiB of output without a newline
-("flood").
+("flood"). A worker started with :data:`SLOW_RELOAD_ENV` naming a marker file loads at once
+the first time (and leaves the marker), and takes :data:`SLOW_RELOAD_S` seconds to load each
+time after: a restart that is slow on purpose.
 """
 
 import json
@@ -15,12 +17,16 @@ from ope import TensorSpec
 
 import models
 
-__all__ = ["FAULTS", "fault_package", "fault_inputs"]
+__all__ = ["FAULTS", "fault_package", "fault_inputs", "SLOW_RELOAD_ENV", "SLOW_RELOAD_S"]
 
+# "balloon_to": grows by 4 MiB every 10 ms up to x[0] MiB, then sleeps.
 FAULTS = {"ok": 0, "segfault": 1, "exit3": 2, "sigkill": 3, "spin": 4, "sleep": 5,
           "balloon": 6, "garbage": 7, "raise": 8, "ignore_sigterm_spin": 9, "spawn": 10,
           "escape": 11, "fork": 12, "flood": 13, "shared_balloon": 14, "memfd_balloon": 15,
-          "garbage_everywhere": 16, "garbage_host_queue": 17, "shrink": 18}
+          "garbage_everywhere": 16, "garbage_host_queue": 17, "shrink": 18, "balloon_to": 19}
+
+SLOW_RELOAD_ENV = "OPE_FAULTS_SLOW_RELOAD"
+SLOW_RELOAD_S = 4.0
 
 _SOURCE = '''
 import ctypes, json, mmap, os, signal, subprocess, sys, time
@@ -125,7 +131,18 @@ def _corrupt_channel():
     ctypes.memmove(address + w2h_queue + 64, (2**40 + 12345).to_bytes(8, "little"), 8)  # head
 
 
+def _maybe_slow_reload():
+    marker = os.environ.get("%s")
+    if not marker:
+        return
+    if os.path.exists(marker):
+        time.sleep(%r)
+    else:
+        open(marker, "w").close()
+
+
 def factory(data_dir):
+    _maybe_slow_reload()
     with open(os.path.join(data_dir, "faults.json")) as f:
         config = json.load(f)
     if config.get("load") == "crash":
@@ -183,6 +200,11 @@ def factory(data_dir):
             _corrupt_host_queue()
         elif fault == 18:
             _shrink_segments()
+        elif fault == 19:
+            while len(balloon) * 4 < float(x[0]):
+                balloon.append(np.ones(4 << 20, np.uint8))
+                time.sleep(0.01)
+            time.sleep(3600)
         return {"y": x + 1}
     return run
 '''
@@ -198,7 +220,8 @@ def fault_package(root, name="faults", **config):
     with open(os.path.join(data_dir, "faults.json"), "w") as f:
         json.dump(config, f)
     return models.numpy_package(
-        root, _SOURCE, name=name, module="faulty", data_dir=data_dir,
+        root, _SOURCE % (SLOW_RELOAD_ENV, SLOW_RELOAD_S), name=name, module="faulty",
+        data_dir=data_dir,
         inputs=[TensorSpec("fault", "int32", ()), TensorSpec("x", "float32", ("n",))],
         outputs=[TensorSpec("y", "float32", ("n",))]).path
 

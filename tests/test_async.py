@@ -125,6 +125,51 @@ def test_a_done_callback_may_wait_for_the_next_call(load_model, timed):
     assert second.result(timeout=60)["y"][0] == 3 and seen == [3]
 
 
+def test_a_done_callback_gets_another_calls_result_with_a_timeout_as_soon_as_it_is_there(
+        load_model, timed):
+    model = load_model(timed)
+    first, second = model.submit(call_inputs(1)), model.submit(call_inputs(2, hold=0.05))
+    seen = []
+
+    def callback(done):
+        start = time.monotonic()
+        seen.append((second.result(timeout=5)["y"][0], time.monotonic() - start))
+
+    first.add_done_callback(callback)
+    assert first.result(timeout=60)["y"][0] == 2
+    assert second.result(timeout=60)["y"][0] == 3
+    assert len(seen) == 1, "the callback's wait raised"
+    value, waited = seen[0]
+    assert value == 3 and waited < 1.0, f"the callback waited {waited:.2f} s"
+
+
+_BAD_TIMEOUTS = [("1", TypeError), (True, TypeError), ([1.0], TypeError), (1j, TypeError),
+                 (-1, ValueError), (-0.5, ValueError), (float("nan"), ValueError),
+                 (np.float32("nan"), ValueError)]
+
+
+@pytest.mark.parametrize("how", ["infer", "submit"])
+def test_a_bad_timeout_is_refused_before_anything_is_sent(load_model, timed, how):
+    model = load_model(timed)
+    call = getattr(model, how)
+    buffer = model.empty("x", (3,))
+    buffer[...] = 4.0
+    in_use = model.stats().get("arena_bytes_in_use")
+    for bad, error in _BAD_TIMEOUTS:
+        with pytest.raises(error, match="timeout_s"):
+            call({"x": buffer, "hold": np.array(0.0)}, timeout_s=bad)
+        assert buffer.flags.writeable, f"timeout_s={bad!r} left the arena buffer sealed"
+    assert model.stats().get("arena_bytes_in_use") == in_use, "input copies leaked"
+    for good in (None, 30, 30.0, np.float64(30.0), float("inf")):
+        out = model.infer({"x": buffer, "hold": np.array(0.0)}, timeout_s=good)
+        assert out["y"][0] == 5.0
+        assert model.submit(call_inputs(good is None), timeout_s=good).result()["y"][0] == \
+            (good is None) + 1
+    assert buffer.flags.writeable
+    assert model.health().get("restarts", 0) == 0
+    assert model.stats()["calls"] == 10 + len(_BAD_TIMEOUTS)
+
+
 def test_infer_async_under_asyncio(load_model, timed):
     model = load_model(timed)
 

@@ -5,14 +5,19 @@ The bounds asserted here carry slack for a loaded CI machine; bench/bench_faults
 the real detection latencies.
 """
 
+import collections
+import faulthandler
+import itertools
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+import traceback
 
 import numpy as np
 import psutil
@@ -22,7 +27,7 @@ import models
 import ope
 from ope import TensorSpec
 from ope.supervisor import LIVENESS_SLICE_S
-from faults import fault_inputs, fault_package
+from faults import SLOW_RELOAD_ENV, fault_inputs, fault_package
 
 SLACK_S = 1.0
 
@@ -715,3 +720,237 @@ def test_other_users_names_in_dev_shm_cannot_stop_a_load_or_a_growing_arena(faul
     finally:
         for name in squatted:
             os.unlink(name)
+
+
+# -- supervision: one model's trouble never delays another's -------------------------------
+
+def _wait_for(predicate, timeout_s, poll_s=0.005):
+    """Whether ``predicate()`` came true within the time (polling state other threads change)."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll_s)
+    return True
+
+
+@pytest.mark.parametrize("restart", ["lazy", "eager"])
+def test_a_worker_that_dies_while_idle_is_seen_within_the_crash_bound(open_model, restart):
+    model = open_model(restart=restart)
+    pid = model.health()["pid"]
+    os.kill(pid, signal.SIGKILL)
+    start = time.monotonic()
+    assert _wait_for(lambda: model.health()["failures"], 0.1 + SLACK_S), model.health()
+    assert time.monotonic() - start < 0.1 + SLACK_S
+    failure = model.health()["failures"][-1]["reason"]
+    assert "idle" in failure and "SIGKILL" in failure
+    if restart == "lazy":
+        assert model.health()["state"] == "restarting" and model.health()["pid"] is None
+    else:
+        assert _wait_for(lambda: model.health()["state"] == "ready", 30), model.health()
+        assert model.health()["pid"] not in (None, pid)
+    assert_works(model)
+    assert model.health()["pid"] not in (None, pid) and model.health()["restarts"] == 1
+
+
+def test_a_slow_restart_does_not_delay_another_models_memory_limit(open_model, tmp_path):
+    slow = open_model(restart="eager", env_vars={SLOW_RELOAD_ENV: str(tmp_path / "loaded")})
+    bounded = open_model(memory_limit_mb=100)
+    with pytest.raises(ope.WorkerCrashed):
+        slow.infer(fault_inputs("sigkill"))
+    assert _wait_for(lambda: slow.health()["state"] == "starting", 5.0), slow.health()
+    start = time.monotonic()
+    with pytest.raises(ope.MemoryLimitExceeded) as caught:
+        bounded.infer(fault_inputs("balloon_to", x=(800.0,)))  # would reach 800 MiB in ~2 s
+    took = time.monotonic() - start
+    rss_mib = float(re.search(r"memory limit exceeded: (\d+) MiB", str(caught.value)).group(1))
+    assert rss_mib < 300, f"killed at {rss_mib} MiB, {took:.2f} s after the call started"
+    assert took < 0.5 + SLACK_S
+    assert slow.health()["state"] == "starting", "the slow restart ended first: nothing shown"
+    assert_works(bounded)
+
+
+# -- many threads, random SIGKILLs: every call gets its own answer or a typed error ---------
+
+_HANG_S = 60.0  # no iteration of the workload waits longer; past it, a thread is stuck
+_WAIT_S = 15.0  # each wait of the workload on one call
+
+
+@pytest.fixture
+def watchdog():
+    """A hang that survives the test's own watchdog (e.g. in close at teardown) dumps every
+    thread's stack and ends the run instead of hanging it."""
+    faulthandler.dump_traceback_later(300, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+
+
+def _ope_threads():
+    return {t for t in threading.enumerate()
+            if t.name.startswith("ope-") and t.name != "ope-supervisor"}
+
+
+def _all_stacks():
+    frames = sys._current_frames()
+    return "\n".join(f"--- {thread.name}\n" + "".join(traceback.format_stack(frames[thread.ident]))
+                     for thread in threading.enumerate() if thread.ident in frames)
+
+
+def _kill_a_worker(model, rng):
+    """SIGKILL one of ``model``'s workers that is serving (one still loading is spared: killing
+    every start would only show the restart policy's backoff)."""
+    health = model.health()
+    pids = [h["pid"] for h in health.get("replicas", [health])
+            if h["pid"] is not None and h["state"] in ("ready", "busy")]
+    if not pids:
+        return
+    try:
+        worker = psutil.Process(rng.choice(pids))
+        if worker.ppid() == os.getpid():
+            worker.send_signal(signal.SIGKILL)  # psutil checks the pid was not reused
+    except psutil.NoSuchProcess:
+        pass
+
+
+def _calls_while_workers_die(model, seconds, seed, threads=4):
+    """``threads`` threads call ``model`` for ``seconds`` (infer; bursts of submit collected
+    in random order; done-callbacks that call again, or wait with a timeout for another call)
+    while another thread SIGKILLs its workers at random. Every call's x is distinct, so each
+    answer (y = x + 1) shows whose it is. Fails with every thread's stack if a thread hangs.
+    Returns the count of answers and of typed errors."""
+    ids = itertools.count(1)
+    counted = threading.Lock()
+    outcomes = collections.Counter()
+    wrong = []  # anything but the call's own answer or an OpeError
+    stop = threading.Event()
+
+    def new_call():
+        x = np.array([next(ids)], np.float32)
+        return x, fault_inputs("ok", x=x)
+
+    def count(outcome):
+        with counted:
+            outcomes[outcome] += 1
+
+    def expect(x, get):
+        """Check the answer of the call with ``x`` that ``get()`` returns (or raises)."""
+        try:
+            out = get()
+        except ope.OpeError:
+            count("error")
+        except BaseException:
+            wrong.append(f"call x={x[0]}: {traceback.format_exc()}")
+        else:
+            if np.array_equal(out["y"], x + 1):
+                count("ok")
+            else:
+                wrong.append(f"call x={x[0]} got y={out['y']}")
+
+    def submit(x, call):
+        """The call's future, or None if submit itself refused it (counted like expect)."""
+        try:
+            return model.submit(call)
+        except ope.OpeError:
+            count("error")
+        except BaseException:
+            wrong.append(f"submit x={x[0]}: {traceback.format_exc()}")
+        return None
+
+    def call_again():
+        x, call = new_call()
+        expect(x, lambda: model.infer(call))
+
+    def with_callback(rng):
+        x, call = new_call()
+        future = submit(x, call)
+        if future is None:
+            return
+        ran = threading.Event()
+        later = None
+        if rng.random() < 0.5:  # the callback waits, with a timeout, for a later call
+            x2, call2 = new_call()
+            later = submit(x2, call2)
+
+        def callback(done):
+            expect(x, done.result)
+            if later is not None:
+                expect(x2, lambda: later.result(timeout=_WAIT_S))
+            else:  # the callback calls the model again
+                call_again()
+            ran.set()
+
+        future.add_done_callback(callback)
+        if rng.random() < 0.5:
+            expect(x, lambda: future.result(timeout=_WAIT_S))
+        if not ran.wait(_WAIT_S):
+            wrong.append(f"the done-callback of call x={x[0]} did not run")
+
+    def caller(index):
+        rng = random.Random(seed * 1000 + index)
+        while not stop.is_set():
+            way = rng.random()
+            if way < 0.25:
+                call_again()
+            elif way < 0.75:
+                burst = []
+                for _ in range(rng.randint(1, 4)):
+                    x, call = new_call()
+                    future = submit(x, call)
+                    if future is not None:
+                        burst.append((x, future))
+                rng.shuffle(burst)
+                for x, future in burst:
+                    expect(x, future.result)
+            else:
+                with_callback(rng)
+
+    def killer():
+        rng = random.Random(seed)
+        while not stop.wait(rng.uniform(0.02, 0.25)):
+            _kill_a_worker(model, rng)
+
+    workers = [threading.Thread(target=caller, args=(i,), name=f"caller-{i}", daemon=True)
+               for i in range(threads)]
+    workers.append(threading.Thread(target=killer, name="killer", daemon=True))
+    for thread in workers:
+        thread.start()
+    time.sleep(seconds)
+    stop.set()
+    deadline = time.monotonic() + _HANG_S
+    for thread in workers:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    stuck = [thread.name for thread in workers if thread.is_alive()]
+    if stuck:
+        pytest.fail(f"threads {stuck} hung; all stacks:\n{_all_stacks()}", pytrace=False)
+    assert not wrong, "\n".join(wrong[:5])
+    return outcomes
+
+
+def _stress_while_killing(faulty, seconds, seed, replicas, restart):
+    threads_before = _ope_threads()
+    options = dict(out_of_process=True, stop_grace_s=0.5, timeout_s=30.0, restart=restart,
+                   max_restarts=10**6)
+    if replicas > 1:
+        options["replicas"] = replicas
+    model = ope.load(faulty, **options)
+    try:
+        outcomes = _calls_while_workers_die(model, seconds, seed)
+        assert outcomes["ok"] > 20 and outcomes["error"] > 0, outcomes
+        assert_works(model)
+    finally:
+        model.close()
+    assert _wait_for(lambda: _ope_threads() <= threads_before, 2.0), \
+        f"threads left after close: {_ope_threads() - threads_before}"
+
+
+@pytest.mark.parametrize("replicas, restart", [(2, "eager"), (1, "lazy")])
+def test_threads_calling_while_workers_are_killed_get_answers_or_typed_errors(
+        watchdog, faulty, replicas, restart):
+    _stress_while_killing(faulty, 2.5, seed=replicas, replicas=replicas, restart=restart)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(20))
+def test_soak_threads_calling_while_workers_are_killed(watchdog, faulty, seed):
+    replicas, restart = [(2, "eager"), (1, "lazy"), (3, "eager"), (1, "eager")][seed % 4]
+    _stress_while_killing(faulty, 5.0, seed=100 + seed, replicas=replicas, restart=restart)
