@@ -257,8 +257,9 @@ def test_the_arena_does_not_count_against_the_limit(open_model, package_root):
     assert model.stats()["pid"] == pid and model.health()["restarts"] == 0
 
 
+@pytest.mark.parametrize("how", ["infer", "submit"])
 @pytest.mark.parametrize("fault", ["garbage", "garbage_everywhere", "garbage_host_queue"])
-def test_garbage_in_shared_memory_is_a_protocol_error_not_a_host_crash(open_model, fault):
+def test_garbage_in_shared_memory_is_a_protocol_error_not_a_host_crash(open_model, fault, how):
     """Whatever bytes a worker writes into the arena: a ProtocolError for the call that meets
     them (garbage in the queue the host writes into is met by the host's next send), a fresh
     worker with a fresh control segment for the calls after it, and a clean close."""
@@ -268,7 +269,7 @@ def test_garbage_in_shared_memory_is_a_protocol_error_not_a_host_crash(open_mode
     failed = 0
     for inputs in (fault_inputs(fault), fault_inputs("ok")):
         try:
-            model.infer(inputs)
+            model.infer(inputs) if how == "infer" else model.submit(inputs).result()
         except ope.ProtocolError:
             failed += 1
     assert failed == 1
