@@ -5,6 +5,9 @@
 Measured on the real path, with the fault-injection package of the test suite:
 - crash while a call is blocked: the worker is SIGKILLed from outside mid-call; time from the
   kill to WorkerCrashed in the caller (bound: 100 ms);
+- idle death: the worker is SIGKILLed while no call waits on it; time from the kill to the
+  failure showing in ``health()`` (bound: 100 ms), and, with ``restart="eager"``, to a new
+  worker being ready;
 - crash inside the call (os._exit): time from the call's start to WorkerCrashed, less the
   round trip of a healthy call; again with a helper process the model started (which holds
   the worker's output pipe and must die with it);
@@ -63,6 +66,26 @@ def crash_while_blocked(path, rounds):
             except ope.WorkerCrashed:
                 samples.append((time.perf_counter() - killed_at[0]) * 1e3)
             killer.join()
+    return samples
+
+
+def idle_death(path, rounds, restart="lazy"):
+    """ms from SIGKILL of an idle worker to its failure in health(); with restart="eager", to
+    the new worker being ready."""
+    samples = []
+    with ope.load(path, out_of_process=True, max_restarts=10_000, restart=restart) as model:
+        for _ in range(rounds):
+            model.infer(fault_inputs("ok"))  # a worker is there, and idle
+            pid, failures = model.health()["pid"], len(model.health()["failures"])
+            killed = time.perf_counter()
+            os.kill(pid, signal.SIGKILL)
+            while True:
+                health = model.health()
+                seen = len(health["failures"]) > failures
+                if seen and (restart == "lazy" or health["state"] == "ready"):
+                    break
+                time.sleep(0.001)
+            samples.append((time.perf_counter() - killed) * 1e3)
     return samples
 
 
@@ -178,6 +201,9 @@ def main():
         path = fault_package(root)
         rows = [
             ("crash while blocked (kill -> error)", crash_while_blocked(path, args.rounds), 100),
+            ("idle death seen (kill -> health)", idle_death(path, args.rounds), 100),
+            ("  restart='eager': kill -> new worker ready",
+             idle_death(path, args.rounds, "eager"), None),
             ("crash inside the call (extra time)", crash_in_call(path, args.rounds), 100),
             ("  the same, the model started a helper", crash_in_call(path, args.rounds, True), 100),
             ("deadline overshoot (past timeout_s)", deadline_overshoot(path, args.rounds), None),
