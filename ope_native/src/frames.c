@@ -9,8 +9,7 @@
 
 #include <limits.h>
 
-/* Bytes per element of each dtype code (layout.h, DTYPE_TABLE). */
-static const uint32_t CODE_ITEMSIZE[] = {
+const uint32_t CODE_ITEMSIZE[N_CODES] = {
 #define DTYPE_ITEMSIZE(id, name, itemsize) itemsize,
     DTYPE_TABLE(DTYPE_ITEMSIZE)
 #undef DTYPE_ITEMSIZE

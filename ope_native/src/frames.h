@@ -28,6 +28,8 @@ typedef struct {
 
 /* ---- the format (frames.c) ------------------------------------------------------------ */
 
+/* Bytes per element of each dtype code (layout.h, DTYPE_TABLE). */
+extern const uint32_t CODE_ITEMSIZE[N_CODES];
 int frame_error(const char *what, Py_ssize_t at);
 int entry_in_range(const Entry *e);
 int check_frame_size(int kind, Py_ssize_t count);

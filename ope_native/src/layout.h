@@ -1,8 +1,9 @@
 /* layout.h: every byte layout ope's processes share, declared once.
  *
  * The data ring, the message queue and the tensor frame are described for readers in the
- * docstrings of ope/ring.py, ope/channel.py and ope/protocol.py; the C code reads the values
- * from here and nowhere else.
+ * docstrings of ope/ring.py, ope/channel.py and ope/protocol.py; the values live here and
+ * nowhere else. The module exports them (ope_native.LAYOUT, DTYPE_NAMES, DTYPE_ITEMSIZES),
+ * and Python and the tests read them from there instead of declaring them again.
  */
 #ifndef OPE_LAYOUT_H
 #define OPE_LAYOUT_H
@@ -91,5 +92,20 @@ enum dtype_code {
     N_CODES
 };
 #define STRING_CODE DTYPE_STRING
+
+/* Every constant above, by name, for the module to export as ope_native.LAYOUT. */
+#define LAYOUT_CONSTANTS(X)                                                                     \
+    X(LINE)                                                                                     \
+    X(RING_MAGIC) X(RING_HEADER) X(R_MAGIC) X(R_AREA) X(R_CURSOR) X(R_USED) X(R_HIGH)           \
+    X(R_ALLOCS) X(BLOCK_HEADER) X(B_SIZE) X(B_STATE) X(BLOCK_FREE) X(BLOCK_USED)                \
+    X(QUEUE_MAGIC) X(Q_MAGIC) X(Q_CAPACITY) X(Q_HEAD) X(Q_TAIL) X(Q_DATA_BELL)                  \
+    X(Q_CONSUMER_SLEEPING) X(Q_PRODUCER_CPU) X(Q_GAP_NS) X(Q_PUSHED_NS) X(Q_SPACE_BELL)         \
+    X(Q_PRODUCER_SLEEPING) X(Q_CONSUMER_CPU) X(Q_POPPED_NS) X(Q_CLOSED) X(Q_DATA)               \
+    X(RECORD_HEADER) X(RECORD_WRAP)                                                             \
+    X(MSG_HELLO) X(MSG_LOAD) X(MSG_READY) X(MSG_INFER) X(MSG_ERROR) X(MSG_RESULT)               \
+    X(MSG_SHUTDOWN)                                                                             \
+    X(FRAME_MARKER) X(F_MARKER) X(F_KIND) X(F_COUNT) X(F_RESERVED) X(F_CALL_ID) X(F_COPIED)     \
+    X(FRAME_HEADER) X(E_CODE) X(E_RANK) X(E_NAME_LEN) X(E_ITEMSIZE) X(E_SEG) X(E_OFFSET)        \
+    X(E_NBYTES) X(E_SHAPE) X(ENTRY_HEADER) X(FRAME_MAX_DIMS) X(STRING_CODE)
 
 #endif

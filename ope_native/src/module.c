@@ -37,6 +37,40 @@ static PyMethodDef module_methods[] = {
      "exit_with_parent(pid, pipe_fd=-1): when parent `pid` is gone, or the pipe whose read end is `pipe_fd` reaches end of file, SIGKILL this process."},
     {NULL}};
 
+/* ope_native.LAYOUT: layout.h's constants by name (read-only), for Python to read instead of
+ * declaring them again. */
+static PyObject *layout_constants(void) {
+    PyObject *layout = PyDict_New();
+#define LAYOUT_ITEM(name)                                                                       \
+    if (layout) {                                                                               \
+        PyObject *value = PyLong_FromUnsignedLongLong((unsigned long long)(name));              \
+        if (!value || PyDict_SetItemString(layout, #name, value)) Py_CLEAR(layout);             \
+        Py_XDECREF(value);                                                                      \
+    }
+    LAYOUT_CONSTANTS(LAYOUT_ITEM)
+#undef LAYOUT_ITEM
+    PyObject *proxy = layout ? PyDictProxy_New(layout) : NULL; /* read-only */
+    Py_XDECREF(layout);
+    return proxy;
+}
+
+/* ope_native.DTYPE_NAMES and DTYPE_ITEMSIZES: layout.h's DTYPE_TABLE, indexed by code. */
+static PyObject *dtype_column(int names) {
+    static const char *const name_of[] = {
+#define DTYPE_NAME(id, name, itemsize) name,
+        DTYPE_TABLE(DTYPE_NAME)
+#undef DTYPE_NAME
+    };
+    PyObject *column = PyTuple_New(N_CODES);
+    for (Py_ssize_t code = 0; column && code < N_CODES; code++) {
+        PyObject *item = names ? PyUnicode_FromString(name_of[code])
+                               : PyLong_FromUnsignedLong(CODE_ITEMSIZE[code]);
+        if (!item) Py_CLEAR(column);
+        else PyTuple_SET_ITEM(column, code, item);
+    }
+    return column;
+}
+
 static struct PyModuleDef native_module = {
     PyModuleDef_HEAD_INIT, "ope_native._native", "Native core of ope's shared-memory bridge.", -1,
     module_methods};
@@ -60,7 +94,10 @@ PyMODINIT_FUNC PyInit__native(void) {
         PyModule_AddIntConstant(m, "CALL_NOT_SENT", CALL_NOT_SENT) ||
         PyModule_AddIntConstant(m, "CALL_NOT_PLAIN", CALL_NOT_PLAIN) ||
         PyModule_AddIntConstant(m, "CALL_UNCHECKED", CALL_UNCHECKED) ||
-        PyModule_AddObject(m, "SPIN_S", PyFloat_FromDouble(SPIN_S))) {
+        PyModule_AddObject(m, "SPIN_S", PyFloat_FromDouble(SPIN_S)) ||
+        PyModule_AddObject(m, "LAYOUT", layout_constants()) ||
+        PyModule_AddObject(m, "DTYPE_NAMES", dtype_column(1)) ||
+        PyModule_AddObject(m, "DTYPE_ITEMSIZES", dtype_column(0))) {
         Py_DECREF(m);
         return NULL;
     }
