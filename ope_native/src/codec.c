@@ -22,9 +22,9 @@ static int read_ring(PyObject *t, MappingObject **m, long long *ring) {
     return *ring == -1 && PyErr_Occurred() ? -1 : 0;
 }
 
-/* A new block of `nbytes` in one of our own rings (`own`: (segment id, Mapping, ring offset),
- * the newest last and tried first), growing the arena through `grow(nbytes)`, which returns
- * the new segment's triple, when none has room. */
+/* A new block of `nbytes` in one of this side's own rings (`own`: (segment id, Mapping, ring
+ * offset), the newest last and tried first), growing the arena through `grow(nbytes)`, which
+ * returns the new segment's triple, when none has room. */
 static int alloc_own(PyObject *own, PyObject *grow, Py_ssize_t nbytes, PyObject **seg,
                      MappingObject **m, long long *ring, long long *payload) {
     for (Py_ssize_t i = PyList_GET_SIZE(own) - 1; i >= -1; i--) {
@@ -55,9 +55,9 @@ BlockObject *block_under(PyArrayObject *array) {
     return base && Py_TYPE(base) == &BlockType ? (BlockObject *)base : NULL;
 }
 
-/* Where `array` already lies in one of our `own` segments: 1 and its segment id and payload
- * offset, else 0. An array from model.empty() (or a C-contiguous slice of one) is a chain of
- * ndarray views whose last base is a Block of one of our mappings. */
+/* Where `array` already lies in one of this side's `own` segments: 1 and its segment id and
+ * payload offset, else 0. An array from model.empty() (or a C-contiguous slice of one) is a
+ * chain of ndarray views whose last base is a Block of one of this side's mappings. */
 static int find_in_arena(PyArrayObject *array, PyObject *own, unsigned long long *seg,
                          unsigned long long *offset) {
     if (!PyArray_IS_C_CONTIGUOUS(array)) return 0;

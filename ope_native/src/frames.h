@@ -45,8 +45,8 @@ PyObject *unpack_frame(PyObject *m, PyObject *arg);
 
 /* ---- the codec (codec.c) -------------------------------------------------------------- */
 
-/* A tensor encode_tensors() copied into the arena: its block in one of our rings, the Mapping
- * referenced until the block is given back or handed on. */
+/* A tensor encode_tensors() copied into the arena: its block in one of this side's rings, the
+ * Mapping referenced until the block is given back or handed on. */
 typedef struct {
     MappingObject *m;
     long long ring, payload;

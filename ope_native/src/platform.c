@@ -113,7 +113,7 @@ static void *parent_watch(void *arg) {
             if (p[i].revents & ~POLLNVAL) gone = 1;
         }
         if (gone) break;
-        /* A descriptor the model closed under us: watch what is left. */
+        /* A descriptor the model closed under the watchdog: watch what is left. */
         nfds_t kept = 0;
         for (nfds_t i = 0; i < n; i++) {
             if (!(p[i].revents & POLLNVAL)) p[kept++] = p[i];
