@@ -46,7 +46,8 @@ other side bumps the bell and wakes only if the flag is set (a Dekker pair, both
 wake-up is never lost and rarely paid. Fields marked "own" are read only by the side that
 writes them, for its gap stamps. A consumer validates every length and position the
 other process wrote before copying, so a corrupt queue raises instead of reading out of bounds.
-The implementation is ope_native (_native.c, queue_*).
+The implementation is ope_native (ope_native/src/queue.c); the offsets above are declared once,
+in ope_native (``LAYOUT``), and read from there.
 """
 
 import ope_native
@@ -56,8 +57,9 @@ from ope.errors import ProtocolError
 __all__ = ["Channel", "QUEUE_HEADER", "SPIN_S", "corrupt_queue"]
 
 QUEUE_HEADER = ope_native.QUEUE_HEADER
+_CLOSED = ope_native.LAYOUT["Q_CLOSED"]
 
-SPIN_S = ope_native.SPIN_S  # why this long: _native.c, at SPIN_S
+SPIN_S = ope_native.SPIN_S  # why this long: ope_native/src/queue.c, at queue_pop_record
 
 
 def corrupt_queue(direction, exc):
@@ -105,4 +107,4 @@ class Channel:
 
     @property
     def closed(self):
-        return bool(self.mapping.load32(self.in_q + 320))
+        return bool(self.mapping.load32(self.in_q + _CLOSED))

@@ -64,6 +64,9 @@ names; whether the tensors match the model's spec is checked afterwards by ope/s
 in-process. :func:`pack` and :func:`unpack` without an arena give a frame's descriptors
 (ope_native.pack_frame and unpack_frame, the same C code without the arena): tools and
 tests read frames with them.
+
+The numbers in the tables above (message types, the marker, offsets, dtype codes) are declared
+once, in ope_native/src/layout.h; this module reads them from ope_native.
 """
 
 import collections
@@ -75,7 +78,6 @@ import numpy as np
 import ope_native
 from ope import errors
 from ope.errors import ProtocolError
-from ope.spec import DTYPES
 
 __all__ = [
     "VERSION", "HELLO", "LOAD", "READY", "INFER", "ERROR", "RESULT", "SHUTDOWN",
@@ -85,7 +87,10 @@ __all__ = [
 ]
 
 VERSION = 2  # 2: INFER and RESULT as tensor frames
-HELLO, LOAD, READY, INFER, ERROR, RESULT, SHUTDOWN = 1, 2, 3, 4, 5, 6, 7
+_L = ope_native.LAYOUT
+HELLO, LOAD, READY, INFER, ERROR, RESULT, SHUTDOWN = (
+    _L["MSG_HELLO"], _L["MSG_LOAD"], _L["MSG_READY"], _L["MSG_INFER"], _L["MSG_ERROR"],
+    _L["MSG_RESULT"], _L["MSG_SHUTDOWN"])
 _NAMES = {HELLO: "HELLO", LOAD: "LOAD", READY: "READY", INFER: "INFER", ERROR: "ERROR",
           RESULT: "RESULT", SHUTDOWN: "SHUTDOWN"}
 _LENGTHS = {HELLO: 3, LOAD: 3, READY: 2, INFER: 3, ERROR: 5, RESULT: 4, SHUTDOWN: 1}
@@ -106,7 +111,7 @@ TRANSITIONS = {
 _ANSWERS = (RESULT, ERROR)
 
 _FRAMES = (INFER, RESULT)
-_FRAME_MARKER = 0xC1
+_FRAME_MARKER = _L["FRAME_MARKER"]
 _packer = msgpack.Packer(use_bin_type=True)
 # msgpack >= 1.0 defaults: str as str, arrays as lists, map keys str/bytes only. Calling it
 # without keywords saves their parsing on every message.
@@ -212,10 +217,11 @@ class Conversation:
         self.pending.popleft()
 
 
-STRING_CODE = DTYPES.index("string")
-DTYPE_CODES = {np.dtype(name): code for code, name in enumerate(DTYPES) if code != STRING_CODE}
+STRING_CODE = _L["STRING_CODE"]
+DTYPE_CODES = {np.dtype(name): code for code, name in enumerate(ope_native.DTYPE_NAMES)
+               if code != STRING_CODE}
 DTYPES_BY_CODE = tuple(np.dtype(name) if code != STRING_CODE else None
-                       for code, name in enumerate(DTYPES))
+                       for code, name in enumerate(ope_native.DTYPE_NAMES))
 
 
 def dtype_code(dtype):

@@ -39,7 +39,8 @@ exists (:meth:`Ring.contains` states the same rule in Python).
 
 Two implementations share this layout and one conformance suite (tests/test_ring.py):
 :class:`Ring`, backed by ope_native and used by ope, and :class:`PyRing`, the readable
-reference in Python.
+reference in Python. The values above are declared once, in ope_native (``LAYOUT``); this
+module reads them from there.
 """
 
 import struct
@@ -52,10 +53,11 @@ LINE = ope_native.LINE
 RING_HEADER = ope_native.RING_HEADER
 BLOCK_HEADER = ope_native.BLOCK_HEADER
 
-_MAGIC = 0x31474E495245504F
-_FREE = 0x45455246
-_USED = 0x44455355
-_AREA, _CURSOR, _USED_BYTES, _HIGH, _ALLOCS = 8, 16, 24, 32, 40
+_L = ope_native.LAYOUT
+_MAGIC, _FREE, _USED = _L["RING_MAGIC"], _L["BLOCK_FREE"], _L["BLOCK_USED"]
+_AREA, _CURSOR, _USED_BYTES, _HIGH, _ALLOCS = (
+    _L["R_AREA"], _L["R_CURSOR"], _L["R_USED"], _L["R_HIGH"], _L["R_ALLOCS"])
+_SIZE, _STATE = _L["B_SIZE"], _L["B_STATE"]  # in a block header
 
 
 def block_size(nbytes):
@@ -117,18 +119,29 @@ class PyRing(Ring):
 
     def _init(self, mapping, offset, size):
         area = (size - RING_HEADER) // LINE * LINE
-        struct.pack_into("<6Q", self._buf, offset, 0, area, 0, 0, 0, 0)
-        struct.pack_into("<QI", self._buf, offset + RING_HEADER, area, _FREE)
+        self._buf[offset:offset + RING_HEADER] = bytes(RING_HEADER)
+        self._set_u64(offset + _AREA, area)
+        self._set_u64(offset + RING_HEADER + _SIZE, area)
+        mapping.store32(offset + RING_HEADER + _STATE, _FREE)
         mapping.store64(offset, _MAGIC)
 
+    def _u64(self, off):
+        return struct.unpack_from("<Q", self._buf, off)[0]
+
+    def _set_u64(self, off, value):
+        struct.pack_into("<Q", self._buf, off, value)
+
     def _size(self, pos):
-        return struct.unpack_from("<Q", self._buf, self._start + pos)[0]
+        return self._u64(self._start + pos + _SIZE)
 
     def _set_size(self, pos, size):
-        struct.pack_into("<Q", self._buf, self._start + pos, size)
+        self._set_u64(self._start + pos + _SIZE, size)
 
     def _state(self, pos):
-        return self.mapping.load32(self._start + pos + 8)
+        return self.mapping.load32(self._start + pos + _STATE)
+
+    def _set_state(self, pos, state):
+        self.mapping.store32(self._start + pos + _STATE, state)
 
     def alloc(self, nbytes):
         need = block_size(nbytes)
@@ -150,7 +163,7 @@ class PyRing(Ring):
             scanned += size
             pos = (pos + size) % self.area
         # A merge may have swallowed the header the cursor pointed at; 0 always starts a block.
-        struct.pack_into("<Q", self._buf, self.offset + _CURSOR, 0)
+        self._set_u64(self.offset + _CURSOR, 0)
         return None
 
     def _checked_size(self, pos):
@@ -168,20 +181,19 @@ class PyRing(Ring):
     def _take(self, pos, size, need):
         if size - need >= 2 * BLOCK_HEADER:
             self._set_size(pos + need, size - need)
-            self.mapping.store32(self._start + pos + need + 8, _FREE)
+            self._set_state(pos + need, _FREE)
             self._set_size(pos, need)
             size = need
-        self.mapping.store32(self._start + pos + 8, _USED)
+        self._set_state(pos, _USED)
         used = self.mapping.add64(self.offset + _USED_BYTES, size)
-        header = struct.unpack_from("<6Q", self._buf, self.offset)
-        struct.pack_into("<Q", self._buf, self.offset + _HIGH, max(header[4], used))
-        struct.pack_into("<Q", self._buf, self.offset + _ALLOCS, header[5] + 1)
-        struct.pack_into("<Q", self._buf, self.offset + _CURSOR, (pos + size) % self.area)
+        self._set_u64(self.offset + _HIGH, max(self._u64(self.offset + _HIGH), used))
+        self._set_u64(self.offset + _ALLOCS, self._u64(self.offset + _ALLOCS) + 1)
+        self._set_u64(self.offset + _CURSOR, (pos + size) % self.area)
         return self._start + pos + BLOCK_HEADER
 
     def release(self, payload):
         pos = payload - BLOCK_HEADER - self._start
         if pos < 0 or pos >= self.area or pos % LINE or self._state(pos) != _USED:
             raise ValueError(f"offset {payload} is not a block in use of the ring at {self.offset}")
-        self.mapping.store32(self._start + pos + 8, _FREE)
+        self._set_state(pos, _FREE)
         self.mapping.add64(self.offset + _USED_BYTES, -self._size(pos))

@@ -30,8 +30,10 @@ from ope.errors import SpecError
 __all__ = ["DTYPES", "TensorSpec", "as_specs", "check_shape", "validate_inputs",
            "validate_outputs", "input_plan", "output_plan", "check_inputs", "check_outputs"]
 
-DTYPES = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-          "float16", "float32", "float64", "string")
+# bool, int8, int16, int32, int64, uint8, uint16, uint32, uint64, float16, float32, float64 and
+# string, in the order of their codes in a tensor frame: ope_native declares them with the
+# frame's layout (ope_native/src/layout.h).
+DTYPES = ope_native.DTYPE_NAMES
 
 _NUMPY_DTYPES = {name: np.dtype(str if name == "string" else name) for name in DTYPES}
 

@@ -18,6 +18,7 @@ from conftest import attach_worker, describe
 
 KIB = 1024
 SPIN_S = ope_native.SPIN_S
+HEAD, TAIL = ope_native.LAYOUT["Q_HEAD"], ope_native.LAYOUT["Q_TAIL"]  # queue header words
 
 
 @pytest.fixture
@@ -114,7 +115,7 @@ def test_a_closed_queue_is_not_sent_to_and_the_inputs_are_given_back(pair):
 def test_a_corrupt_incoming_queue_is_reported_as_the_reply(pair):
     host, _ = pair
     tensors = inputs(host)
-    host.channel.mapping.store64(host.channel.in_q + 64, 12345)  # head: not a record boundary
+    host.channel.mapping.store64(host.channel.in_q + HEAD, 12345)  # not a record boundary
     outcome, _, _, reply, held, _ = call_alone(host, 7, tensors)
     assert outcome == ope_native.CALL_SENT and isinstance(reply, ValueError)
     assert "corrupt queue" in str(reply)
@@ -125,7 +126,7 @@ def test_a_corrupt_outgoing_queue_is_not_sent_to(pair):
     host, _ = pair
     tensors = inputs(host)
     before = host.used_bytes()
-    host.channel.mapping.store64(host.channel.out_q + 128, 12345)  # tail past head
+    host.channel.mapping.store64(host.channel.out_q + TAIL, 12345)  # past head
     outcome, _, _, reply, held, _ = call_alone(host, 7, tensors)
     assert outcome == ope_native.CALL_NOT_SENT and isinstance(reply, ValueError) and held is None
     assert host.used_bytes() == before and tensors["in_place"].flags.writeable

@@ -18,16 +18,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from forked import memfd_mapping, reap, run_in_child
+import ope_native
 from ope.channel import QUEUE_HEADER, SPIN_S, Channel
 from ope.errors import ProtocolError
 
 QUEUE_BYTES = 4096
 CAPACITY = (QUEUE_BYTES - QUEUE_HEADER) // 8 * 8
-MAX_MESSAGE = (CAPACITY // 2 - 8) // 8 * 8  # a record (8-byte header, padded) fills half
-HEAD, TAIL, CONSUMER_SLEEPING, PRODUCER_SLEEPING, CLOSED = 64, 128, 196, 260, 320
-GAP_NS = 208
+L = ope_native.LAYOUT
+RECORD_HEADER = L["RECORD_HEADER"]
+MAX_MESSAGE = (CAPACITY // 2 - RECORD_HEADER) // 8 * 8  # a record (header, padded) fills half
+HEAD, TAIL, CONSUMER_SLEEPING, PRODUCER_SLEEPING = (
+    L["Q_HEAD"], L["Q_TAIL"], L["Q_CONSUMER_SLEEPING"], L["Q_PRODUCER_SLEEPING"])
+MAGIC, CAPACITY_WORD, GAP_NS = L["Q_MAGIC"], L["Q_CAPACITY"], L["Q_GAP_NS"]
 NO_GAP = 2 ** 64 - 1  # the sender had not used the channel before
-WRAP = 0xFFFFFFFF
+WRAP = L["RECORD_WRAP"]
 JOIN_S = 10.0  # generous bound for a thread or child that should finish at once
 
 _PATTERN = bytes(range(256)) * (MAX_MESSAGE // 256 + 2)
@@ -87,7 +91,7 @@ class Call(threading.Thread):
 
 def test_capacity_is_what_the_layout_says(pair):
     host, _ = pair
-    assert host.mapping.load64(host.out_q + 8) == CAPACITY
+    assert host.mapping.load64(host.out_q + CAPACITY_WORD) == CAPACITY
 
 
 def test_messages_of_every_size_up_to_half_the_capacity_round_trip(pair):
@@ -129,16 +133,17 @@ def test_odd_sizes_wrap_around_the_queue_in_order(pair):
 
 def test_a_wrap_marker_is_written_when_a_record_does_not_fit_before_the_end(pair):
     host, worker = pair
-    first = CAPACITY // 2 - 8  # leaves the second half minus one record header
-    assert host.send(bytes(first - 8), timeout_s=0)
-    assert worker.receive(timeout_s=0) == bytes(first - 8)
+    first = CAPACITY // 2 - RECORD_HEADER  # leaves the second half minus one record header
+    assert host.send(bytes(first - RECORD_HEADER), timeout_s=0)
+    assert worker.receive(timeout_s=0) == bytes(first - RECORD_HEADER)
     idx = first
-    assert host.send(bytes(first - 8), timeout_s=0)  # fits: [idx, idx + first) < CAPACITY
+    # fits: [idx, idx + first) < CAPACITY
+    assert host.send(bytes(first - RECORD_HEADER), timeout_s=0)
     assert host.send(b"x" * 40, timeout_s=0)  # 48 bytes do not fit in the last 16: wraps
     data = memoryview(host.mapping)[host.out_q + QUEUE_HEADER:]
     assert struct.unpack_from("<I", data, idx + first)[0] == WRAP
     assert struct.unpack_from("<I", data, 0)[0] == 40
-    assert worker.receive(timeout_s=0) == bytes(first - 8)
+    assert worker.receive(timeout_s=0) == bytes(first - RECORD_HEADER)
     assert worker.receive(timeout_s=0) == b"x" * 40
 
 
@@ -377,10 +382,10 @@ CORRUPT_FOR_RECEIVE = [
                                               _store(RECORD + CAPACITY - 16, 64, "<I")(m))),
     ("huge record length", _store(RECORD, 0xFFFFFFF0, "<I")),
     ("wrap marker past head", _store(RECORD, WRAP, "<I")),
-    ("bad magic", _store(0, 0)),
-    ("capacity past the mapping", _store(8, 1 << 40)),
-    ("capacity not a multiple of 8", _store(8, 1001)),
-    ("zero capacity", _store(8, 0)),
+    ("bad magic", _store(MAGIC, 0)),
+    ("capacity past the mapping", _store(CAPACITY_WORD, 1 << 40)),
+    ("capacity not a multiple of 8", _store(CAPACITY_WORD, 1001)),
+    ("zero capacity", _store(CAPACITY_WORD, 0)),
 ]
 
 
@@ -393,8 +398,8 @@ def test_a_corrupt_queue_makes_receive_raise_protocol_error(setup):
 CORRUPT_FOR_SEND = [
     ("tail ahead of head", _counters(32, 64)),
     ("head past tail plus capacity", _counters(CAPACITY + 64, 0)),
-    ("bad magic", _store(0, 0)),
-    ("capacity past the mapping", _store(8, 1 << 40)),
+    ("bad magic", _store(MAGIC, 0)),
+    ("capacity past the mapping", _store(CAPACITY_WORD, 1 << 40)),
 ]
 
 

@@ -6,6 +6,8 @@ Descriptors are decoded against a real arena: a host (Arena.create) and a worker
 (Arena.attach), each of which has grown one segment of its own.
 """
 
+import struct
+
 import msgpack
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ope
+import ope_native
 from ope import protocol
 from ope.arena import Arena
 from ope.protocol import (ERROR, HELLO, INFER, LOAD, READY, RESULT, SHUTDOWN, VERSION,
@@ -29,6 +32,8 @@ FUZZ_OBJECTS = settings(FUZZ, max_examples=40)  # generating nested objects is w
 
 H, W = "host", "worker"
 FLOAT32 = protocol.DTYPE_CODES[np.dtype("float32")]
+L = ope_native.LAYOUT
+MARKER = bytes([L["FRAME_MARKER"]])  # a tensor frame's first byte
 
 
 def hello():
@@ -181,7 +186,7 @@ def test_a_lone_call_may_skip_the_conversation_exactly_when_the_table_leaves_it_
 # -- decoding messages --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("data", [b"", b"\xc1", b"\x93\x01", msgpack.packb({"a": 1}),
+@pytest.mark.parametrize("data", [b"", MARKER, b"\x93\x01", msgpack.packb({"a": 1}),
                                   msgpack.packb([]), msgpack.packb([0]), msgpack.packb([8]),
                                   msgpack.packb([SHUTDOWN, 1]), msgpack.packb([HELLO, 1]),
                                   msgpack.packb([READY, {}]) + b"\x00",
@@ -374,7 +379,7 @@ def test_a_mutated_frame_decodes_consistently_or_raises_protocol_error(data):
 @given(st.binary(max_size=120))
 def test_arbitrary_bytes_behind_the_frame_marker_give_a_message_or_protocol_error(tail):
     try:
-        message = protocol.unpack(b"\xc1" + tail)
+        message = protocol.unpack(MARKER + tail)
     except ope.ProtocolError:
         return
     assert message[0] in (INFER, RESULT)
@@ -384,25 +389,27 @@ def patched(frame, at, data):
     return frame[:at] + data + frame[at + len(data):]
 
 
-ENTRY = 24  # the first entry starts after the frame header (ope/protocol.py)
+ENTRY = L["FRAME_HEADER"]  # the first entry starts after the frame header
+NAME = ENTRY + L["E_SHAPE"] + 2 * 8  # a_frame()'s first entry: rank 2, then its name "y"
+SECOND = NAME + 8  # the name padded to 8 bytes, then the second entry
 BAD_FRAMES = {
-    "truncated header": lambda f: f[:20],
-    "message type not a call": lambda f: patched(f, 1, bytes([READY])),
-    "reserved field set": lambda f: patched(f, 4, b"\x01"),
-    "more entries than bytes": lambda f: patched(f, 2, b"\x03"),
-    "fewer entries than bytes": lambda f: patched(f, 2, b"\x01"),
+    "truncated header": lambda f: f[:ENTRY - 4],
+    "message type not a call": lambda f: patched(f, L["F_KIND"], bytes([READY])),
+    "reserved field set": lambda f: patched(f, L["F_RESERVED"], b"\x01"),
+    "more entries than bytes": lambda f: patched(f, L["F_COUNT"], b"\x03"),
+    "fewer entries than bytes": lambda f: patched(f, L["F_COUNT"], b"\x01"),
     "trailing bytes": lambda f: f + bytes(8),
-    "unknown dtype code": lambda f: patched(f, ENTRY, bytes([len(ope.spec.DTYPES)])),
-    "itemsize of another dtype": lambda f: patched(f, ENTRY + 4, b"\x08"),
-    "string itemsize not UCS-4": lambda f: patched(f, ENTRY + 56 + 4, b"\x0b"),
-    "nbytes disagrees with the shape": lambda f: patched(f, ENTRY + 24, b"\x19"),
-    "a dim that overflows": lambda f: patched(f, ENTRY + 32, b"\xff" * 8),
-    "rank past 32": lambda f: patched(f, ENTRY + 1, b"\x21"),
-    "empty name": lambda f: patched(f, ENTRY + 2, b"\x00\x00"),
-    "name longer than the entry": lambda f: patched(f, ENTRY + 2, b"\x09"),
-    "name not UTF-8": lambda f: patched(f, ENTRY + 48, b"\xff"),
-    "segment id past 2**63": lambda f: patched(f, ENTRY + 8, b"\xff" * 8),
-    "offset past 2**63": lambda f: patched(f, ENTRY + 16, b"\xff" * 8),
+    "unknown dtype code": lambda f: patched(f, ENTRY + L["E_CODE"], bytes([len(ope.spec.DTYPES)])),
+    "itemsize of another dtype": lambda f: patched(f, ENTRY + L["E_ITEMSIZE"], b"\x08"),
+    "string itemsize not UCS-4": lambda f: patched(f, SECOND + L["E_ITEMSIZE"], b"\x0b"),
+    "nbytes disagrees with the shape": lambda f: patched(f, ENTRY + L["E_NBYTES"], b"\x19"),
+    "a dim that overflows": lambda f: patched(f, ENTRY + L["E_SHAPE"], b"\xff" * 8),
+    "rank past 32": lambda f: patched(f, ENTRY + L["E_RANK"], bytes([L["FRAME_MAX_DIMS"] + 1])),
+    "empty name": lambda f: patched(f, ENTRY + L["E_NAME_LEN"], b"\x00\x00"),
+    "name longer than the entry": lambda f: patched(f, ENTRY + L["E_NAME_LEN"], b"\x09"),
+    "name not UTF-8": lambda f: patched(f, NAME, b"\xff"),
+    "segment id past 2**63": lambda f: patched(f, ENTRY + L["E_SEG"], b"\xff" * 8),
+    "offset past 2**63": lambda f: patched(f, ENTRY + L["E_OFFSET"], b"\xff" * 8),
 }
 
 
@@ -411,6 +418,36 @@ def test_a_table_of_bad_frames_raises_protocol_error(corrupt):
     assert protocol.unpack(a_frame())[0] == RESULT  # the frame they corrupt is fine
     with pytest.raises(ope.ProtocolError):
         protocol.unpack(corrupt(a_frame()))
+
+
+def test_a_frame_has_its_fields_where_the_layout_puts_them():
+    """The field widths of ope/protocol.py's frame table, at ope_native.LAYOUT's offsets."""
+    frame = a_frame()
+
+    def field(fmt, at):
+        return struct.unpack_from("<" + fmt, frame, at)[0]
+
+    assert field("B", L["F_MARKER"]) == L["FRAME_MARKER"]
+    assert (field("B", L["F_KIND"]), field("H", L["F_COUNT"]), field("I", L["F_RESERVED"]),
+            field("Q", L["F_CALL_ID"]), field("Q", L["F_COPIED"])) == (RESULT, 2, 0, 9, 48)
+    widths = {"E_CODE": "B", "E_RANK": "B", "E_NAME_LEN": "H", "E_ITEMSIZE": "I", "E_SEG": "Q",
+              "E_OFFSET": "Q", "E_NBYTES": "Q"}
+    entry = tuple(field(fmt, ENTRY + L[name]) for name, fmt in widths.items())
+    assert entry == (FLOAT32, 2, 1, 4, 2, 4160, 24)
+    assert struct.unpack_from("<2Q", frame, ENTRY + L["E_SHAPE"]) == (2, 3)
+    assert frame[NAME:SECOND] == b"y" + bytes(7)
+    assert field("B", SECOND + L["E_CODE"]) == STRING
+    assert len(frame) == SECOND + L["ENTRY_HEADER"] + 8 + 8  # one dim, the name "s" padded
+
+
+def test_the_dtype_codes_are_ope_natives_table_and_agree_with_numpy():
+    names, itemsizes = ope_native.DTYPE_NAMES, ope_native.DTYPE_ITEMSIZES
+    assert ope.spec.DTYPES == names and len(itemsizes) == len(names)
+    assert names[STRING] == "string" and itemsizes[STRING] == 0  # 4 bytes x the width
+    for code, name in enumerate(names):
+        if code != STRING:
+            assert protocol.DTYPE_CODES[np.dtype(name)] == code
+            assert itemsizes[code] == np.dtype(name).itemsize == protocol.DTYPES_BY_CODE[code].itemsize
 
 
 # -- tensor descriptors -------------------------------------------------------------------

@@ -17,10 +17,12 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, multiple, rule
 
 from forked import memfd_mapping, run_in_child
+import ope_native
 from ope.ring import BLOCK_HEADER, LINE, RING_HEADER, PyRing, Ring, block_size
 
 IMPLS = [Ring, PyRing]
-FREE, USED = 0x45455246, 0x44455355
+L = ope_native.LAYOUT
+FREE, USED = L["BLOCK_FREE"], L["BLOCK_USED"]
 
 MAP_BYTES = 8192
 OFFSET = 128  # where the ring starts in the mapping; the bytes before it are a guard
@@ -79,7 +81,7 @@ def first_payload(ring):
 
 def held_size(ring, payload):
     """The size a block really occupies (its header's size field)."""
-    return ring.mapping.load64(payload - BLOCK_HEADER)
+    return ring.mapping.load64(payload - BLOCK_HEADER + L["B_SIZE"])
 
 
 def write(ring, payload, data):
@@ -479,22 +481,24 @@ def alloc_outcome(impl, setup, nbytes, timeout_s=10.0):
 
 
 def put_block(mapping, pos, size, state):
-    struct.pack_into("<QI", memoryview(mapping), OFFSET + RING_HEADER + pos, size, state)
+    header = OFFSET + RING_HEADER + pos
+    struct.pack_into("<Q", memoryview(mapping), header + L["B_SIZE"], size)
+    struct.pack_into("<I", memoryview(mapping), header + L["B_STATE"], state)
 
 
 def set_area(mapping, area):
-    struct.pack_into("<Q", memoryview(mapping), OFFSET + 8, area)
+    struct.pack_into("<Q", memoryview(mapping), OFFSET + L["R_AREA"], area)
 
 
 def set_cursor(mapping, pos):
-    struct.pack_into("<Q", memoryview(mapping), OFFSET + 16, pos)
+    struct.pack_into("<Q", memoryview(mapping), OFFSET + L["R_CURSOR"], pos)
 
 
 AREA = RING_BYTES - RING_HEADER
 
 # (id, setup, nbytes): each writes a plausible-looking but wrong layout over a fresh ring.
 CORRUPT = [
-    ("bad magic", lambda m: struct.pack_into("<Q", memoryview(m), OFFSET, 0), 8),
+    ("bad magic", lambda m: struct.pack_into("<Q", memoryview(m), OFFSET + L["R_MAGIC"], 0), 8),
     ("area past the mapping", lambda m: set_area(m, 1 << 40), 8),
     ("area not whole lines", lambda m: set_area(m, 100), 8),
     ("zero size at the cursor", lambda m: put_block(m, 0, 0, FREE), 8),

@@ -1,0 +1,428 @@
+/* calls.c: a call, on each side, in one crossing into C.
+ *
+ * Per-call Python costs more than all the copying of a small call, so the host's lone call
+ * (call_alone: checks, exchange, checks) and the worker's loop (serve_calls) each run a whole
+ * call here, with the success path of ope/spec.py's checks (check_plain); whatever is not the
+ * plain case is handed back to Python, which holds the rules and words the errors.
+ */
+#include "calls.h"
+
+#include <unistd.h>
+
+#include "frames.h"
+#include "queue.h"
+#include "stats.h"
+
+/* ---- spec checks: the success path (the rules: ope/spec.py) -------------------------- */
+
+/* 1 if `value` passes `row` = (name, exact type, dtype, rank, ((dim, size), ...),
+ * ((dim, symbol), ...)) with symbol sizes in `sizes` (bound here as they are first seen),
+ * 0 if not, -1 on error. */
+static int passes(PyObject *row, PyObject *value, PyObject *sizes) {
+    if (!PyTuple_Check(row) || PyTuple_GET_SIZE(row) != 6) {
+        PyErr_SetString(PyExc_TypeError, "a check row is a 6-tuple");
+        return -1;
+    }
+    /* Exactly the row's type, which is numpy.ndarray whenever it can match. */
+    if ((PyObject *)Py_TYPE(value) != PyTuple_GET_ITEM(row, 1) || !PyArray_Check(value)) return 0;
+    PyArrayObject *array = (PyArrayObject *)value;
+    if ((PyObject *)PyArray_DESCR(array) != PyTuple_GET_ITEM(row, 2)) return 0;
+    Py_ssize_t rank = PyLong_AsSsize_t(PyTuple_GET_ITEM(row, 3));
+    if (rank == -1 && PyErr_Occurred()) return -1;
+    if (PyArray_NDIM(array) != rank) return 0;
+    npy_intp *dims = PyArray_DIMS(array);
+    PyObject *fixed = PyTuple_GET_ITEM(row, 4), *symbols = PyTuple_GET_ITEM(row, 5);
+    for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(fixed); k++) {
+        PyObject *pair = PyTuple_GET_ITEM(fixed, k);
+        Py_ssize_t index = PyLong_AsSsize_t(PyTuple_GET_ITEM(pair, 0)),
+                   size = PyLong_AsSsize_t(PyTuple_GET_ITEM(pair, 1));
+        if (PyErr_Occurred()) {
+            /* A spec may fix a dim past any array's size: no array passes it. */
+            if (!PyErr_ExceptionMatches(PyExc_OverflowError)) return -1;
+            PyErr_Clear();
+            return 0;
+        }
+        if (index < 0 || index >= rank || dims[index] != size) return 0;
+    }
+    for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(symbols); k++) {
+        PyObject *pair = PyTuple_GET_ITEM(symbols, k), *symbol = PyTuple_GET_ITEM(pair, 1);
+        Py_ssize_t index = PyLong_AsSsize_t(PyTuple_GET_ITEM(pair, 0));
+        if (index == -1 && PyErr_Occurred()) return -1;
+        if (index < 0 || index >= rank) return 0;
+        PyObject *bound = PyDict_GetItemWithError(sizes, symbol);
+        if (bound) {
+            Py_ssize_t size = PyLong_AsSsize_t(bound);
+            if (size == -1 && PyErr_Occurred()) return -1;
+            if (size != dims[index]) return 0;
+            continue;
+        }
+        if (PyErr_Occurred()) return -1;
+        PyObject *size = PyLong_FromSsize_t(dims[index]);
+        int failed = !size || PyDict_SetItem(sizes, symbol, size);
+        Py_XDECREF(size);
+        if (failed) return -1;
+    }
+    return 1;
+}
+
+/* check_plain(rows, values, sizes) -> {name: array}, or None (plain_arrays() in C)
+ * The success path of ope.spec's check loop in one call: `values` is a dict holding, for
+ * each row, a value of exactly the row's type (plain ndarrays) with the row's dtype object,
+ * rank, fixed dims and symbol sizes. None as soon as anything else is seen: the Python loop
+ * then converts what it may and words the error. */
+static PyObject *plain_arrays(PyObject *rows, PyObject *values, PyObject *sizes) {
+    if (!PyDict_CheckExact(values) || PyDict_GET_SIZE(values) != PyTuple_GET_SIZE(rows))
+        Py_RETURN_NONE;
+    PyObject *arrays = PyDict_New();
+    for (Py_ssize_t i = 0; arrays && i < PyTuple_GET_SIZE(rows); i++) {
+        PyObject *row = PyTuple_GET_ITEM(rows, i), *name = PyTuple_GetItem(row, 0);
+        PyObject *value = name ? PyDict_GetItemWithError(values, name) : NULL;
+        int ok = value ? passes(row, value, sizes) : PyErr_Occurred() ? -1 : 0;
+        if (ok > 0 && PyDict_SetItem(arrays, name, value)) ok = -1;
+        if (ok < 0) Py_CLEAR(arrays);
+        if (ok == 0) {
+            Py_DECREF(arrays);
+            Py_RETURN_NONE;
+        }
+    }
+    return arrays;
+}
+
+PyObject *check_plain(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3 || !PyTuple_Check(args[0]) || !PyDict_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "check_plain(rows: tuple, values, sizes: dict)");
+        return NULL;
+    }
+    return plain_arrays(args[0], args[1], args[2]);
+}
+
+/* ---- inputs a model keeps past its call ------------------------------------------------ */
+
+/* The worker maps the host's segments copy-on-write (ope/arena.py), and the host reuses an
+ * input's block as soon as the call is answered. A model that keeps an input, or a view or
+ * tensor over it, would see the next call's bytes appear in it. So before a call is answered,
+ * every input referenced beyond the call's own dict gets a private copy of its pages (each
+ * page written once with the byte already there), and its segment's mapping leaves `rings`:
+ * later frames map the segment afresh (decode_frame's map_segment), while what the model kept
+ * goes on reading its frozen copy. */
+
+static void copy_pages_privately(char *start, Py_ssize_t nbytes) {
+    const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    char *end = start + nbytes;
+    for (volatile char *p = start; p < end; p = (char *)(((uintptr_t)p / page + 1) * page)) {
+        char byte = *p;
+        *p = byte;
+    }
+}
+
+/* Removes from `rings` (segment id -> (Mapping, ring offset)) the entries of mapping `m`. */
+static int forget_mapping(PyObject *rings, MappingObject *m) {
+    PyObject *stale = PyList_New(0), *key, *value;
+    Py_ssize_t pos = 0;
+    while (stale && PyDict_Next(rings, &pos, &key, &value))
+        if (PyTuple_Check(value) && PyTuple_GET_SIZE(value) > 0 &&
+            PyTuple_GET_ITEM(value, 0) == (PyObject *)m && PyList_Append(stale, key))
+            Py_CLEAR(stale);
+    for (Py_ssize_t i = 0; stale && i < PyList_GET_SIZE(stale); i++)
+        if (PyDict_DelItem(rings, PyList_GET_ITEM(stale, i))) Py_CLEAR(stale);
+    Py_XDECREF(stale);
+    return stale ? 0 : -1;
+}
+
+/* The inputs in `arrays` (name -> array) that something besides the dict still holds get
+ * private pages, and their mappings leave `rings`. Returns how many, or -1 on error. */
+static Py_ssize_t keep_kept_inputs(PyObject *arrays, PyObject *rings) {
+    Py_ssize_t pos = 0, kept = 0;
+    PyObject *name, *value;
+    while (PyDict_Next(arrays, &pos, &name, &value)) {
+        BlockObject *b = PyArray_Check(value) ? block_under((PyArrayObject *)value) : NULL;
+        if (!b || !b->mapping->private || (Py_REFCNT(value) == 1 && Py_REFCNT(b) == 1)) continue;
+        copy_pages_privately(b->mapping->base + b->offset, b->nbytes);
+        if (forget_mapping(rings, b->mapping)) return -1;
+        kept++;
+    }
+    return kept;
+}
+
+/* keep_kept_inputs(arrays, rings) -> count: see keep_kept_inputs(). */
+PyObject *keep_kept_inputs_py(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2 || !PyDict_Check(args[0]) || !PyDict_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "keep_kept_inputs(arrays, rings) takes two dicts");
+        return NULL;
+    }
+    Py_ssize_t kept = keep_kept_inputs(args[0], args[1]);
+    return kept < 0 ? NULL : PyLong_FromSsize_t(kept);
+}
+
+/* ---- the worker's loop for calls ------------------------------------------------------- */
+
+/* Whether `outputs` is a dict whose keys are exactly the set `names`. */
+static int has_exactly(PyObject *outputs, PyObject *names) {
+    if (!PyDict_CheckExact(outputs) || PyDict_GET_SIZE(outputs) != PySet_GET_SIZE(names)) return 0;
+    Py_ssize_t pos = 0;
+    PyObject *key, *value;
+    while (PyDict_Next(outputs, &pos, &key, &value)) {
+        int in = PySet_Contains(names, key);
+        if (in != 1) {
+            PyErr_Clear(); /* an unhashable key: Python's check words it */
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* Runs one INFER the loop decoded: the model, then its RESULT frame into the queue. Returns 1
+ * when answered, 0 when the queue closed, -1 with an exception set, or 2 with `*left` set to
+ * the (call_id, arrays, outputs, exception) that Python must answer: the model raised, or its
+ * outputs are not a dict of the spec's names that a frame carries as they are. */
+static int answer_call(PyObject *message, PyObject *run, PyObject *names, PyObject *const *encoding,
+                       PyObject *rings, MappingObject *m, long long out_q, long long in_q,
+                       double spin_s, PyObject **left) {
+    PyObject *call_id = PyTuple_GET_ITEM(message, 1), *arrays = PyTuple_GET_ITEM(message, 3);
+    PyObject *outputs = PyObject_CallOneArg(run, arrays), *error = NULL;
+    unsigned long long id = PyLong_AsUnsignedLongLong(call_id); /* decode_frame made it from a u64 */
+    Encoded e;
+    int encoded = outputs && has_exactly(outputs, names)
+        ? encode_tensors(MSG_RESULT, id, outputs, 0, encoding[0], 0, encoding[1], encoding[2],
+                         encoding[3], &e)
+        : 0;
+    if (PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_Exception)) { /* KeyboardInterrupt, SystemExit */
+            Py_XDECREF(outputs);
+            return -1;
+        }
+        error = take_exception();
+    }
+    if (encoded > 0) { /* the host gives the outputs' blocks back as it drops its views */
+        Py_CLEAR(outputs); /* an output may be an input: only what the model kept counts */
+        if (keep_kept_inputs(arrays, rings) < 0) {
+            encoded_release_raising(&e);
+            return -1;
+        }
+        int pushed = queue_push_record(m, out_q, PyBytes_AS_STRING(e.frame), PyBytes_GET_SIZE(e.frame),
+                                       -1.0, spin_s, in_q);
+        encoded_clear(&e);
+        return pushed;
+    }
+    *left = Py_BuildValue("(OONN)", call_id, arrays, outputs ? outputs : Py_NewRef(Py_None),
+                          error ? error : Py_NewRef(Py_None));
+    return *left ? 2 : -1;
+}
+
+/* serve_calls(mapping, in_q, out_q, spin_s, decoding, encoding, run, output_names)
+ *     -> (spin_s, data, call)
+ * The worker's loop while calls come (workers/worker.py): it pops each message, and while it
+ * is an INFER frame, decodes it (decode_frame with the `decoding` arguments after data), runs
+ * `run(arrays)`, encodes the outputs (encode_frame with the `encoding` arguments: own, codes,
+ * code_of, grow) and pushes the RESULT, with no Python of its own in between. It returns, with
+ * the spin to use next, what it leaves to Python: data None once the queue closed; any other
+ * message, or a frame that does not decode, as `data` with call None; or an INFER it ran but
+ * could not answer as `call` (see answer_call()). */
+PyObject *serve_calls(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 8 || !PyObject_TypeCheck(args[0], &MappingType) || !PyTuple_Check(args[4]) ||
+        PyTuple_GET_SIZE(args[4]) != 5 || !PyTuple_Check(args[5]) || PyTuple_GET_SIZE(args[5]) != 4 ||
+        !PyAnySet_Check(args[7])) {
+        PyErr_SetString(PyExc_TypeError, "serve_calls(mapping, in_q, out_q, spin_s, "
+                                         "(5 decoding args), (4 encoding args), run, output_names)");
+        return NULL;
+    }
+    MappingObject *m = (MappingObject *)args[0];
+    long long in_q = PyLong_AsLongLong(args[1]), out_q = PyLong_AsLongLong(args[2]);
+    double spin_s = PyFloat_AsDouble(args[3]);
+    if (PyErr_Occurred()) return NULL;
+    PyObject *decode_args[6];
+    for (int i = 0; i < 5; i++) decode_args[i + 1] = PyTuple_GET_ITEM(args[4], i);
+    for (;;) {
+        PyObject *data = queue_pop_record(m, in_q, -1.0, &spin_s), *message = NULL, *call = NULL;
+        if (!data) return NULL;
+        if (data != Py_None && PyBytes_GET_SIZE(data) >= FRAME_HEADER &&
+            (uint8_t)PyBytes_AS_STRING(data)[F_MARKER] == FRAME_MARKER &&
+            PyBytes_AS_STRING(data)[F_KIND] == MSG_INFER) {
+            decode_args[0] = data;
+            message = decode_frame(NULL, decode_args, 6);
+            if (!message && PyErr_ExceptionMatches(PyExc_Exception))
+                PyErr_Clear(); /* Python decodes it again, and words the ProtocolError */
+            else if (!message) {
+                Py_DECREF(data);
+                return NULL;
+            }
+        }
+        if (!message) return Py_BuildValue("(dNO)", spin_s, data, Py_None);
+        int answered = answer_call(message, args[6], args[7], &PyTuple_GET_ITEM(args[5], 0),
+                                   decode_args[2], m, out_q, in_q, spin_s, &call);
+        Py_DECREF(message);
+        if (answered == 1) {
+            Py_DECREF(data);
+            continue;
+        }
+        if (answered == 0) Py_SETREF(data, Py_NewRef(Py_None));
+        if (answered < 0) {
+            Py_DECREF(data);
+            return NULL;
+        }
+        return Py_BuildValue("(dNN)", spin_s, data, call ? call : Py_NewRef(Py_None));
+    }
+}
+
+/* ---- the host's call with no other in flight ------------------------------------------ */
+
+/* Whether `reply` is the RESULT frame of call `call_id`. */
+static int is_result_of(PyObject *reply, unsigned long long call_id) {
+    const char *p = PyBytes_AS_STRING(reply);
+    return PyBytes_GET_SIZE(reply) >= FRAME_HEADER && (uint8_t)p[F_MARKER] == FRAME_MARKER &&
+           p[F_KIND] == MSG_RESULT && get_u64(p + F_CALL_ID) == call_id;
+}
+
+/* The outputs of `reply`, this call's RESULT frame, decoded (decode_frame with the `decoding`
+ * arguments); *copied_out gets the bytes the worker copied for them. With `out_rows` (not None),
+ * *checked says whether the outputs pass them as they are, symbols bound as in `bindings`;
+ * those that pass come in the rows' order (plain_arrays()). NULL with no error set if the
+ * frame did not decode (or memory ran out): Python decodes it again and words the
+ * ProtocolError (or raises). NULL with an error set on an interrupt. */
+static PyObject *decode_result(PyObject *reply, PyObject *decoding, PyObject *out_rows,
+                               PyObject *bindings, unsigned long long *copied_out, int *checked) {
+    PyObject *decode_args[6] = {reply}, *message, *outputs = NULL;
+    for (int i = 0; i < 5; i++) decode_args[i + 1] = PyTuple_GET_ITEM(decoding, i);
+    *checked = 0;
+    message = decode_frame(NULL, decode_args, 6);
+    if (message) {
+        outputs = Py_NewRef(PyTuple_GET_ITEM(message, 3));
+        *copied_out = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(message, 2)); /* a u64 */
+        Py_DECREF(message);
+        if (out_rows != Py_None) {
+            PyObject *sizes = PyDict_Copy(bindings),
+                     *arrays = sizes ? plain_arrays(out_rows, outputs, sizes) : NULL;
+            Py_XDECREF(sizes);
+            if (arrays && arrays != Py_None) {
+                *checked = 1;
+                Py_SETREF(outputs, arrays);
+            } else {
+                Py_XDECREF(arrays);
+                PyErr_Clear(); /* out of memory: Python's check meets it again, and raises */
+            }
+        }
+    }
+    if (!outputs && PyErr_ExceptionMatches(PyExc_Exception)) PyErr_Clear();
+    return outputs;
+}
+
+/* The inputs to send: `tensors` as they are without `checks`; with them, `tensors` if they
+ * pass the input rows as they are (plain_arrays(), *bindings getting the sizes of the
+ * symbols), else None. NULL on error. */
+static PyObject *checked_inputs(PyObject *tensors, PyObject *checks, PyObject **bindings) {
+    if (checks == Py_None) {
+        *bindings = Py_NewRef(Py_None);
+        return Py_NewRef(tensors);
+    }
+    *bindings = PyDict_New();
+    if (!*bindings) return NULL;
+    PyObject *arrays = plain_arrays(PyTuple_GET_ITEM(checks, 0), tensors, *bindings);
+    if (!arrays) Py_CLEAR(*bindings);
+    return arrays;
+}
+
+/* call_alone(mapping, out_q, in_q, spin_s, call_id, tensors, encoding, decoding, checks, stats)
+ *     -> (outcome, spin_s, copied, reply, held, bindings)
+ * The host's side of a call with no other in flight (ope/host.py, _call_alone), in one call.
+ * `checks` is None when `tensors` are inputs already checked by ope/spec.py, or (input rows,
+ * output rows) when they are the caller's: then this is all of a lone infer, the spec's
+ * success path included (plain_arrays()), and `bindings` the sizes of the symbols. It puts the
+ * inputs in the arena and seals the caller's arena arrays (encode_tensors() with the `encoding`
+ * arguments, in place where they already lie there), pushes the INFER frame on `out_q`, and
+ * waits for the answer on `in_q` within one spin window. `spin_s` comes back as the spin for
+ * the next wait (queue_pop_record()); `copied` is the bytes copied in, which `stats` (the
+ * model's CallStats, or None) counts, and the bytes of the outputs of a RESULT decoded here.
+ *   CALL_ANSWERED: the answer was this call's RESULT, it decoded, and with `checks` its
+ *     outputs passed them (decode_result()); the inputs are released, `reply` is the outputs
+ *     by name, `held` None.
+ *   CALL_UNCHECKED: the same, with outputs that do not pass the output rows as they are:
+ *     Python checks them, and converts them or words the error.
+ *   CALL_SENT: anything else, left to Python: `reply` is the message's bytes, None if none
+ *     came within the window, or the exception receiving raised; `held` is (scratch, sealed),
+ *     the inputs the call still holds (see release_inputs()).
+ *   CALL_NOT_SENT: the queue was closed (`reply` None) or sending raised (`reply` the
+ *     exception); the inputs are released.
+ *   CALL_NOT_PLAIN: an input does not pass the input rows as it is; nothing was sent, and
+ *     Python checks the inputs (converts them or words the error).
+ * Raises, holding nothing, when the inputs did not encode (nothing was sent), when giving back
+ * the inputs failed (a corrupt ring) or when out of memory. */
+PyObject *call_alone(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 10 || !PyObject_TypeCheck(args[0], &MappingType) || !PyTuple_Check(args[6]) ||
+        PyTuple_GET_SIZE(args[6]) != 4 || !PyTuple_Check(args[7]) || PyTuple_GET_SIZE(args[7]) != 5 ||
+        (args[8] != Py_None && (!PyTuple_Check(args[8]) || PyTuple_GET_SIZE(args[8]) != 2 ||
+                                !PyTuple_Check(PyTuple_GET_ITEM(args[8], 0)) ||
+                                !PyTuple_Check(PyTuple_GET_ITEM(args[8], 1)))) ||
+        (args[9] != Py_None && !PyObject_TypeCheck(args[9], &CallStatsType))) {
+        PyErr_SetString(PyExc_TypeError, "call_alone(mapping, out_q, in_q, spin_s, call_id, tensors, "
+                                         "(4 encoding args), (5 decoding args), "
+                                         "None or (input rows, output rows), CallStats or None)");
+        return NULL;
+    }
+    CallStatsObject *stats = args[9] == Py_None ? NULL : (CallStatsObject *)args[9];
+    MappingObject *m = (MappingObject *)args[0];
+    long long out_q = PyLong_AsLongLong(args[1]), in_q = PyLong_AsLongLong(args[2]);
+    double spin_s = PyFloat_AsDouble(args[3]);
+    unsigned long long call_id = PyLong_AsUnsignedLongLong(args[4]);
+    if (PyErr_Occurred()) return NULL;
+    PyObject *out_rows = args[8] == Py_None ? Py_None : PyTuple_GET_ITEM(args[8], 1), *bindings;
+    PyObject *tensors = checked_inputs(args[5], args[8], &bindings);
+    if (!tensors) return NULL;
+    if (tensors == Py_None) {
+        Py_DECREF(tensors);
+        Py_DECREF(bindings);
+        return Py_BuildValue("(idiOOO)", CALL_NOT_PLAIN, spin_s, 0, Py_None, Py_None, Py_None);
+    }
+    PyObject *const *enc = &PyTuple_GET_ITEM(args[6], 0);
+    Encoded e;
+    int status = encode_tensors(MSG_INFER, call_id, tensors, args[8] != Py_None, enc[0], 1, enc[1],
+                                enc[2], enc[3], &e);
+    Py_DECREF(tensors);
+    if (status == 0) PyErr_SetString(PyExc_TypeError, "call_alone: an input is not an array a frame carries");
+    if (status <= 0) {
+        Py_DECREF(bindings);
+        return NULL;
+    }
+    if (stats) stats->copied_in += e.copied;
+    PyObject *reply, *held = NULL, *result = NULL;
+    int outcome = CALL_SENT,
+        pushed = queue_push_record(m, out_q, PyBytes_AS_STRING(e.frame), PyBytes_GET_SIZE(e.frame),
+                                   -1.0, spin_s, in_q);
+    if (pushed != 1) {
+        outcome = CALL_NOT_SENT;
+        reply = pushed < 0 ? take_exception() : Py_NewRef(Py_None);
+    } else {
+        reply = queue_pop_record(m, in_q, spin_s, &spin_s);
+        if (!reply) reply = take_exception();
+        else if (reply != Py_None && is_result_of(reply, call_id)) {
+            int checked;
+            unsigned long long copied_out;
+            PyObject *outputs = decode_result(reply, args[7], out_rows, bindings, &copied_out, &checked);
+            if (outputs) {
+                outcome = out_rows == Py_None || checked ? CALL_ANSWERED : CALL_UNCHECKED;
+                if (stats) stats->copied_out += copied_out;
+                Py_SETREF(reply, outputs);
+            } else if (PyErr_Occurred()) {
+                Py_SETREF(reply, take_exception()); /* an interrupt: the reply is lost with it */
+            }
+        }
+    }
+    unsigned long long copied = e.copied;
+    if (outcome == CALL_SENT) { /* the call still holds its inputs: Python's lists of them */
+        held = tuple_stealing(2, copies_list(&e), Py_NewRef(e.sealed));
+        if (held) encoded_clear(&e);
+        else encoded_release_raising(&e);
+    } else if (!encoded_release(&e)) {
+        held = Py_NewRef(Py_None);
+    }
+    if (held)
+        result = tuple_stealing(6, PyLong_FromLong(outcome), PyFloat_FromDouble(spin_s),
+                                PyLong_FromUnsignedLongLong(copied), Py_NewRef(reply),
+                                Py_NewRef(held), Py_NewRef(bindings));
+    if (!result && held && held != Py_None)
+        release_raising(PyTuple_GET_ITEM(held, 0), PyTuple_GET_ITEM(held, 1));
+    Py_XDECREF(held);
+    Py_DECREF(reply);
+    Py_DECREF(bindings);
+    return result;
+}
+
