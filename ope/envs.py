@@ -11,18 +11,29 @@ starts no process, and when nothing fits the error says, per candidate, what fai
 
 Layout of ``$OPE_HOME/envs/NAME``::
 
-    ope-env.json   {"name", "kind": "created" | "registered", "python": interpreter path,
-                    "python_version", "packages": {canonical name: version},
-                    "requires": [PEP 508 strings asked for], "created": ISO time (UTC),
-                    "ope_version", "ope_source": source fingerprint (created only)}
-    bin/, lib/     the venv itself (created environments only; a registered one is elsewhere)
+    ope-env.json   {"name", "kind": "created" | "registered" | "locked", "python":
+                    interpreter path, "python_version", "packages": {canonical name:
+                    version}, "requires": [PEP 508 strings asked for, or a lock's pins],
+                    "created": ISO time (UTC), "ope_version", "ope_source": source
+                    fingerprint (built ones only), "key": the lock key (locked only)}
+    last-used      its mtime is the environment's last use
+    bin/, lib/     the venv itself (built environments only; a registered one is elsewhere)
+
+Environments built from a *lock* (:func:`lock`: exact pins with hashes of a package's
+requirements and ope's runtime requirements, resolved for a target Python) are kind "locked",
+named ``lock-KEY`` after sha256 of (Python version, lock text, ope's source fingerprint), and
+shared by every package with that lock: :func:`ensure_env` finds or builds one. They are
+the ones ``ope env gc`` may remove, by last use (``last-used``, touched whenever an
+environment is selected or ensured) and size. Next to them, ``.lock-KEY.lock`` is the build's
+file lock and ``.stage-lock-KEY`` a build in progress (or the remains of a killed one).
+
+Builds use uv where it is installed (``uv venv`` + ``uv pip install``), else venv + pip
+(``OPE_ENV_TOOL=pip`` forces pip, ``=uv`` requires uv), and take packages only where the
+install policy (ope.install_policy) says.
 
 A worker of an environment runs its interpreter isolated (``-I``, see
 ope.supervisor.WorkerProcess), so it imports the environment's ope and ope_native, never the
 host's.
-
-torch is never taken from the registry: a registry torch drags in gigabytes of CUDA libraries.
-The one torch installed here is the CPU wheel in pip's find-links, for CPython 3.11.
 """
 
 import collections
