@@ -1,11 +1,15 @@
 """The ``ope`` command: inspect a package, check it against its test data, run the demo,
-manage worker environments (``ope env create|list|remove|register``).
+manage worker environments (``ope env create|list|remove|gc|register``; ``--json`` for
+scripts).
 
 Every command reports an OpeError as one line ``ope: error: ...`` and exit status 1, so
 scripts can rely on the status and people can read the reason.
 """
 
 import argparse
+import datetime
+import json
+import os
 import sys
 
 from packaging.requirements import Requirement
@@ -50,14 +54,28 @@ def _parser():
 def _add_env_commands(commands):
     env = commands.add_parser("env", help="manage worker environments (under $OPE_HOME/envs)")
     actions = env.add_subparsers(required=True, metavar="ACTION")
-    create = actions.add_parser("create", help="create a venv with ope and the requirements")
-    create.add_argument("name")
+    create = actions.add_parser("create", help="create a venv with ope and the requirements, "
+                                "or the environment of a package's lock (--from)")
+    create.add_argument("name", nargs="?", help="name of the environment (not with --from)")
+    create.add_argument("--from", dest="package", metavar="PACKAGE_PATH",
+                        help="build (or reuse) the environment of this package's lock")
     create.add_argument("--python", help="version (3.12) or interpreter path; default: this one")
     create.add_argument("--require", action="append", default=[], metavar="SPEC",
                         help="a PEP 508 requirement such as 'numpy<2' (repeatable)")
+    create.add_argument("--json", action="store_true", help="print the record as JSON")
     create.set_defaults(command=_env_create)
-    listing = actions.add_parser("list", help="environments, Python and key package versions")
+    listing = actions.add_parser("list", help="environments: kind, Python, key package "
+                                 "versions, size on disk, last use")
+    listing.add_argument("--json", action="store_true", help="one JSON list for scripts")
     listing.set_defaults(command=_env_list)
+    collect = actions.add_parser("gc", help="remove environments built from package locks "
+                                 "that went unused or exceed a size budget")
+    collect.add_argument("--unused-days", type=float, metavar="N",
+                         help="remove those unused for more than N days")
+    collect.add_argument("--max-gb", type=float, metavar="X",
+                         help="then remove the least recently used until all take <= X GB")
+    collect.add_argument("--json", action="store_true", help="print the names removed as JSON")
+    collect.set_defaults(command=_env_gc)
     remove = actions.add_parser("remove", help="delete an environment")
     remove.add_argument("name")
     remove.set_defaults(command=_env_remove)
@@ -114,10 +132,50 @@ def _check(args):
 
 
 def _env_create(args):
-    env = envs.create(args.name, python=args.python, requires=args.require)
-    print(f"created environment {env.name!r}: Python {env.python_version}, "
-          f"{_key_packages(env)}")
+    if args.package is not None:
+        if args.name or args.python or args.require:
+            raise OpeError("--from takes the name, Python and requirements from the "
+                           "package's lock: pass none of NAME, --python, --require")
+        env = envs.ensure_env(_package_lock(args.package),
+                              progress=None if args.json else print)
+    elif args.name is None:
+        raise OpeError("ope env create needs a NAME, or --from PACKAGE_PATH")
+    else:
+        env = envs.create(args.name, python=args.python, requires=args.require,
+                          log=(lambda line: None) if args.json else print)
+    if args.json:
+        print(json.dumps(_env_json(env), indent=1))
+    else:
+        print(f"environment {env.name!r} ({env.kind}): Python {env.python_version}, "
+              f"{_key_packages(env)}")
     return 0
+
+
+def _package_lock(path):
+    """The lock text of the package at ``path``."""
+    lock_path = os.path.join(path, envs.LOCK_FILE)
+    try:
+        with open(lock_path) as file:
+            return file.read()
+    except FileNotFoundError:
+        raise OpeError(f"package {path} has no {envs.LOCK_FILE}: it was made without a "
+                       f"lock; create a named environment instead (ope env create NAME "
+                       f"--python X.Y --require ...)") from None
+    except OSError as exc:
+        raise OpeError(f"cannot read {lock_path}: {exc}") from None
+
+
+def _env_json(env):
+    return {"name": env.name, "kind": env.kind, "python": env.python,
+            "python_version": env.python_version, "packages": env.packages,
+            "requires": env.requires, "created": env.created, "ope_version": env.ope_version,
+            "stale": env.stale, "size_bytes": envs.size_on_disk(env),
+            "last_used": _iso(envs.last_used(env))}
+
+
+def _iso(timestamp):
+    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).isoformat(
+        timespec="seconds")
 
 
 def _env_register(args):
@@ -128,11 +186,29 @@ def _env_register(args):
 
 
 def _env_list(args):
+    listing = [_env_json(env) for env in envs.list_envs()]
+    if args.json:
+        print(json.dumps(listing, indent=1))
+        return 0
     print(f"environments in {envs.ope_home()}/envs")
-    for env in envs.list_envs():
+    for env, facts in zip(envs.list_envs(), listing):
         stale = "   [built from other ope source]" if env.stale else ""
-        print(f"  {env.name:<16} {env.kind:<10} Python {env.python_version:<8} "
+        print(f"  {env.name:<21} {env.kind:<10} Python {env.python_version:<8} "
+              f"{facts['size_bytes'] / 1e6:7.1f} MB  used {facts['last_used'][:16]}  "
               f"{_key_packages(env)}{stale}")
+    return 0
+
+
+def _env_gc(args):
+    if args.unused_days is None and args.max_gb is None:
+        raise OpeError("ope env gc needs --unused-days N and/or --max-gb X")
+    max_bytes = None if args.max_gb is None else args.max_gb * 1e9
+    removed = envs.gc(unused_days=args.unused_days, max_bytes=max_bytes)
+    if args.json:
+        print(json.dumps(removed))
+    else:
+        print(f"removed {len(removed)} environment(s){': ' if removed else ''}"
+              f"{', '.join(removed)}")
     return 0
 
 

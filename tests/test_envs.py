@@ -10,9 +10,13 @@ tests skip, saying so; with ``CI=true`` they fail instead.
 """
 
 import concurrent.futures
+import json
 import os
 import platform
+import signal
+import subprocess
 import sys
+import time
 import urllib.request
 
 import numpy as np
@@ -21,6 +25,7 @@ import torch
 
 import ope
 from ope import EnvError, ProtocolError, RequirementError, TensorSpec, envs, protocol
+from ope.install_policy import load_policy
 from ope.cli import main
 
 import models
@@ -80,17 +85,31 @@ def report(model, *names):
 
 # --- fixtures --------------------------------------------------------------------------------
 
+@pytest.fixture(scope="session")
+def torch_policy(tmp_path_factory):
+    """Constraints that keep torch, in every environment these tests build, to the host's own
+    build on the host's Python and forbid it on any other: a registry torch brings gigabytes
+    of CUDA libraries."""
+    path = tmp_path_factory.mktemp("policy") / "constraints.txt"
+    path.write_text(f'torch=={torch.__version__} ; python_version == "{HOST_MINOR}"\n'
+                    f'torch<0 ; python_version != "{HOST_MINOR}"\n')
+    return str(path)
+
+
 @pytest.fixture(autouse=True)
-def own_home(tmp_path, monkeypatch):
-    """Every test starts with an empty OPE_HOME of its own, never the user's."""
+def own_home(tmp_path, monkeypatch, torch_policy):
+    """Every test starts with an empty OPE_HOME of its own, never the user's, under the
+    torch policy."""
     monkeypatch.setenv(envs.HOME_ENV, str(tmp_path / "ope-home"))
+    monkeypatch.setenv("OPE_CONSTRAINTS", torch_policy)
 
 
 @pytest.fixture(scope="session")
-def cached_envs():
+def cached_envs(torch_policy):
     """Build (or reuse) np1 and np2 under CACHE_HOME, both at once."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(envs.HOME_ENV, CACHE_HOME)
+        patch.setenv("OPE_CONSTRAINTS", torch_policy)
         missing = [name for name in CACHED_ENVS if not _up_to_date(name)]
         if missing:
             _skip_unless_buildable()
@@ -131,7 +150,7 @@ def _skip_unless_buildable():
         envs.find_python(CACHED_ENVS["np1"][0])
     except EnvError as exc:
         reasons.append(str(exc))
-    index = os.environ.get("PIP_INDEX_URL") or "https://pypi.org/simple/"
+    index = load_policy().index_url or "https://pypi.org/simple/"
     try:
         urllib.request.urlopen(index.rstrip("/") + "/pip/", timeout=10).close()
     except OSError as exc:
@@ -333,13 +352,14 @@ def test_env_create_errors_name_the_cause(capsys):
     assert main(["env", "create", "x", "--python", "2.9"]) == 1
     assert "no Python 2.9 found" in capsys.readouterr().err
     assert main(["env", "create", "x", "--python", "3.10", "--require", "torch"]) == 1
-    assert "only torch ope installs is the local CPU wheel" in capsys.readouterr().err
+    assert "torch<0" in capsys.readouterr().err  # the policy's constraint, not a download
     assert main(["env", "create", "auto"]) == 1
     assert "not allowed" in capsys.readouterr().err
     assert envs.list_envs() == []
 
 
-def test_failed_create_leaves_nothing_behind(tmp_path):
+def test_failed_create_leaves_nothing_behind(tmp_path, monkeypatch):
+    monkeypatch.setenv(envs.TOOL_ENV, "pip")  # venv's own step is the one that fails
     # An interpreter that reports itself but whose venv step fails half-way.
     fake = tmp_path / "python"
     fake.write_text(f'#!/bin/sh\nif [ "$1" = "-I" ]; then exec {sys.executable} "$@"; fi\n'
@@ -356,3 +376,176 @@ def test_env_create_and_remove_from_the_command_line(capsys):
     assert "created environment 'tiny'" in capsys.readouterr().out
     assert envs.get("tiny").packages["ope"] == ope.__version__
     assert main(["env", "remove", "tiny"]) == 0
+
+
+# --- install policy ----------------------------------------------------------------------------
+
+def test_install_policy_from_ope_variables(monkeypatch, tmp_path):
+    monkeypatch.setenv("OPE_INDEX_URL", "https://index.example/simple")
+    monkeypatch.setenv("OPE_EXTRA_INDEX_URLS", "file:///a/simple file:///b/simple")
+    monkeypatch.setenv("OPE_FIND_LINKS", f"/w1{os.pathsep}/w2")
+    monkeypatch.setenv("OPE_CONSTRAINTS", "")  # set but empty: none, not pip's
+    policy = load_policy()
+    assert (policy.index_url, policy.extra_index_urls, policy.find_links,
+            policy.constraints) == ("https://index.example/simple",
+                                    ("file:///a/simple", "file:///b/simple"), ("/w1", "/w2"), ())
+    assert policy.uv_args() == [
+        "--no-config", "--index-url", "https://index.example/simple",
+        "--extra-index-url", "file:///a/simple", "--extra-index-url", "file:///b/simple",
+        "--index-strategy", "unsafe-best-match", "--find-links", "/w1", "--find-links", "/w2"]
+    assert policy.pip_args()[:2] == ["--index-url", "https://index.example/simple"]
+    assert policy.tool_env()["PIP_CONFIG_FILE"] == os.devnull
+
+
+def test_install_policy_from_the_config_file_and_pip(monkeypatch, tmp_path):
+    monkeypatch.delenv("OPE_CONSTRAINTS")
+    monkeypatch.setenv("OPE_FIND_LINKS", "/from-variable")  # variables win over the file
+    (tmp_path / "ope-home").mkdir()
+    (tmp_path / "ope-home" / "config.toml").write_text(
+        '[install]\nindex-url = "https://config.example/simple"\n'
+        'find-links = ["/from-file"]\nconstraints = ["c.txt"]\n')
+    # Nothing configured for ope: pip's own setting is the fallback.
+    monkeypatch.setenv("PIP_EXTRA_INDEX_URL", "file:///pip/simple")
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    policy = load_policy()
+    assert policy.index_url == "https://config.example/simple"
+    assert policy.find_links == ("/from-variable",)
+    assert policy.constraints == (str(tmp_path / "ope-home" / "c.txt"),)
+    assert policy.extra_index_urls == ("file:///pip/simple",)
+    assert policy.sources["extra_index_urls"] == "pip config"
+    (tmp_path / "ope-home" / "config.toml").write_text('[install]\nindex = "x"\n')
+    with pytest.raises(EnvError, match=r"unknown \[install\] setting\(s\) index"):
+        load_policy()
+
+
+# --- locks and the environments built from them --------------------------------------------
+
+LOCK_NUMPY1 = ("3.10", ["numpy<2"])
+
+
+@pytest.fixture(scope="session")
+def numpy1_lock(torch_policy):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OPE_CONSTRAINTS", torch_policy)
+        _skip_unless_buildable()
+        return envs.lock(LOCK_NUMPY1[1], LOCK_NUMPY1[0])
+
+
+def test_lock_pins_numpy_1_for_python_3_10(numpy1_lock):
+    assert envs.lock_python(numpy1_lock) == "3.10"
+    pins = envs.lock_pins(numpy1_lock)
+    assert [pin for pin in pins if pin.startswith("numpy==1.26.")]
+    assert {pin.split("==")[0] for pin in pins} >= {"msgpack", "psutil", "packaging"}
+    assert "--hash=sha256:" in numpy1_lock
+
+
+def test_lock_without_uv_uses_pip(numpy1_lock, monkeypatch):
+    monkeypatch.setenv(envs.TOOL_ENV, "pip")
+    text = envs.lock(["numpy<2"], "3.10")
+    assert envs.lock_pins(text) == envs.lock_pins(numpy1_lock)
+    assert "--hash=sha256:" in text
+
+
+@pytest.mark.parametrize("tool", ["uv", "pip"])
+def test_lock_refuses_what_the_policy_forbids(numpy1_lock, monkeypatch, tool):
+    monkeypatch.setenv(envs.TOOL_ENV, tool)
+    with pytest.raises(EnvError, match=r"cannot lock 'torch' for Python 3.10: no version is "
+                                       r"available under the install policy .*OPE_CONSTRAINTS"):
+        envs.lock(["torch"], "3.10")
+    with pytest.raises(EnvError, match=r"cannot lock 'numpy==0.0.1' for Python 3.10"):
+        envs.lock(["numpy==0.0.1"], "3.10")
+
+
+def test_ensure_reuses_the_environment_and_create_from_a_package(numpy1_lock, monkeypatch,
+                                                                  tmp_path, capsys):
+    # Cached across runs, in a home of its own: it would also satisfy the selection tests.
+    monkeypatch.setenv(envs.HOME_ENV, os.path.join(CACHE_HOME, "locked"))
+    env = envs.ensure_env(numpy1_lock)
+    lines = []
+    start = time.perf_counter()
+    again = envs.ensure_env(numpy1_lock, "3.10", progress=lines.append)
+    assert time.perf_counter() - start < 0.2 and lines == [] and again == env
+    assert env.kind == "locked" and env.packages["numpy"].startswith("1.26.")
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / envs.LOCK_FILE).write_text(numpy1_lock)
+    assert main(["env", "create", "--from", str(tmp_path / "pkg"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["name"] == env.name
+
+
+def test_ensure_without_build_names_the_missing_environment():
+    text = "# ope lock for Python 3.10\nnumpy==1.26.4\n"
+    with pytest.raises(EnvError, match=r"environment for this lock \(Python 3.10: numpy==1.26.4\) "
+                                       r"is missing .*ope env create --from PACKAGE"):
+        envs.ensure_env(text, build=False)
+
+
+def test_unsatisfiable_lock_fails_and_leaves_nothing(numpy1_lock):
+    with pytest.raises(EnvError, match=r"cannot build the environment for Python 3.10 from its "
+                                       r"lock: a pinned file is not available[\s\S]*numpy"):
+        envs.ensure_env("# ope lock for Python 3.10\nnumpy==0.0.1\n")
+    assert envs.list_envs() == []
+    assert [name for name in os.listdir(os.path.join(envs.ope_home(), "envs"))
+            if not name.endswith(".lock")] == []
+
+
+_ENSURE = ("import sys; from ope import envs; "
+           "envs.ensure_env(sys.argv[1], progress=lambda line: print(line, flush=True))")
+
+
+def _ensuring(lock_text):
+    return subprocess.Popen([sys.executable, "-c", _ENSURE, lock_text], stdout=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def test_killed_build_leaves_nothing_and_concurrent_ensures_build_once(numpy1_lock):
+    text = envs.lock([], HOST_MINOR)
+    killed = _ensuring(text)
+    for line in killed.stdout:
+        if "venv created" in line:
+            break
+    os.killpg(killed.pid, signal.SIGKILL)  # the build and the tools it runs
+    killed.wait()
+    killed.stdout.close()
+    assert envs.list_envs() == []
+    with pytest.raises(EnvError, match="is missing"):
+        envs.ensure_env(text, build=False)
+    racers = [_ensuring(text) for _ in range(2)]
+    outputs = [proc.communicate(timeout=120)[0] for proc in racers]
+    assert [proc.returncode for proc in racers] == [0, 0]
+    assert sum("building for Python" in output for output in outputs) == 1
+    env = envs.ensure_env(text, build=False)
+    assert [e.name for e in envs.list_envs()] == [env.name]
+    assert not [name for name in os.listdir(os.path.join(envs.ope_home(), "envs"))
+                if name.startswith(".stage-")]
+
+
+def _fake_locked_env(name, megabytes, days_ago):
+    folder = os.path.join(envs.ope_home(), "envs", name)
+    os.makedirs(folder)
+    record = dict(name=name, kind="locked", python=sys.executable, python_version="3.10.0",
+                  packages={}, requires=[], created="2020-01-01T00:00:00+00:00",
+                  ope_version="0.1.0")
+    with open(os.path.join(folder, "ope-env.json"), "w") as file:
+        json.dump(record, file)
+    with open(os.path.join(folder, "payload"), "wb") as file:
+        file.write(os.urandom(megabytes << 20))
+    used = os.path.join(folder, "last-used")
+    open(used, "w").close()
+    stamp = time.time() - days_ago * 86400
+    os.utime(used, (stamp, stamp))
+
+
+def test_env_gc_removes_only_unused_or_over_budget_locked_envs(capsys):
+    _fake_locked_env("lock-old", 1, days_ago=30)
+    _fake_locked_env("lock-older", 1, days_ago=60)
+    _fake_locked_env("lock-recent", 2, days_ago=1)
+    _fake_locked_env("lock-fresh", 1, days_ago=0)
+    envs.register("mine", sys.executable)  # the user's: never collected
+    os.utime(os.path.join(envs.ope_home(), "envs", "mine", "ope-env.json"), (0, 0))
+    assert main(["env", "gc", "--unused-days", "7", "--json"]) == 0
+    assert sorted(json.loads(capsys.readouterr().out)) == ["lock-old", "lock-older"]
+    assert envs.gc(max_bytes=2.5 * (1 << 20)) == ["lock-recent"]  # least recently used first
+    assert sorted(env.name for env in envs.list_envs()) == ["lock-fresh", "mine"]
+    assert main(["env", "list", "--json"]) == 0
+    listing = {env["name"]: env for env in json.loads(capsys.readouterr().out)}
+    assert listing["lock-fresh"]["size_bytes"] >= 1 << 20
