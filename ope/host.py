@@ -8,8 +8,8 @@ An output keeps its block (and the segment mapping) alive for as long as the cal
 also after close() or a worker crash; the block returns to the worker's ring when dropped.
 
 Everything the worker sends is untrusted: messages are checked against the protocol table and
-every descriptor against the arena's bounds before a view is made (ope/protocol.py,
-ope/arena.py), so a buggy worker produces a ProtocolError, not a crash of the host.
+every descriptor against the arena's bounds before a view is made (ope/bridge/protocol.py,
+ope/bridge/arena.py), so a buggy worker produces a ProtocolError, not a crash of the host.
 
 Faults (ope/supervisor.py has the mechanisms): a call waits in short slices and checks the
 worker between them, so a crash raises WorkerCrashed within a slice; a call past its deadline
@@ -56,9 +56,9 @@ import numpy as np
 import psutil
 
 import ope_native
-from ope import protocol
-from ope.arena import Arena
-from ope.channel import corrupt_queue
+from ope.bridge import protocol
+from ope.bridge.arena import Arena
+from ope.bridge.channel import corrupt_queue
 from ope.errors import (MemoryLimitExceeded, ModelBroken, ModelClosed, OpeError, ProtocolError,
                         WorkerCrashed, WorkerTimeout)
 from ope.model import Model, check_timeout

@@ -39,7 +39,7 @@ import weakref
 
 import psutil
 
-from ope.arena import SEGMENT_NAME
+from ope.bridge.arena import SEGMENT_NAME
 
 __all__ = ["WorkerProcess", "RestartPolicy", "Supervisor", "LIVENESS_SLICE_S", "describe_exit",
            "child_environment", "private_rss", "is_arena_mapping"]

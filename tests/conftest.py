@@ -24,15 +24,15 @@ MODES = ["in_process", "out_of_process"]
 
 def attach_worker(host, first_id=2, max_bytes=4 << 20):
     """A worker-side arena attached to the host arena ``host`` in this process, as a worker
-    process attaches to the descriptors it inherits (ope/arena.py)."""
+    process attaches to the descriptors it inherits (ope/bridge/arena.py)."""
     spec, _ = host.connect()
-    return ope.arena.Arena.attach(spec, first_id=first_id, max_bytes=max_bytes)
+    return ope.bridge.arena.Arena.attach(spec, first_id=first_id, max_bytes=max_bytes)
 
 
 def describe(name, array, seg_id, payload):
-    """The frame descriptor (ope/protocol.py) of ``array``, whose bytes lie at ``payload`` in
+    """The frame descriptor (ope/bridge/protocol.py) of ``array``, whose bytes lie at ``payload`` in
     segment ``seg_id``: what tests expect a frame to say, and how they write frames by hand."""
-    return (name, ope.protocol.dtype_code(array.dtype), array.itemsize, array.shape, seg_id,
+    return (name, ope.bridge.protocol.dtype_code(array.dtype), array.itemsize, array.shape, seg_id,
             payload, array.nbytes)
 
 

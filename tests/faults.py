@@ -34,7 +34,7 @@ import numpy as np
 
 
 def _arena_mappings():
-    """(address, size) of every ope segment mapped in this worker (ope/arena.py)."""
+    """(address, size) of every ope segment mapped in this worker (ope/bridge/arena.py)."""
     found = []
     with open("/proc/self/maps") as maps:
         for line in maps:

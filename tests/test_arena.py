@@ -1,4 +1,4 @@
-"""The arena (ope/arena.py): sealed memfd segments handed over as descriptors, growth up to a
+"""The arena (ope/bridge/arena.py): sealed memfd segments handed over as descriptors, growth up to a
 maximum, clean-up, and the worker's copy-on-write view of the host's blocks.
 
 Every arena a test makes is closed at teardown, and the test checks that its descriptors are
@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 
 import ope
 import ope_native
-from ope import protocol
-from ope.arena import Arena
-from ope.ring import block_size
+from ope.bridge import protocol
+from ope.bridge.arena import Arena
+from ope.bridge.ring import block_size
 
 from conftest import attach_worker as attach, describe
 

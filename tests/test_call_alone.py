@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 import ope_native
-from ope import TensorSpec, protocol
-from ope.arena import Arena
+from ope import TensorSpec
+from ope.bridge import protocol
+from ope.bridge.arena import Arena
 from ope.spec import input_plan, output_plan
 
 from conftest import attach_worker, describe

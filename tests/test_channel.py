@@ -1,4 +1,4 @@
-"""The control channel (ope/channel.py): two single-producer single-consumer queues in one
+"""The control channel (ope/bridge/channel.py): two single-producer single-consumer queues in one
 mapping, driven through ``Channel`` objects on both ends, in one process (threads) and across
 a forked child.
 
@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from forked import memfd_mapping, reap, run_in_child
-from ope.channel import QUEUE_HEADER, SPIN_S, Channel
+from ope.bridge.channel import QUEUE_HEADER, SPIN_S, Channel
 from ope.errors import ProtocolError
 
 QUEUE_BYTES = 4096

@@ -20,7 +20,8 @@ import pytest
 import torch
 
 import ope
-from ope import EnvError, ProtocolError, RequirementError, TensorSpec, envs, protocol
+from ope import EnvError, ProtocolError, RequirementError, TensorSpec, envs
+from ope.bridge import protocol
 from ope.cli import main
 
 import models

@@ -1,4 +1,4 @@
-"""The control protocol (ope/protocol.py): the TRANSITIONS table as tables of allowed and
+"""The control protocol (ope/bridge/protocol.py): the TRANSITIONS table as tables of allowed and
 refused conversations checked on both sides, the message decoder and the tensor-descriptor
 decoder under fuzzing, and the mapping of ERROR messages to ope's error types.
 
@@ -13,11 +13,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ope
-from ope import protocol
-from ope.arena import Arena
-from ope.protocol import (ERROR, HELLO, INFER, LOAD, READY, RESULT, SHUTDOWN, VERSION,
+from ope.bridge import protocol
+from ope.bridge.arena import Arena
+from ope.bridge.protocol import (ERROR, HELLO, INFER, LOAD, READY, RESULT, SHUTDOWN, VERSION,
                           Conversation)
-from ope.ring import BLOCK_HEADER, LINE, RING_HEADER, Ring
+from ope.bridge.ring import BLOCK_HEADER, LINE, RING_HEADER, Ring
 
 from conftest import attach_worker, describe
 
@@ -384,7 +384,7 @@ def patched(frame, at, data):
     return frame[:at] + data + frame[at + len(data):]
 
 
-ENTRY = 24  # the first entry starts after the frame header (ope/protocol.py)
+ENTRY = 24  # the first entry starts after the frame header (ope/bridge/protocol.py)
 BAD_FRAMES = {
     "truncated header": lambda f: f[:20],
     "message type not a call": lambda f: patched(f, 1, bytes([READY])),
@@ -433,7 +433,7 @@ def arenas():
 
 def ring_of(block):
     """The Ring a Block's payload belongs to: every data segment holds its ring at offset
-    4096 (ope/arena.py)."""
+    4096 (ope/bridge/arena.py)."""
     return Ring(block.mapping, 4096)
 
 

@@ -1,5 +1,5 @@
 """Conformance suite for the data ring: every test runs against each implementation of the
-layout in ope/ring.py (``Ring``, native; ``PyRing``, the Python reference).
+layout in ope/bridge/ring.py (``Ring``, native; ``PyRing``, the Python reference).
 
 Rings live in a memfd mapping (no /dev/shm), with guard bytes on both sides that every test
 checks at teardown: whatever an allocator does, it must not write outside its ring. Anything
@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, multiple, rule
 
 from forked import memfd_mapping, run_in_child
-from ope.ring import BLOCK_HEADER, LINE, RING_HEADER, PyRing, Ring, block_size
+from ope.bridge.ring import BLOCK_HEADER, LINE, RING_HEADER, PyRing, Ring, block_size
 
 IMPLS = [Ring, PyRing]
 FREE, USED = 0x45455246, 0x44455355

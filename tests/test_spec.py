@@ -289,7 +289,7 @@ def test_strings_accepted_as_lists_and_arrays(load_model, strings_path, words):
 
 
 def test_large_and_non_native_string_tensors_round_trip(load_model, strings_path):
-    """Strings lie in the arena like numbers (ope/protocol.py): megabytes of them pass, and
+    """Strings lie in the arena like numbers (ope/bridge/protocol.py): megabytes of them pass, and
     big-endian UCS-4 arrives as the same text."""
     model = load_model(strings_path)
     words = np.array([[f"word {i:07d} ünïcode", "x"] for i in range(40_000)])

@@ -10,8 +10,8 @@ import threading
 import numpy as np
 import pytest
 
-from ope import protocol
-from ope.arena import Arena
+from ope.bridge import protocol
+from ope.bridge.arena import Arena
 from ope.errors import ModelError, ProtocolError, SpecError
 from workers.worker import Worker
 

@@ -46,7 +46,7 @@ def load_runner(package, private_inputs=False):
     """The runner for ``package``. PackageError if its artefact or entrypoint is unusable,
     ModelError if the model's own code raised while loading. ``private_inputs``: the arrays
     ``run`` gets lie in memory whose writes stay in this process (a worker's copy-on-write
-    view, ope/arena.py), so a model may be handed them as they are."""
+    view, ope/bridge/arena.py), so a model may be handed them as they are."""
     return _RUNNERS[package.runner](package, private_inputs)
 
 

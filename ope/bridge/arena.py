@@ -9,7 +9,7 @@ socket when a side grows.
 
 Segment ids:
 
-* ``0``, the *control* segment: the two message queues (ope/channel.py). The host makes a new
+* ``0``, the *control* segment: the two message queues (ope/bridge/channel.py). The host makes a new
   one for every worker it starts, so garbage an old worker wrote there is never read again.
 * odd ids, the host's data segments (inputs). The worker gets read-only descriptors and maps
   them copy-on-write: it reads the host's bytes in place, a model that writes into an input
@@ -26,18 +26,18 @@ Layout (little-endian)::
        8  u32 layout  version of this layout
       16  u64 size    of the segment
     control segment
-      24  u64 offset of the host-to-worker queue     (layout: ope/channel.py)
+      24  u64 offset of the host-to-worker queue     (layout: ope/bridge/channel.py)
       32  u64 offset of the worker-to-host queue
     4096  the two queues
     data segment
-    4096  a data ring (layout: ope/ring.py)
+    4096  a data ring (layout: ope/bridge/ring.py)
 
     socket message: u64 segment id, with the segment's descriptor attached (SCM_RIGHTS)
 
 Each side allocates only from its own rings. A side that runs out grows by a new segment at
 least as large as everything it owns, up to ``max_bytes`` (past that, ArenaFull), and sends
 its descriptor before any frame that names it. A call's tensors travel as a tensor frame
-(ope/protocol.py) whose descriptors name (segment id, payload offset, nbytes):
+(ope/bridge/protocol.py) whose descriptors name (segment id, payload offset, nbytes):
 :meth:`Arena.encode` puts the tensors in and makes the frame, :meth:`Arena.decode` makes the
 views on the other side, checking every descriptor against the named ring's bounds first, so
 a lying peer can make this side neither read nor write outside the arena.
@@ -50,10 +50,10 @@ import socket
 import struct
 
 import ope_native
-from ope.channel import Channel
+from ope.bridge.channel import Channel
 from ope.errors import ArenaFull, ProtocolError
-from ope.protocol import DTYPE_CODES, DTYPES_BY_CODE, dtype_code, frame_message, string_dtype
-from ope.ring import RING_HEADER, Ring, block_size
+from ope.bridge.protocol import DTYPE_CODES, DTYPES_BY_CODE, dtype_code, frame_message, string_dtype
+from ope.bridge.ring import RING_HEADER, Ring, block_size
 
 __all__ = ["Arena", "SEGMENT_NAME"]
 
@@ -365,7 +365,7 @@ class Arena:
     # -- tensor frames ------------------------------------------------------------------
 
     def encode(self, kind, call_id, tensors, in_place=False):
-        """The frame (ope/protocol.py) of a call's ``tensors`` (name -> ndarray), each put in
+        """The frame (ope/bridge/protocol.py) of a call's ``tensors`` (name -> ndarray), each put in
         the arena: copied into a new block of our rings (grown if none has room; ArenaFull
         past ``max_bytes``), or, with ``in_place``, named where it is if it already lies in
         one of our segments (an array from model.empty), and made read-only if it was not.

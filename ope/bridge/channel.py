@@ -1,7 +1,7 @@
 """The control channel: two message queues in shared memory, one per direction.
 
 Each queue has a single producer and a single consumer and carries small messages (msgpack,
-or the tensor frames of calls: ope/protocol.py); tensor bytes never pass through it, only
+or the tensor frames of calls: ope/bridge/protocol.py); tensor bytes never pass through it, only
 their descriptors. A waiter spins for up to :data:`SPIN_S` and then sleeps on a futex: a
 quick answer is caught without a wake-up (tens of microseconds on a VM, milliseconds once a
 CPU has idled for a while), and an idle worker costs no CPU. It spins only while the other

@@ -1,8 +1,8 @@
 """The control protocol between a host and its worker.
 
 Messages are lists whose first element is the message type, encoded with msgpack except for
-the tensor frames below; they travel through the channel (ope/channel.py) while tensor bytes
-stay in the arena (ope/arena.py). The conversation, and the only messages allowed next at
+the tensor frames below; they travel through the channel (ope/bridge/channel.py) while tensor bytes
+stay in the arena (ope/bridge/arena.py). The conversation, and the only messages allowed next at
 each point::
 
     state      who     message                                         next state
@@ -33,7 +33,7 @@ an in-process call would have raised.
 
 INFER and RESULT, the messages of every call, travel as binary *tensor frames* instead of
 msgpack: a side puts a call's tensors in the arena and makes their frame in one C call
-(ope.arena.Arena.encode), and the other side checks the frame and makes its views in one
+(ope.bridge.arena.Arena.encode), and the other side checks the frame and makes its views in one
 (Arena.decode), where msgpack and Python-built descriptors cost microseconds per call.
 :func:`unpack` tells the two apart by the first byte, 0xC1, which msgpack never uses. Both
 decode to the lists in the table above, so :class:`Conversation` checks them alike. Frame
@@ -126,7 +126,8 @@ def pack(message):
 
 def unpack(data, arena=None):
     """Decode one message and check its shape; garbage raises ProtocolError. A tensor frame's
-    tensors are views on ``arena`` (the receiver's ope.arena.Arena); without one, descriptors."""
+    tensors are views on ``arena`` (the receiver's ope.bridge.arena.Arena); without one,
+    descriptors."""
     if data and data[0] == _FRAME_MARKER:
         return _unpack_tensor_frame(data) if arena is None else arena.decode(data)
     try:
@@ -152,7 +153,7 @@ def _unpack_tensor_frame(data):
 
 def frame_message(kind, call_id, copied, tensors):
     """The message a decoded tensor frame carries; its tensors are descriptors (:func:`unpack`)
-    or arrays (ope.arena.Arena.decode)."""
+    or arrays (ope.bridge.arena.Arena.decode)."""
     if kind == INFER:
         return [INFER, call_id, tensors]
     if kind == RESULT:
