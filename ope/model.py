@@ -24,7 +24,7 @@ import numpy as np
 import ope_native
 from ope.errors import ModelClosed, OpeError, SpecError
 from ope.spec import check_inputs, check_outputs, check_shape, input_plan, output_plan
-from workers.runners import load_runner
+from ope.runners import load_runner
 
 __all__ = ["Model", "InProcessModel", "when_settled", "check_timeout"]
 

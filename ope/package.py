@@ -417,7 +417,7 @@ def _check_staged(staging, load_check):
         from ope.api import self_check
         self_check(package.path)
     elif load_check:
-        from workers.runners import load_runner
+        from ope.runners import load_runner
         load_runner(package)
 
 

@@ -27,7 +27,7 @@ from ope.errors import MESSAGE_LIMIT, TRACEBACK_LIMIT, OpeError, bounded_text, m
 from ope.package import read_package
 from ope.requirements import ensure_requirements
 from ope.spec import validate_inputs, validate_outputs
-from workers.runners import load_runner
+from ope.runners import load_runner
 
 __all__ = ["Worker", "main", "runtime_info"]
 
