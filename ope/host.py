@@ -125,7 +125,7 @@ class OutOfProcessModel(Model):
             for var in _THREAD_VARIABLES:
                 self._env_vars.setdefault(var, str(threads))
         # The manifest's digest pins every worker, restarts included, to the package read
-        # here (ope/package.py): a folder replaced on disk since is refused, not served.
+        # here (ope/package/format.py): a folder replaced on disk since is refused, not served.
         self._load_options = {"cpus": sorted(cpus) if cpus else None, "threads": threads,
                               "manifest_digest": package.manifest_digest}
         self._policy = RestartPolicy(max_restarts, restart_window_s)
