@@ -14,12 +14,12 @@ Layout of a package folder::
     test_data/      optional: inputs.npz and outputs.npz for the self-check
 
 Design idea: a package that exists on disk is complete and has passed its own test (build.py
-writes it beside its destination and renames it into place). Reading checks the format version, then the manifest both ways (no missing,
-extra or changed file) before anything in the folder is parsed or executed. A package holds
-regular files and folders only: a symbolic link anywhere in it is refused, since the manifest
-cannot vouch for what it points to (a linked folder in code/ would even shadow a verified
-module). A python package's entrypoint must be a module of its own code/, so it runs only the
-code its manifest verified.
+writes it beside its destination and renames it into place). Reading checks the format
+version, then the manifest both ways (no missing, extra or changed file) before anything in
+the folder is parsed or executed. A package holds regular files and folders only: a symbolic
+link anywhere in it is refused, since the manifest cannot vouch for what it points to (a
+linked folder in code/ would even shadow a verified module). A python package's entrypoint
+must be a module of its own code/, so it runs only the code its manifest verified.
 
 A package read once is pinned by its manifest's digest (the sha256 of manifest.json's bytes,
 which name every other file's sha256): whoever reads the folder again for the same model (a
