@@ -25,7 +25,7 @@ import numpy as np
 
 from ope import envs
 from ope.errors import OpeError, PackageError
-from ope.model import InProcessModel
+from ope.host.in_process import InProcessModel
 from ope.package import build, read_package
 from ope.requirements import ensure_requirements
 
@@ -42,7 +42,7 @@ _IN_PROCESS_HINT = ("Loading it out of process (ope.load(path, env='auto')), in 
 
 def load(path, *, out_of_process=None, timeout_s=None, env=None, device=None, replicas=None,
          **worker_options):
-    """Open the package at ``path`` and return a ready :class:`~ope.model.Model`.
+    """Open the package at ``path`` and return a ready :class:`~ope.host.model.Model`.
 
     ``out_of_process``: True runs the model in a worker process, False in this process,
     None follows ``OPE_OUT_OF_PROCESS`` ("0"/"1") or the default. The other options apply to
@@ -51,15 +51,16 @@ def load(path, *, out_of_process=None, timeout_s=None, env=None, device=None, re
     ``requires``, else a registered environment that does), a name (``ope env list``) or the
     path of an interpreter or venv; ``device``: "cpu" or "cuda:N"; ``replicas``: N workers of
     the model behind one handle, each call going to the least busy; ``worker_options``: those
-    of :class:`~ope.host.OutOfProcessModel` (``cpus``, ``threads``, ``env_vars``, ...; an
-    explicit ``python`` bypasses ``env``).
+    of :class:`~ope.host.out_of_process.OutOfProcessModel` (``cpus``, ``threads``,
+    ``env_vars``, ...; an explicit ``python`` bypasses ``env``).
     """
     package = read_package(path)
     if _resolve_out_of_process(out_of_process):
-        from ope.host import OutOfProcessModel  # the host side is only needed in this mode
+        # The host side is only needed in this mode.
+        from ope.host.out_of_process import OutOfProcessModel
         options = _placed(package, env, device, worker_options)
         if replicas is not None:
-            from ope.replicas import ReplicaSet
+            from ope.host.replicas import ReplicaSet
             return ReplicaSet(package, replicas, timeout_s=timeout_s, **options)
         return OutOfProcessModel(package, timeout_s=timeout_s, **options)
     given = [name for name, value in (("env", env), ("device", device), ("replicas", replicas))

@@ -18,8 +18,8 @@ Layout of ``$OPE_HOME/envs/NAME``::
     bin/, lib/     the venv itself (created environments only; a registered one is elsewhere)
 
 A worker of an environment runs its interpreter isolated (``-I``, see
-ope.supervisor.WorkerProcess), so it imports the environment's ope and ope_native, never the
-host's.
+ope.host.worker_process.WorkerProcess), so it imports the environment's ope and ope_native,
+never the host's.
 
 torch is never taken from the registry: a registry torch drags in gigabytes of CUDA libraries.
 The one torch installed here is the CPU wheel in pip's find-links, for CPython 3.11.

@@ -14,8 +14,10 @@ import psutil
 import pytest
 
 import ope
-import ope.host
-import ope.supervisor
+import ope.bridge.arena
+import ope.bridge.protocol
+import ope.host.out_of_process
+from ope.host import supervisor, worker_process
 
 import models  # tests/ is on sys.path: pytest puts a rootless conftest's folder there
 
@@ -64,9 +66,9 @@ def host_wide_resources():
     """Start what ope keeps for a host's whole life (the supervisor and output reader threads,
     the pipe to workers' watchdogs) before the first test, so that no test counts them as its
     leak."""
-    ope.supervisor.Supervisor.get()
-    ope.supervisor._OutputReader.get()
-    ope.supervisor._host_pipe_read_end()
+    supervisor.Supervisor.get()
+    worker_process._OutputReader.get()
+    worker_process._host_pipe_read_end()
 
 
 @pytest.fixture(autouse=True)

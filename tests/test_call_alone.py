@@ -1,9 +1,9 @@
 """The host's lone call in one crossing into C (ope_native.call_alone, used by
-ope/host.py's _call_alone), driven over a real arena pair with the test playing the worker:
-its answer is queued before the call, so the call's single wait finds it. Every outcome must
-leave the inputs as the general path would: given back and unsealed once the call is over,
-still held (and sealed) when the call is left to Python. With the spec's checks, only tensors
-that pass them as they are may go through C; anything else is left to Python's check.
+ope/host/out_of_process.py's _call_alone), driven over a real arena pair with the test playing
+the worker: its answer is queued before the call, so the call's single wait finds it. Every
+outcome must leave the inputs as the general path would: given back and unsealed once the call
+is over, still held (and sealed) when the call is left to Python. With the spec's checks, only
+tensors that pass them as they are may go through C; anything else is left to Python's check.
 """
 
 import numpy as np

@@ -26,7 +26,7 @@ import pytest
 import models
 import ope
 from ope import TensorSpec
-from ope.supervisor import LIVENESS_SLICE_S
+from ope.host.worker_process import LIVENESS_SLICE_S
 from faults import SLOW_RELOAD_ENV, fault_inputs, fault_package
 
 SLACK_S = 1.0
@@ -675,7 +675,7 @@ def test_a_forked_child_cannot_use_or_stop_its_parents_model(faulty, replicas):
                 except ope.ModelClosed as exc:
                     outcomes.append(str(exc))
             model.close()
-            ope.host._close_open_models()  # what interpreter exit runs
+            ope.host.out_of_process._close_open_models()  # what interpreter exit runs
             return outcomes
 
         kind, *result = run_in_child(child)

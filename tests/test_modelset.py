@@ -11,7 +11,7 @@ import pytest
 
 import ope
 from ope.modelset import ModelSet, wait_all
-from ope.replicas import ReplicaSet
+from ope.host.replicas import ReplicaSet
 
 from faults import fault_inputs, fault_package
 from test_replicas import BARRIER_ENV, whoami_inputs, whoami_package

@@ -1,4 +1,4 @@
-"""The loaded-model handle, and its in-process implementation.
+"""The loaded-model handle that both modes implement (in_process.py, out_of_process.py).
 
 Design idea: :meth:`Model.infer` is written once, in the base class: check the model is
 open, validate the inputs against the spec, ``_run`` them, validate the outputs, count the
@@ -7,7 +7,8 @@ call. Each execution mode only implements how tensors get to the model and back
 same calls with exactly the same errors, and a failed call never leaves a model unusable:
 nothing in ``infer`` holds state across the failure. The one shortcut: out of process, a call
 with no other in flight runs the checks' success path in C together with the exchange
-(``_infer`` in ope/host.py), and anything that path does not pass comes back to these checks.
+(``_infer`` in ope/host/out_of_process.py), and anything that path does not pass comes back
+to these checks.
 """
 
 import abc
@@ -19,14 +20,12 @@ import os
 import time
 import weakref
 
-import numpy as np
 
 import ope_native
 from ope.errors import ModelClosed, OpeError, SpecError
 from ope.spec import check_inputs, check_outputs, check_shape, input_plan, output_plan
-from ope.runners import load_runner
 
-__all__ = ["Model", "InProcessModel", "when_settled", "check_timeout"]
+__all__ = ["Model", "when_settled", "check_timeout"]
 
 _log = logging.getLogger("ope")
 _now_ns = time.monotonic_ns  # the clock ope_native.CallStats reads
@@ -114,7 +113,8 @@ class Model(abc.ABC):
 
     def _infer(self, inputs, timeout_s):
         """The outputs of a call on the caller's ``inputs``, both checked against the spec. A
-        mode may take its own way to the same result (ope/host.py: a lone call's checks in C)."""
+        mode may take its own way to the same result (ope/host/out_of_process.py: a lone
+        call's checks in C)."""
         arrays, bindings = self._validate_inputs(inputs)
         return self._validate_outputs(self._run(arrays, bindings, timeout_s), bindings)
 
@@ -236,18 +236,12 @@ def check_timeout(timeout_s, name="timeout_s"):
 def when_settled(future, hook):
     """Run ``hook(failed)`` once ``future`` settles. An out-of-process future runs it as its
     call settles, without making a thread wait for the reply on the caller's behalf
-    (ope/host.py, _CallFuture); other futures through a done-callback."""
+    (ope/host/calls.py, _CallFuture); other futures through a done-callback."""
     settle = getattr(future, "when_settled", None)
     if settle is not None:
         settle(hook)
     else:
         future.add_done_callback(lambda done: hook(done.exception() is not None))
-
-
-def _read_only(array):
-    view = array.view()
-    view.flags.writeable = False
-    return view
 
 
 def _percentile_us(sorted_ns, percent):
@@ -256,37 +250,3 @@ def _percentile_us(sorted_ns, percent):
         return None
     rank = max(0, -(-len(sorted_ns) * percent // 100) - 1)
     return sorted_ns[rank] / 1000.0
-
-
-class InProcessModel(Model):
-    """Runs the model in this process, through the same runner a worker would use."""
-
-    def __init__(self, package):
-        super().__init__(package)
-        self._runner = load_runner(package)
-
-    def _run(self, arrays, bindings, timeout_s):
-        # A running model in this thread cannot be interrupted: timeouts apply out of process.
-        # Read-only views, as a worker gets: a model that writes into its inputs fails the
-        # same way in both modes, and never changes the caller's arrays.
-        return self._runner.run({name: _read_only(array) for name, array in arrays.items()})
-
-    def empty(self, name, shape):
-        return np.empty(tuple(shape), self._empty_spec(name, shape).numpy_dtype)
-
-    def seal(self, array):
-        array.flags.writeable = False
-        return array
-
-    def _close(self):
-        self._runner = None
-
-    def stats(self):
-        stats = super().stats()
-        stats["pid"] = os.getpid()
-        return stats
-
-    def health(self):
-        health = super().health()
-        health["mode"] = "in_process"
-        return health

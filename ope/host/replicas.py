@@ -1,10 +1,10 @@
 """Replicas: N workers of one package behind one Model handle.
 
 Design idea: a :class:`ReplicaSet` is an execution mode made of other modes. The base class
-(:class:`ope.model.Model`) validates and counts every call once, at the set; ``_run`` and
-``_submit`` only choose a replica and hand it the already-validated arrays, so the set accepts
-and refuses exactly what a single worker does, and each replica keeps its own worker, arena,
-restart policy and supervision (ope/host.py). Nothing here talks to a worker.
+(:class:`ope.host.model.Model`) validates and counts every call once, at the set; ``_run``
+and ``_submit`` only choose a replica and hand it the already-validated arrays, so the set
+accepts and refuses exactly what a single worker does, and each replica keeps its own worker,
+arena, restart policy and supervision (out_of_process.py). Nothing here talks to a worker.
 
 Dispatch: each call goes to the available replica with the fewest calls in flight, ties broken
 round robin. "In flight" is counted here, from the moment a call is dispatched until its
@@ -25,14 +25,14 @@ import functools
 import logging
 import threading
 
-from ope.host import OutOfProcessModel
-from ope.model import Model, when_settled
+from ope.host.out_of_process import OutOfProcessModel
+from ope.host.model import Model, when_settled
 
 __all__ = ["ReplicaSet", "start_in_parallel", "close_all"]
 
 _log = logging.getLogger("ope")
 
-# States (OutOfProcessModel._state) in which a replica cannot take a call without the caller
+# States (OutOfProcessModel.state) in which a replica cannot take a call without the caller
 # waiting for a worker start; "restarting" only counts when the supervisor restarts it.
 _STARTING = frozenset({"starting", "broken", "closed"})
 _STARTING_EAGER = _STARTING | {"restarting"}
@@ -83,10 +83,10 @@ def close_all(models):
 class ReplicaSet(Model):
     """``replicas`` out-of-process workers of ``package``, served through one handle.
 
-    ``worker_options`` are those of :class:`ope.host.OutOfProcessModel` and apply to every
-    replica; ``restart`` defaults to "eager" so a crashed replica is replaced in the background
-    while the others serve. Workers start in parallel threads: start-up takes about as long as
-    one worker's."""
+    ``worker_options`` are those of :class:`~ope.host.out_of_process.OutOfProcessModel` and
+    apply to every replica; ``restart`` defaults to "eager" so a crashed replica is replaced in
+    the background while the others serve. Workers start in parallel threads: start-up takes
+    about as long as one worker's."""
 
     _bound_to_process = True
 
@@ -164,7 +164,7 @@ class ReplicaSet(Model):
     def _can_serve(self, index):
         # An unlocked read of the replica's state: a hint for dispatch, re-checked by the
         # replica itself under its own lock when the call is sent.
-        return self._replicas[index]._state not in self._avoid
+        return self._replicas[index].state not in self._avoid
 
     def _owner(self, arrays):
         """Index of the replica whose arena holds one of ``arrays``, else None."""

@@ -1,29 +1,22 @@
-"""Supervision of worker processes: start, watch, restart, and stop them for sure.
+"""Worker processes: start them, see them die, and stop them for sure.
 
 The host never relies on a worker's help to learn of its death: waits on the channel are cut
 into slices of :data:`LIVENESS_SLICE_S` and each slice checks the process (``waitpid``), so a
 crash (signal, ``os._exit``, OOM kill) is seen within one slice even while a call is blocked;
 liveness does not rest on a thread inside the worker, so a model stuck in a Python loop or in
-C code is caught by its deadline all the same. One :class:`Supervisor` thread per host
-enforces memory limits (the resident memory of the worker and its descendants, anonymous and
-shared, less the arena: :func:`private_rss`), notes the worker's descendants, and sees workers
-that die while no call waits on them. It only looks: it never waits on a model, and whatever
-takes time (discarding a worker, backoff, starting one) runs in that model's own restart
-thread, so no model's trouble delays the supervision of another. A worker's output (stdout
-and stderr, merged) goes line by line to the logger ``ope.worker.<model name>``, read for all
-workers by one thread; the last lines are kept for error messages.
+C code is caught by its deadline all the same. A worker's output (stdout and stderr, merged)
+goes line by line to the logger ``ope.worker.<model name>``, read for all workers by one
+thread; the last lines are kept for error messages. :func:`private_rss` measures what the
+supervisor (supervisor.py) holds against a memory limit: the resident memory of the worker
+and its descendants, anonymous and shared, less the arena.
 
 Stopping is a ladder that is always climbed to the end: ask (SHUTDOWN), wait; SIGTERM to the
 worker's process group, wait; SIGKILL to the group and to every descendant noted, reap. What a
-model started dies with its worker, however the worker ends. Failed workers are replaced
-under a :class:`RestartPolicy`: at most ``max_restarts`` failures within ``window_s``, each
-restart delayed by an exponential backoff; past that the model is broken and refuses calls
-with its failure history. A worker never outlives its host: it runs a native watchdog
-(ope_native.exit_with_parent) on the host's pid and on the read end of a pipe whose write end
-only the host holds, close-on-exec, so that the host's death and its exec of another program
-both end the worker.
+model started dies with its worker, however the worker ends. A worker never outlives its host:
+it runs a native watchdog (ope_native.exit_with_parent) on the host's pid and on the read end
+of a pipe whose write end only the host holds, close-on-exec, so that the host's death and its
+exec of another program both end the worker.
 """
-
 import collections
 import logging
 import os
@@ -35,13 +28,12 @@ import subprocess
 import sys
 import threading
 import time
-import weakref
 
 import psutil
 
 from ope.bridge.arena import SEGMENT_NAME
 
-__all__ = ["WorkerProcess", "RestartPolicy", "Supervisor", "LIVENESS_SLICE_S", "describe_exit",
+__all__ = ["WorkerProcess", "LIVENESS_SLICE_S", "describe_exit",
            "child_environment", "private_rss", "is_arena_mapping"]
 
 _log = logging.getLogger("ope.supervisor")
@@ -64,7 +56,8 @@ def _worker_command(python):
     return [python, "-I", "-u", "-m", "workers.worker"]
 
 
-_HOST_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The folder that holds the ope package (and workers/) this host runs.
+_HOST_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _BOOTSTRAP = ("import runpy, sys; sys.path.insert(0, {root!r}); "
               "runpy.run_module('workers.worker', run_name='__main__', alter_sys=True)")
 
@@ -110,8 +103,6 @@ def _after_fork_in_child():
         _host_pipe = None
     _OutputReader._instance = None
     _OutputReader._instance_lock = threading.Lock()
-    Supervisor._instance = None
-    Supervisor._instance_lock = threading.Lock()
 
 
 class WorkerProcess:
@@ -498,89 +489,3 @@ def _arena_resident(pid):
         if is_arena_mapping(mapping.group(1).decode("utf-8", "replace")):
             total += int(_RSS_FIELD.search(text, mapping.end()).group(1)) << 10
     return total
-
-
-class RestartPolicy:
-    """Bounded restarts with exponential backoff, and the failure history for error messages.
-
-    The model is broken after more than ``max_restarts`` failures within ``window_s``. Each
-    start waits ``backoff_s * 2**(k-1)`` (at most ``max_backoff_s``) after the k-th failure in
-    a row; a call that succeeds ends the row, so a crash loop slows down while an occasional
-    fault in a busy model costs no delay."""
-
-    def __init__(self, max_restarts=5, window_s=60.0, backoff_s=0.05, max_backoff_s=5.0):
-        self.max_restarts = max_restarts
-        self.window_s = window_s
-        self.backoff_s = backoff_s
-        self.max_backoff_s = max_backoff_s
-        self.history = []  # (wall-clock time, monotonic time, reason)
-        self.in_a_row = 0
-
-    def record(self, reason):
-        self.history.append((time.time(), time.monotonic(), reason))
-        del self.history[:-100]
-        self.in_a_row += 1
-
-    @property
-    def broken(self):
-        since = time.monotonic() - self.window_s
-        return sum(1 for h in self.history if h[1] >= since) > self.max_restarts
-
-    def delay_s(self):
-        """How long to wait before the next start."""
-        if not self.in_a_row:
-            return 0.0
-        wait = min(self.backoff_s * 2 ** (self.in_a_row - 1), self.max_backoff_s)
-        return max(0.0, self.history[-1][1] + wait - time.monotonic())
-
-    def describe(self):
-        return "; ".join(f"{time.strftime('%H:%M:%S', time.localtime(t))} {reason}"
-                         for t, _, reason in self.history[-10:])
-
-
-class Supervisor:
-    """The host's one watcher thread: memory limits and the liveness of idle workers of all
-    models.
-
-    Models register with :meth:`watch`; the thread holds them weakly and calls
-    ``model._supervise()`` every :attr:`interval_s`, which must not wait on the model (a lock
-    only tried, no start or stop): one model's round is short, whatever the others do."""
-
-    interval_s = 0.1
-    _instance = None
-    _instance_lock = threading.Lock()
-
-    def __init__(self):
-        self._models = weakref.WeakSet()
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name="ope-supervisor", daemon=True)
-        self._thread.start()
-
-    @classmethod
-    def get(cls):
-        with cls._instance_lock:
-            if cls._instance is None:
-                cls._instance = cls()
-            return cls._instance
-
-    def watch(self, model):
-        with self._lock:
-            self._models.add(model)
-
-    def unwatch(self, model):
-        with self._lock:
-            self._models.discard(model)
-
-    def _run(self):
-        due = time.monotonic()
-        while True:
-            # Rounds keep their cadence: the time a round took comes off the next wait.
-            due = max(due + self.interval_s, time.monotonic())
-            time.sleep(max(0.0, due - time.monotonic()))
-            with self._lock:
-                models = list(self._models)
-            for model in models:
-                try:
-                    model._supervise()
-                except Exception:  # one model's trouble must not stop supervision of the rest
-                    _log.exception("supervising model %r failed", getattr(model, "name", model))
