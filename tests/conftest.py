@@ -20,6 +20,7 @@ import ope.host.out_of_process
 from ope.host import supervisor, worker_process
 
 import models  # tests/ is on sys.path: pytest puts a rootless conftest's folder there
+from fault_package import fault_package
 
 MODES = ["in_process", "out_of_process"]
 
@@ -154,3 +155,31 @@ def probe(package_root):
 @pytest.fixture(scope="session")
 def unruly(package_root):
     return models.unruly_package(str(package_root))
+
+
+# -- the fault tests (tests/faults/) --------------------------------------------------------
+# Fault injection with real processes and real signals: every fault the supervisor claims to
+# handle surfaces as its typed error, the host and other models go on, and nothing leaks. Their
+# time bounds carry slack for a loaded CI machine (fault_package.SLACK_S);
+# bench/bench_faults.py measures the real detection latencies.
+
+@pytest.fixture(scope="session")
+def faulty(package_root):
+    return fault_package(str(package_root))
+
+
+@pytest.fixture
+def open_model(faulty):
+    """Open a model of the fault package (or of ``path``) out of process; closed at teardown."""
+    opened = []
+
+    def open_(path=faulty, **options):
+        options.setdefault("timeout_s", 10.0)
+        options.setdefault("stop_grace_s", 0.5)
+        model = ope.load(path, out_of_process=True, **options)
+        opened.append(model)
+        return model
+
+    yield open_
+    for model in opened:
+        model.close()

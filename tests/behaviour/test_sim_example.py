@@ -12,8 +12,8 @@ import sys
 import psutil
 import pytest
 
-EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                       "examples", "sim_job.py")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+EXAMPLE = os.path.join(ROOT, "examples", "sim_job.py")
 
 
 def assert_nothing_left(job_output, job_pid):

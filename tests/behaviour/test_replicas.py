@@ -17,7 +17,7 @@ from ope import TensorSpec
 from ope.package import read_package
 
 import models
-from faults import fault_package
+from fault_package import fault_package
 
 __all__ = ["whoami_package", "whoami_inputs", "BARRIER_ENV"]
 

@@ -16,7 +16,7 @@ import ope
 from ope import TensorSpec
 
 import models
-from faults import fault_inputs, fault_package
+from fault_package import fault_inputs, fault_package
 
 _TIMED_SOURCE = '''
 import time

@@ -13,7 +13,7 @@ import ope
 from ope.modelset import ModelSet, wait_all
 from ope.host.replicas import ReplicaSet
 
-from faults import fault_inputs, fault_package
+from fault_package import fault_inputs, fault_package
 from test_replicas import BARRIER_ENV, whoami_inputs, whoami_package
 
 

@@ -12,12 +12,16 @@ time after: a restart that is slow on purpose.
 
 import json
 import os
+import time
+
+import numpy as np
 
 from ope import TensorSpec
 
 import models
 
-__all__ = ["FAULTS", "fault_package", "fault_inputs", "SLOW_RELOAD_ENV", "SLOW_RELOAD_S"]
+__all__ = ["FAULTS", "fault_package", "fault_inputs", "SLOW_RELOAD_ENV", "SLOW_RELOAD_S", "SLACK_S",
+           "assert_works", "wait_for"]
 
 # "balloon_to": grows by 4 MiB every 10 ms up to x[0] MiB, then sleeps.
 FAULTS = {"ok": 0, "segfault": 1, "exit3": 2, "sigkill": 3, "spin": 4, "sleep": 5,
@@ -229,3 +233,22 @@ def fault_package(root, name="faults", **config):
 def fault_inputs(fault="ok", x=(1.0, 2.0)):
     import numpy as np
     return {"fault": np.array(FAULTS[fault], np.int32), "x": np.array(x, np.float32)}
+
+
+SLACK_S = 1.0  # of the fault tests' time bounds, for a loaded CI machine
+
+
+def assert_works(model):
+    """Assert that ``model``, of the fault package, serves a call correctly."""
+    out = model.infer(fault_inputs("ok", x=(1.0, 2.0)))
+    np.testing.assert_array_equal(out["y"], [2.0, 3.0])
+
+
+def wait_for(predicate, timeout_s, poll_s=0.005):
+    """Whether ``predicate()`` came true within the time (polling state other threads change)."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll_s)
+    return True
