@@ -37,7 +37,7 @@ import psutil
 import ope
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from faults import fault_inputs, fault_package  # noqa: E402  (the tests' fault package)
+from fault_package import fault_inputs, fault_package  # noqa: E402  (the tests' fault package)
 
 
 def _summary(samples_ms):
@@ -144,7 +144,7 @@ def restart_cost(path, rounds, fault="sigkill", error=ope.WorkerCrashed):
 _HOST = textwrap.dedent('''
     import os, sys, time, ope, numpy as np
     sys.path.insert(0, {tests!r})
-    from faults import fault_inputs
+    from fault_package import fault_inputs
     model = ope.load({path!r}, out_of_process=True)
     print(model.stats()["pid"], flush=True)
     if {exec_!r}:

@@ -3,8 +3,8 @@
     python bench/bench_inputs.py [--pairs 10]
 
 torch ignores numpy's read-only flag, so in process a torch runner hands its model tensors
-over copies of the caller's arrays (workers/runners.py); out of process it hands tensors over
-the worker's copy-on-write view and copies nothing. This times the runner of an eager torch
+over copies of the caller's arrays (ope/runners/torch_tensors.py); out of process it hands
+tensors over the worker's copy-on-write view and copies nothing. This times the runner of an eager torch
 add-one model both ways on the same arrays, in alternating chunks (ABBA): "protected" is what
 ope does in process, "shared" a tensor straight over the caller's array, which a model could
 rewrite. Ratios are protected / shared.
@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 import ope
-from workers.runners import load_runner
+from ope.runners import load_runner
 
 _SOURCE = "def factory(data_dir):\n    return lambda x: {'y': x + 1}\n"
 SIZES = [16, 64 << 10, 1 << 20, 16 << 20, 64 << 20]

@@ -28,8 +28,8 @@ import psutil
 
 import ope
 import ope_native
-from ope.arena import Arena
-from ope.channel import SPIN_S
+from ope.bridge.arena import Arena
+from ope.bridge.channel import SPIN_S
 
 SIZES = [16, 64 << 10, 1 << 20, 16 << 20, 64 << 20]
 PEER_TIMEOUT_S = 10  # a peer that does not answer in this time is reported as hung

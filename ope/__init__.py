@@ -8,10 +8,9 @@
 from ope.errors import *  # noqa: F403 (the error vocabulary is part of the API)
 from ope.errors import __all__ as _error_names
 from ope.spec import TensorSpec
-from ope.package import (Package, package_placeholder, package_python, package_torchscript,
-                         read_package)
-from ope.model import Model
-from ope.api import load
+from ope.package import Package, read_package
+from ope.host.model import Model
+from ope.api import load, package_placeholder, package_python, package_torchscript
 from ope.modelset import ModelSet, wait_all
 
 __version__ = "0.1.0"

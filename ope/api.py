@@ -1,4 +1,4 @@
-"""The public entry points: load a package as a Model, and self-check a package.
+"""The public entry points: load a package as a Model, self-check a package, and build one.
 
 Design idea: the mode is a decision of ``load`` alone. The same package, specs and runner
 code serve both modes; ``load`` picks in-process or out-of-process from its argument, else
@@ -7,21 +7,30 @@ default.
 
 Out of process, ``load`` also decides where the worker runs: which interpreter (the host's own
 or a worker environment whose recorded versions satisfy the package's ``requires``, see
-ope/envs.py) and on which device. The host side only receives the result as its ``python``
+ope/envs/) and on which device. The host side only receives the result as its ``python``
 and ``env_vars`` options.
+
+The public builders (``package_torchscript``, ``package_python``, ``package_placeholder``) are
+those of ope/package/build.py with :func:`self_check` as the check a package with test data
+passes before it appears at its path: loaded the way ``load`` loads by default (out of
+process, env="auto"), so a package whose requirements this host does not meet is checked in a
+worker environment that does.
 """
 
+import functools
+import inspect
 import os
 
 import numpy as np
 
 from ope import envs
 from ope.errors import OpeError, PackageError
-from ope.model import InProcessModel
-from ope.package import read_package
+from ope.host.in_process import InProcessModel
+from ope.package import build, read_package
 from ope.requirements import ensure_requirements
 
-__all__ = ["load", "self_check", "OUT_OF_PROCESS_ENV"]
+__all__ = ["load", "self_check", "package_torchscript", "package_python", "package_placeholder",
+           "OUT_OF_PROCESS_ENV"]
 
 OUT_OF_PROCESS_ENV = "OPE_OUT_OF_PROCESS"
 _DEFAULT_OUT_OF_PROCESS = True
@@ -33,7 +42,7 @@ _IN_PROCESS_HINT = ("Loading it out of process (ope.load(path, env='auto')), in 
 
 def load(path, *, out_of_process=None, timeout_s=None, env=None, device=None, replicas=None,
          **worker_options):
-    """Open the package at ``path`` and return a ready :class:`~ope.model.Model`.
+    """Open the package at ``path`` and return a ready :class:`~ope.host.model.Model`.
 
     ``out_of_process``: True runs the model in a worker process, False in this process,
     None follows ``OPE_OUT_OF_PROCESS`` ("0"/"1") or the default. The other options apply to
@@ -42,15 +51,16 @@ def load(path, *, out_of_process=None, timeout_s=None, env=None, device=None, re
     ``requires``, else a registered environment that does), a name (``ope env list``) or the
     path of an interpreter or venv; ``device``: "cpu" or "cuda:N"; ``replicas``: N workers of
     the model behind one handle, each call going to the least busy; ``worker_options``: those
-    of :class:`~ope.host.OutOfProcessModel` (``cpus``, ``threads``, ``env_vars``, ...; an
-    explicit ``python`` bypasses ``env``).
+    of :class:`~ope.host.out_of_process.OutOfProcessModel` (``cpus``, ``threads``,
+    ``env_vars``, ...; an explicit ``python`` bypasses ``env``).
     """
     package = read_package(path)
     if _resolve_out_of_process(out_of_process):
-        from ope.host import OutOfProcessModel  # the host side is only needed in this mode
+        # The host side is only needed in this mode.
+        from ope.host.out_of_process import OutOfProcessModel
         options = _placed(package, env, device, worker_options)
         if replicas is not None:
-            from ope.replicas import ReplicaSet
+            from ope.host.replicas import ReplicaSet
             return ReplicaSet(package, replicas, timeout_s=timeout_s, **options)
         return OutOfProcessModel(package, timeout_s=timeout_s, **options)
     given = [name for name, value in (("env", env), ("device", device), ("replicas", replicas))
@@ -130,3 +140,19 @@ def _compare_output(package_name, name, want, got):
         mismatches = int(np.count_nonzero(got != want))
         raise PackageError(f"{where}: {mismatches} of {want.size} values differ from the "
                            f"expected outputs")
+
+
+def _self_checked(builder):
+    """``builder`` (ope/package/build.py) with :func:`self_check` as its self-check."""
+    @functools.wraps(builder)
+    def build_checked(*args, **options):
+        return builder(*args, self_check=self_check, **options)
+    signature = inspect.signature(builder)
+    build_checked.__signature__ = signature.replace(parameters=[
+        parameter for parameter in signature.parameters.values() if parameter.name != "self_check"])
+    return build_checked
+
+
+package_torchscript = _self_checked(build.package_torchscript)
+package_python = _self_checked(build.package_python)
+package_placeholder = build.package_placeholder  # no test data: nothing to self-check

@@ -48,8 +48,10 @@ import sys
 
 from ope.errors import EnvError
 
-__all__ = ["InstallPolicy", "load_policy", "ENV_VARS", "CONFIG_ENV"]
+__all__ = ["InstallPolicy", "load_policy", "ENV_VARS", "CONFIG_ENV", "HOME_ENV", "ope_home",
+           "config_path"]
 
+HOME_ENV = "OPE_HOME"
 CONFIG_ENV = "OPE_CONFIG"
 # setting -> (ope environment variable, config.toml key, pip's key, how the variable splits)
 _SETTINGS = {
@@ -128,12 +130,21 @@ class InstallPolicy:
         return "; ".join(parts) + (f" (from {', '.join(origins)})" if origins else "")
 
 
+def ope_home():
+    """Where ope keeps its environments and configuration: ``$OPE_HOME``, default
+    ``~/.cache/ope`` (``$XDG_CACHE_HOME/ope`` where that is set)."""
+    home = os.environ.get(HOME_ENV)
+    if home:
+        return os.path.abspath(os.path.expanduser(home))
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "ope")
+
+
 def config_path():
     """The configuration file: ``$OPE_CONFIG``, else ``$OPE_HOME/config.toml``."""
     explicit = os.environ.get(CONFIG_ENV)
     if explicit:
         return os.path.abspath(os.path.expanduser(explicit))
-    from ope.envs import ope_home  # envs imports this module
     return os.path.join(ope_home(), "config.toml")
 
 

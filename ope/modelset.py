@@ -5,7 +5,7 @@ path as ``ope.load`` (one thread per package, so their workers start at once and
 costs about the slowest package's), maps names to models, and closes them together. Calls
 go through each model's own ``submit``, so models in different workers run in parallel and
 each keeps its own order, errors and restart policy; all workers share the host's one
-supervisor (ope/supervisor.py). :func:`wait_all` turns a dict or list of futures into
+supervisor (ope/host/supervisor.py). :func:`wait_all` turns a dict or list of futures into
 results of the same shape once every call has settled.
 """
 
@@ -14,7 +14,7 @@ import functools
 import time
 
 from ope import api
-from ope.replicas import close_all, start_in_parallel
+from ope.host.replicas import close_all, start_in_parallel
 
 __all__ = ["ModelSet", "wait_all"]
 

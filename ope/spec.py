@@ -391,7 +391,7 @@ def _torch_to_numpy(check, tensor):
 
 def _to_string_array(check, value):
     if isinstance(value, np.ndarray) and value.dtype.kind == "U":
-        # Native byte order, as the arena carries strings (ope/protocol.py).
+        # Native byte order, as the arena carries strings (ope/bridge/protocol.py).
         return value if value.dtype.isnative else value.astype(value.dtype.newbyteorder("="))
     if isinstance(value, np.ndarray) and value.dtype == object \
             or isinstance(value, (str, list, tuple)):

@@ -6,7 +6,7 @@ counters, and spin-then-futex waits. The sources are ope_native/src, one file pe
 Every byte layout the processes share is declared once, in ope_native/src/layout.h, and
 exported here: ``LAYOUT`` (offsets, magics, message codes, frame fields, by their C names) and
 ``DTYPE_NAMES``/``DTYPE_ITEMSIZES`` (indexed by a frame's dtype code). Python reads them from
-here; the layouts are described for readers in ope/ring.py, ope/channel.py and ope/protocol.py.
+here; the layouts are described for readers in ope/bridge/ring.py, ope/bridge/channel.py and ope/bridge/protocol.py.
 """
 
 from ope_native._native import (

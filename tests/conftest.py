@@ -14,25 +14,38 @@ import psutil
 import pytest
 
 import ope
-import ope.host
-import ope.supervisor
+import ope.bridge.arena
+import ope.bridge.protocol
+import ope.host.out_of_process
+from ope.host import supervisor, worker_process
 
 import models  # tests/ is on sys.path: pytest puts a rootless conftest's folder there
+from fault_package import fault_package
 
 MODES = ["in_process", "out_of_process"]
 
 
 def attach_worker(host, first_id=2, max_bytes=4 << 20):
     """A worker-side arena attached to the host arena ``host`` in this process, as a worker
-    process attaches to the descriptors it inherits (ope/arena.py)."""
+    process attaches to the descriptors it inherits (ope/bridge/arena.py)."""
     spec, _ = host.connect()
-    return ope.arena.Arena.attach(spec, first_id=first_id, max_bytes=max_bytes)
+    return ope.bridge.arena.Arena.attach(spec, first_id=first_id, max_bytes=max_bytes)
+
+
+# Every dtype code a frame may carry, the string code among them, and the itemsize a code has.
+CODES = list(range(len(ope.spec.DTYPES)))
+STRING = ope.bridge.protocol.STRING_CODE
+
+
+def itemsize_of(code, width=1):
+    """The itemsize of dtype ``code``; a string's is 4 bytes per character of ``width``."""
+    return 4 * width if code == STRING else ope.bridge.protocol.DTYPES_BY_CODE[code].itemsize
 
 
 def describe(name, array, seg_id, payload):
-    """The frame descriptor (ope/protocol.py) of ``array``, whose bytes lie at ``payload`` in
+    """The frame descriptor (ope/bridge/protocol.py) of ``array``, whose bytes lie at ``payload`` in
     segment ``seg_id``: what tests expect a frame to say, and how they write frames by hand."""
-    return (name, ope.protocol.dtype_code(array.dtype), array.itemsize, array.shape, seg_id,
+    return (name, ope.bridge.protocol.dtype_code(array.dtype), array.itemsize, array.shape, seg_id,
             payload, array.nbytes)
 
 
@@ -64,9 +77,9 @@ def host_wide_resources():
     """Start what ope keeps for a host's whole life (the supervisor and output reader threads,
     the pipe to workers' watchdogs) before the first test, so that no test counts them as its
     leak."""
-    ope.supervisor.Supervisor.get()
-    ope.supervisor._OutputReader.get()
-    ope.supervisor._host_pipe_read_end()
+    supervisor.Supervisor.get()
+    worker_process._OutputReader.get()
+    worker_process._host_pipe_read_end()
 
 
 @pytest.fixture(autouse=True)
@@ -152,3 +165,31 @@ def probe(package_root):
 @pytest.fixture(scope="session")
 def unruly(package_root):
     return models.unruly_package(str(package_root))
+
+
+# -- the fault tests (tests/faults/) --------------------------------------------------------
+# Fault injection with real processes and real signals: every fault the supervisor claims to
+# handle surfaces as its typed error, the host and other models go on, and nothing leaks. Their
+# time bounds carry slack for a loaded CI machine (fault_package.SLACK_S);
+# bench/bench_faults.py measures the real detection latencies.
+
+@pytest.fixture(scope="session")
+def faulty(package_root):
+    return fault_package(str(package_root))
+
+
+@pytest.fixture
+def open_model(faulty):
+    """Open a model of the fault package (or of ``path``) out of process; closed at teardown."""
+    opened = []
+
+    def open_(path=faulty, **options):
+        options.setdefault("timeout_s", 10.0)
+        options.setdefault("stop_grace_s", 0.5)
+        model = ope.load(path, out_of_process=True, **options)
+        opened.append(model)
+        return model
+
+    yield open_
+    for model in opened:
+        model.close()

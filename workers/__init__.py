@@ -1,2 +1,2 @@
-"""Code that runs inside worker processes: the runners each model kind uses (and, with
-the out-of-process mode, the worker's entry point). Depends on nothing host-only."""
+"""The worker process's entry point (worker.py): it serves one model over the bridge with the
+runners of ope.runners. Nothing in ope imports it; the host starts it as a program."""

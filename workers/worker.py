@@ -2,8 +2,8 @@
 
 ``python -m workers.worker --arena SPEC --first-id N --host-pid PID --host-pipe FD ...``
 attaches to the arena the host handed it (its segments are inherited descriptors,
-ope/arena.py), says HELLO, loads the package it is told to, then answers INFER messages in
-order until SHUTDOWN (protocol: ope/protocol.py). Inputs are read-only numpy views on the
+ope/bridge/arena.py), says HELLO, loads the package it is told to, then answers INFER messages in
+order until SHUTDOWN (protocol: ope/bridge/protocol.py). Inputs are read-only numpy views on the
 host's blocks; each output is written into a block of the worker's own ring once. While the
 model is ready, calls are answered in C around the model (ope_native.serve_calls: decode, run,
 encode, send), which leaves everything else to this loop: other messages, a model's error,
@@ -21,13 +21,13 @@ import traceback
 import numpy as np
 
 import ope_native
-from ope import protocol
-from ope.arena import Arena
+from ope.bridge import protocol
+from ope.bridge.arena import Arena
 from ope.errors import MESSAGE_LIMIT, TRACEBACK_LIMIT, OpeError, bounded_text, model_error
 from ope.package import read_package
 from ope.requirements import ensure_requirements
 from ope.spec import validate_inputs, validate_outputs
-from workers.runners import load_runner
+from ope.runners import load_runner
 
 __all__ = ["Worker", "main", "runtime_info"]
 
@@ -47,7 +47,7 @@ def runtime_info():
 
 
 class Worker:
-    """The request loop of one worker, over an attached :class:`ope.arena.Arena`."""
+    """The request loop of one worker, over an attached :class:`ope.bridge.arena.Arena`."""
 
     def __init__(self, arena):
         self.arena = arena
@@ -142,7 +142,7 @@ class Worker:
         """Send a call's reply, once the inputs it leaves behind are safe to give back: an
         input the model still holds keeps a private copy of its pages, and after a failed
         call (the model may have written into an input, then raised) the host's segments are
-        mapped afresh, so no later call reads this call's private copies (ope/arena.py)."""
+        mapped afresh, so no later call reads this call's private copies (ope/bridge/arena.py)."""
         if failed:
             self.arena.remap(arrays.values())
         self.arena.keep_kept(arrays)

@@ -98,7 +98,7 @@ PyObject *check_plain(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
 
 /* ---- inputs a model keeps past its call ------------------------------------------------ */
 
-/* The worker maps the host's segments copy-on-write (ope/arena.py), and the host reuses an
+/* The worker maps the host's segments copy-on-write (ope/bridge/arena.py), and the host reuses an
  * input's block as soon as the call is answered. A model that keeps an input, or a view or
  * tensor over it, would see the next call's bytes appear in it. So before a call is answered,
  * every input referenced beyond the call's own dict gets a private copy of its pages (each
@@ -323,7 +323,7 @@ static PyObject *checked_inputs(PyObject *tensors, PyObject *checks, PyObject **
 
 /* call_alone(mapping, out_q, in_q, spin_s, call_id, tensors, encoding, decoding, checks, stats)
  *     -> (outcome, spin_s, copied, reply, held, bindings)
- * The host's side of a call with no other in flight (ope/host.py, _call_alone), in one call.
+ * The host's side of a call with no other in flight (ope/host/out_of_process.py, _call_alone), in one call.
  * `checks` is None when `tensors` are inputs already checked by ope/spec.py, or (input rows,
  * output rows) when they are the caller's: then this is all of a lone infer, the spec's
  * success path included (plain_arrays()), and `bindings` the sizes of the symbols. It puts the

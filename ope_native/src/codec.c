@@ -1,5 +1,5 @@
 /* codec.c: a call's tensors into the arena and into a frame, and a frame back into views on
- * the arena, in one C call each way (ope.arena.Arena.encode/decode wrap them).
+ * the arena, in one C call each way (ope.bridge.arena.Arena.encode/decode wrap them).
  *
  * What one call costs in Python objects is what a small call costs in time, so the copies a
  * frame names live in C structs and views are made through numpy's C API. An array that

@@ -1,5 +1,5 @@
 /* frames.h: tensor frames, the binary messages of every call (layout: layout.h; described in
- * ope/protocol.py), and the codec that carries a call's tensors through the arena.
+ * ope/bridge/protocol.py), and the codec that carries a call's tensors through the arena.
  *
  * frames.c reads and writes the format; codec.c puts tensors in the arena and names them in a
  * frame, and turns a frame back into views on the arena, one C call each way.

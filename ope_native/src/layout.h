@@ -1,7 +1,7 @@
 /* layout.h: every byte layout ope's processes share, declared once.
  *
  * The data ring, the message queue and the tensor frame are described for readers in the
- * docstrings of ope/ring.py, ope/channel.py and ope/protocol.py; the values live here and
+ * docstrings of ope/bridge/ring.py, ope/bridge/channel.py and ope/bridge/protocol.py; the values live here and
  * nowhere else. The module exports them (ope_native.LAYOUT, DTYPE_NAMES, DTYPE_ITEMSIZES),
  * and Python and the tests read them from there instead of declaring them again.
  */
@@ -10,7 +10,7 @@
 
 #define LINE 64 /* a cache line: what different processes write never shares one */
 
-/* ---- data ring (ope/ring.py) ---------------------------------------------------------- */
+/* ---- data ring (ope/bridge/ring.py) ---------------------------------------------------------- */
 
 #define RING_MAGIC 0x31474E495245504FULL /* "OPERING1" */
 #define RING_HEADER LINE
@@ -26,7 +26,7 @@
 #define BLOCK_FREE 0x45455246u /* "FREE" */
 #define BLOCK_USED 0x44455355u /* "USED" */
 
-/* ---- message queue (ope/channel.py) --------------------------------------------------- */
+/* ---- message queue (ope/bridge/channel.py) --------------------------------------------------- */
 
 #define QUEUE_MAGIC 0x3345555145504FULL /* "OPEQUE3" */
 #define Q_MAGIC 0
@@ -47,7 +47,7 @@
 #define RECORD_HEADER 8 /* u32 length, u32 reserved */
 #define RECORD_WRAP 0xFFFFFFFFu
 
-/* ---- messages and tensor frames (ope/protocol.py) ------------------------------------- */
+/* ---- messages and tensor frames (ope/bridge/protocol.py) ------------------------------------- */
 
 #define MSG_HELLO 1
 #define MSG_LOAD 2

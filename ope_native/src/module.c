@@ -16,7 +16,7 @@
 
 static PyMethodDef module_methods[] = {
     {"pack_frame", pack_frame, METH_VARARGS,
-     "pack_frame(kind, call_id, copied, entries) -> bytes: a tensor frame (ope/protocol.py)."},
+     "pack_frame(kind, call_id, copied, entries) -> bytes: a tensor frame (ope/bridge/protocol.py)."},
     {"unpack_frame", unpack_frame, METH_O,
      "unpack_frame(data) -> (kind, call_id, copied, entries); ValueError if malformed."},
     {"encode_frame", (PyCFunction)(void (*)(void))encode_frame, METH_FASTCALL,

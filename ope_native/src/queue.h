@@ -1,4 +1,4 @@
-/* queue.h: the message queue (layout: layout.h; described in ope/channel.py).
+/* queue.h: the message queue (layout: layout.h; described in ope/bridge/channel.py).
  *
  * One producer and one consumer per queue, in different processes; a channel is two queues,
  * one per direction.

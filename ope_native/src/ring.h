@@ -1,4 +1,4 @@
-/* ring.h: the data ring allocator (layout: layout.h; described in ope/ring.py).
+/* ring.h: the data ring allocator (layout: layout.h; described in ope/bridge/ring.py).
  *
  * One process allocates from a ring; whoever holds a block gives it back, in any order, from
  * either process.

@@ -5,7 +5,7 @@
 #include "native.h"
 
 /* A model's call counters, the bytes its calls copied into and out of the arena, and the
- * latencies of its last `window` served calls (ope/model.py). Each update runs whole under the
+ * latencies of its last `window` served calls (ope/host/model.py). Each update runs whole under the
  * GIL, so threads sharing a model count every call without a lock of their own; on every
  * call, a Python lock around the counters cost more than the counting. call_alone() counts
  * the bytes of a lone call itself. */

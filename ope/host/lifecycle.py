@@ -1,0 +1,277 @@
+"""The part of an out-of-process model that owns its worker: starting one (after the restart
+policy's backoff), receiving from it in liveness slices, failing and discarding it after a
+fault, the supervisor's look at it, and the restart thread that replaces it.
+
+:class:`WorkerLifecycle` is a mixin of OutOfProcessModel (out_of_process.py), whose
+constructor sets the state these methods share and whose module docstring gives the lock
+order they keep; burying a worker settles the calls sent to it through the model's
+``_settle_until``.
+"""
+
+import logging
+import os
+import threading
+import time
+
+from ope.bridge import protocol
+from ope.errors import (MemoryLimitExceeded, ModelBroken, ModelClosed, OpeError, ProtocolError,
+                        WorkerCrashed, WorkerTimeout)
+from ope.host.calls import _announce, _send_failure
+from ope.host.worker_process import (LIVENESS_SLICE_S, WorkerProcess, child_environment,
+                                     describe_exit, private_rss)
+
+__all__ = ["WorkerLifecycle"]
+
+_log = logging.getLogger("ope")
+_MIB = 1 << 20
+
+
+class WorkerLifecycle:
+    """The worker-owning methods of OutOfProcessModel (the module docstring)."""
+
+    # -- worker lifecycle (callers hold both locks, or the receive lock for _fail) ----------
+
+    def _start_worker(self):
+        """Start a worker, check its protocol version, and load the package in it. The caller
+        has waited out the restart policy's backoff (_await_worker, _keep)."""
+        self._check_not_broken()
+        self._state = "starting"
+        self._generation += 1
+        spec, fds = self._arena.connect()
+        channel = self._arena.channel
+        self._conversation = protocol.Conversation("host")
+        args = ["--arena", spec, "--first-id", str(self._generation << 20),
+                "--host-pid", str(os.getpid()), "--max-bytes", str(self._arena.max_bytes)]
+        try:
+            self._worker = WorkerProcess(self.name, args, python=self._python,
+                                         env=child_environment(self._env_vars), pass_fds=fds)
+        finally:
+            for fd in fds:  # the worker has its copies now
+                os.close(fd)
+        try:
+            deadline = time.monotonic() + self.load_timeout_s
+            self._check_hello(self._receive(deadline, "starting"))
+            self._send([protocol.LOAD, self.package.path, self._load_options], channel)
+            ready = self._receive(deadline, "loading the package")
+            self._conversation.received(ready)
+            if ready[0] == protocol.ERROR:
+                raise protocol.error_from_message(ready)
+        except BaseException as exc:
+            self._fail(f"start failed: {type(exc).__name__}: {str(exc)[:200]}")
+            raise
+        self._info = ready[1]
+        self._state = "ready"
+
+    def _check_not_broken(self):
+        if self._policy.broken:
+            self._state = "broken"
+            raise ModelBroken(f"model {self.name!r} failed too often and is broken; "
+                              f"history: {self._policy.describe()}")
+
+    def _await_worker(self):
+        """Start a worker for a call that found none, after the restart policy's backoff; with
+        restart="eager" whichever of this and the restart thread comes first starts it. The
+        caller holds no lock: the backoff is waited out with none held, then both are taken
+        in order."""
+        while self._worker is None:
+            if self._closed:
+                raise self._closed_error()
+            self._check_not_broken()
+            delay = self._policy.delay_s()
+            if delay > 0:
+                self._closing.wait(delay)
+                continue
+            with self._recv_lock, self._send_lock:
+                if self._worker is None and not self._closed:
+                    self._start_worker()
+
+    def _check_hello(self, hello):
+        if hello[0] == protocol.HELLO and hello[1] != protocol.VERSION:
+            raise ProtocolError(
+                f"worker runtime speaks protocol {hello[1]!r}, this host {protocol.VERSION}: "
+                f"install the same ope version in the worker's environment")
+        self._conversation.received(hello)
+
+    def _fail(self, reason):
+        """Discard the worker after a fault (the caller holds the receive lock): stop it,
+        record why; with restart="eager" the restart thread starts another. Closing the
+        channel first wakes a sender blocked on a full queue, so the send lock comes free."""
+        self._arena.channel.close()
+        with self._send_lock:
+            self._discard_worker(force=True)
+        self._policy.record(reason)
+        self._state = "broken" if self._policy.broken else "restarting"
+        if self._wants_worker():
+            self._wake_keeper()
+
+    def _discard_worker(self, force):
+        worker, self._worker = self._worker, None
+        if worker is None:
+            return
+        if not force:
+            try:
+                self._send([protocol.SHUTDOWN], self._arena.channel, timeout_s=0.5)
+            except OpeError:
+                force = True
+        how = worker.stop(self.stop_grace_s, asked=not force)
+        if how != "exited" and not force:
+            worker.logger.warning("worker pid %d did not shut down when asked: %s", worker.pid, how)
+        self._arena.disconnect()
+
+    def _send(self, message, channel, timeout_s=-1.0, data=None):
+        """Send ``message``; ``data`` is its encoding when the caller has it (a tensor frame)."""
+        self._conversation.sent(message)
+        if not channel.send(protocol.pack(message) if data is None else data, timeout_s):
+            raise _send_failure(None)
+
+    def _receive(self, deadline, doing, until=None):
+        """The worker's next message; raises instead of waiting on a dead or stuck worker.
+        ``until``: when the caller stops waiting (not a fault): None is returned then."""
+        channel, worker = self._arena.channel, self._worker
+        while True:
+            end = deadline if until is None or (deadline is not None and deadline < until) \
+                else until
+            remaining = LIVENESS_SLICE_S if end is None else min(
+                LIVENESS_SLICE_S, end - time.monotonic())
+            data = channel.receive(max(remaining, 0.0))
+            if data is not None:
+                return protocol.unpack(data, self._arena)
+            if self._closed:
+                raise ModelClosed(f"model {self.name!r} was closed while {doing}")
+            if not worker.alive():
+                raise self._worker_died(worker, doing)
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                raise self._timed_out(worker, doing)
+            if until is not None and now >= until:
+                return None
+
+    def _killed_for(self, worker):
+        """Why the supervisor killed ``worker``, or None if it did not."""
+        killed, reason = self._kill_reason
+        return reason if killed is worker else None
+
+    def _replace_unusable_channel(self, error):
+        """After a send met a closed or corrupt queue (the caller holds no lock): replace the
+        worker now if no other thread is receiving; else close the channel and kill the
+        worker, and the receiving thread sees it die and replaces it."""
+        if self._closed:
+            return
+        if self._recv_lock.acquire(False):
+            try:
+                if self._worker is not None:
+                    self._fail(f"protocol error: {error}")
+            finally:
+                self._recv_lock.release()
+            return
+        worker = self._worker
+        self._arena.channel.close()
+        if worker is not None:
+            worker.kill()
+
+    def _worker_died(self, worker, doing):
+        worker.kill()  # what it started dies too; its exit status and last output are in
+        how = f"worker of model {self.name!r} (pid {worker.pid}) {describe_exit(worker.returncode)}"
+        reason, tail = self._killed_for(worker), worker.output_tail()
+        self._fail(reason or f"crashed: {describe_exit(worker.returncode)}")
+        if reason:
+            return MemoryLimitExceeded(f"{how} while {doing}: {reason}")
+        return WorkerCrashed(f"{how} while {doing}", exitcode=worker.returncode, stderr_tail=tail)
+
+    def _timed_out(self, worker, doing):
+        self._fail(f"timed out while {doing}")
+        return WorkerTimeout(f"worker of model {self.name!r} (pid {worker.pid}) did not finish "
+                             f"{doing} in time; it was stopped and will be replaced")
+
+    # -- supervision: the Supervisor thread looks, the restart thread acts ----------------
+
+    def _supervise(self):
+        """The supervisor's look at this model, every Supervisor.interval_s: the memory limit,
+        and a worker that died while no call was receiving from it (a call that is sees the
+        death itself). It never waits on this model: the receive lock is only tried, and
+        whatever takes time (discarding, starting) is left to the restart thread."""
+        worker = self._worker
+        if worker is None or self._closed:
+            return
+        pids = worker.sample()
+        if pids and self.memory_limit_mb is not None:
+            limit = self.memory_limit_mb * _MIB
+            rss = private_rss(pids, above=limit)
+            if rss is not None and rss > limit:
+                self._kill_reason = (worker, f"memory limit exceeded: {rss / _MIB:.0f} MiB "
+                                             f"resident outside the arena > "
+                                             f"memory_limit_mb={self.memory_limit_mb}")
+                worker.kill()
+        if not worker.alive() and self._recv_lock.acquire(blocking=False):
+            try:
+                if self._worker is worker:
+                    self._wake_keeper(dead=worker)
+            finally:
+                self._recv_lock.release()
+
+    def _wants_worker(self):
+        """Whether the restart thread should start a worker now (restart="eager")."""
+        return (self.restart == "eager" and self._worker is None and not self._closed
+                and not self._policy.broken)
+
+    def _wake_keeper(self, dead=None):
+        """Have the restart thread bury ``dead`` (a worker seen dead while idle), and start a
+        worker if the model wants one; starts the thread if none runs."""
+        with self._keeper_lock:
+            if dead is not None:
+                self._dead = dead
+            if not self._keeping and not self._closed:
+                self._keeping = True
+                self._keeper = threading.Thread(target=self._keep, daemon=True,
+                                                name=f"ope-restart-{self.name}")
+                self._keeper.start()
+
+    def _keep(self):
+        """The restart thread: buries a worker the supervisor saw dead, and with
+        restart="eager" starts workers (after the policy's backoff) until one runs; ends when
+        there is nothing left to do, or the model is broken or closed."""
+        while True:
+            with self._keeper_lock:
+                dead, self._dead = self._dead, None
+                if self._closed or (dead is None and not self._wants_worker()):
+                    self._keeping = False
+                    return
+            if dead is None:
+                self._closing.wait(self._policy.delay_s())
+            if not self._take_recv_lock():
+                continue  # closed: the loop ends
+            settled = ()
+            try:
+                if dead is not None:
+                    settled = self._bury(dead)
+                elif self._wants_worker():
+                    with self._send_lock:
+                        self._start_worker()
+            except OpeError:
+                pass  # recorded in the policy; the next call reports it
+            except Exception:  # this thread must go on, or nothing would restart the model
+                _log.exception("restarting model %r failed", self.name)
+            finally:
+                self._recv_lock.release()
+            _announce(settled)
+
+    def _take_recv_lock(self):
+        """Take the receive lock for the restart thread; False once the model is closed."""
+        while not self._recv_lock.acquire(timeout=LIVENESS_SLICE_S):
+            if self._closed:
+                return False
+        return True
+
+    def _bury(self, dead):
+        """Deal with ``dead``, a worker the supervisor saw dead while no call was receiving
+        (the caller holds the receive lock): calls sent to it get what it answered before it
+        died, or its crash; with none, it is discarded now. Returns the calls settled, to be
+        announced once the lock is let go."""
+        if self._worker is not dead:
+            return ()  # a call saw the death first and dealt with it
+        if self._pending:
+            return self._settle_until(self._pending[-1])
+        how = describe_exit(dead.returncode)
+        dead.logger.warning("worker pid %d %s while idle", dead.pid, how)
+        self._fail(self._killed_for(dead) or f"crashed while idle: {how}")
+        return ()

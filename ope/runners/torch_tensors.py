@@ -1,0 +1,67 @@
+"""Torch helpers of the two torch runners (torchscript.py, python.py with framework "torch"):
+importing torch, tensors over the call's arrays, the check that the model left its inputs
+alone, and the outputs back as numpy arrays."""
+
+import warnings
+
+import numpy as np
+
+from ope.errors import InputWriteError, PackageError
+
+__all__ = ["import_torch", "to_tensor", "check_inputs_untouched", "tensors_to_numpy"]
+
+
+def import_torch(package, private_inputs):
+    try:
+        import torch
+    except ImportError:
+        raise PackageError(f"package {package.name!r} needs torch, which is not "
+                           f"installed") from None
+    if private_inputs:
+        # Torch warns that it cannot make a tensor over a read-only array read-only; over
+        # private memory that is expected. Filtered once, in the worker only: a filter set
+        # around every call would cost microseconds per call.
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+    return torch
+
+
+def to_tensor(torch, array, private):
+    """A tensor for the model over ``array``'s memory if writes to it are ``private``, else over
+    a copy."""
+    if not private:
+        return torch.from_numpy(np.array(array))
+    try:
+        return torch.from_numpy(array)
+    except ValueError:  # negative strides: torch cannot view them, so this one array is copied
+        return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def check_inputs_untouched(package, arguments, torch):
+    """InputWriteError naming the inputs the model wrote into: every in-place op bumps a
+    tensor's version counter, which starts at 0 for the tensors made for the call."""
+    written = [name for name, value in arguments.items()
+               if isinstance(value, torch.Tensor) and value._version]
+    if written:
+        raise InputWriteError(
+            f"model {package.name!r} wrote into its input{'s' * (len(written) > 1)} "
+            f"{', '.join(map(repr, written))} in place: inputs are read-only, so the caller's "
+            f"data is unchanged (copy an input before changing it, e.g. x.clone())",
+            error_type="InputWriteError")
+
+
+def tensors_to_numpy(torch, outputs):
+    if not isinstance(outputs, dict):
+        return outputs  # validate_outputs reports what the model returned instead
+    return {name: _tensor_to_numpy(torch, value) for name, value in outputs.items()}
+
+
+def _tensor_to_numpy(torch, value):
+    if not isinstance(value, torch.Tensor):
+        return value
+    value = value.detach()
+    if value.device.type != "cpu":
+        value = value.cpu()
+    try:
+        return value.numpy()
+    except (TypeError, RuntimeError):
+        return value  # e.g. bfloat16: validate_outputs names the output and its dtype
