@@ -11,10 +11,11 @@ backoff; past that the model is broken and refuses calls with its failure histor
 """
 
 import logging
-import os
 import threading
 import time
 import weakref
+
+from ope.host.per_process import PerProcess
 
 __all__ = ["RestartPolicy", "Supervisor"]
 
@@ -59,7 +60,7 @@ class RestartPolicy:
                          for t, _, reason in self.history[-10:])
 
 
-class Supervisor:
+class Supervisor(PerProcess):
     """The host's one watcher thread: memory limits and the liveness of idle workers of all
     models.
 
@@ -68,21 +69,12 @@ class Supervisor:
     only tried, no start or stop): one model's round is short, whatever the others do."""
 
     interval_s = 0.1
-    _instance = None
-    _instance_lock = threading.Lock()
 
     def __init__(self):
         self._models = weakref.WeakSet()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="ope-supervisor", daemon=True)
         self._thread.start()
-
-    @classmethod
-    def get(cls):
-        with cls._instance_lock:
-            if cls._instance is None:
-                cls._instance = cls()
-            return cls._instance
 
     def watch(self, model):
         with self._lock:
@@ -106,12 +98,3 @@ class Supervisor:
                 except Exception:  # one model's trouble must not stop supervision of the rest
                     _log.exception("supervising model %r failed", getattr(model, "name", model))
 
-
-def _after_fork_in_child():
-    """The parent's supervisor thread does not exist in a forked child: a child that loads
-    models starts its own. The lock another thread may have held at the fork is made anew."""
-    Supervisor._instance = None
-    Supervisor._instance_lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -32,6 +32,7 @@ import time
 import psutil
 
 from ope.bridge.arena import SEGMENT_NAME
+from ope.host.per_process import PerProcess
 
 __all__ = ["WorkerProcess", "LIVENESS_SLICE_S", "describe_exit",
            "child_environment", "private_rss", "is_arena_mapping"]
@@ -92,17 +93,14 @@ def _host_pipe_read_end():
 
 def _after_fork_in_child():
     """A forked child must not hold its parent's write end: it would keep the parent's
-    workers alive after the parent execs. A child that loads models makes its own pipe, and
-    its own output reader (the parent's thread does not exist in the child). Locks another
-    thread may have held at the fork are made anew."""
+    workers alive after the parent execs. A child that loads models makes its own pipe.
+    Locks another thread may have held at the fork are made anew."""
     global _host_pipe, _host_pipe_lock, _scan_lock
     _host_pipe_lock, _scan_lock = threading.Lock(), threading.Lock()
     if _host_pipe is not None:
         for fd in _host_pipe:
             os.close(fd)
         _host_pipe = None
-    _OutputReader._instance = None
-    _OutputReader._instance_lock = threading.Lock()
 
 
 class WorkerProcess:
@@ -365,25 +363,15 @@ class _WorkerOutput:
             return "\n".join(self._tail)
 
 
-class _OutputReader:
+class _OutputReader(PerProcess):
     """The host's one thread that reads the output of all its workers (one selector over
     their pipes), in chunks, never blocking on one pipe; a worker's pipe joins at its start
     and leaves at its end (:meth:`remove`), which does not wait for the end of file that a
     process the worker started may hold back."""
 
-    _instance = None
-    _instance_lock = threading.Lock()
-
     def __init__(self):
         self._selector = selectors.DefaultSelector()
         threading.Thread(target=self._run, name="ope-output", daemon=True).start()
-
-    @classmethod
-    def get(cls):
-        with cls._instance_lock:
-            if cls._instance is None:
-                cls._instance = cls()
-            return cls._instance
 
     def add(self, output):
         self._selector.register(output.fd, selectors.EVENT_READ, output)
