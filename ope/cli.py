@@ -146,7 +146,8 @@ def _env_create(args):
     if args.json:
         print(json.dumps(_env_json(env), indent=1))
     else:
-        print(f"environment {env.name!r} ({env.kind}): Python {env.python_version}, "
+        done = "environment ready:" if args.package is not None else "created environment"
+        print(f"{done} {env.name!r} ({env.kind}): Python {env.python_version}, "
               f"{_key_packages(env)}")
     return 0
 
