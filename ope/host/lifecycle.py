@@ -13,7 +13,9 @@ import os
 import threading
 import time
 
+import ope_native
 from ope.bridge import protocol
+from ope.bridge.channel import corrupt_queue
 from ope.errors import (MemoryLimitExceeded, ModelBroken, ModelClosed, OpeError, ProtocolError,
                         WorkerCrashed, WorkerTimeout)
 from ope.host.calls import _announce, _send_failure
@@ -38,7 +40,11 @@ class WorkerLifecycle:
         self._state = "starting"
         self._generation += 1
         spec, fds = self._arena.connect()
-        channel = self._arena.channel
+        channel, arena = self._arena.channel, self._arena
+        # Everything a call of this worker needs but its own inputs, gathered once.
+        self._session = ope_native.Session(channel.mapping, channel.out_q, channel.in_q,
+                                           arena.encoding, arena.decoding, self._plain_checks,
+                                           self._call_stats)
         self._conversation = protocol.Conversation("host")
         args = ["--arena", spec, "--first-id", str(self._generation << 20),
                 "--host-pid", str(os.getpid()), "--max-bytes", str(self._arena.max_bytes)]
@@ -51,7 +57,7 @@ class WorkerLifecycle:
         try:
             deadline = time.monotonic() + self.load_timeout_s
             self._check_hello(self._receive(deadline, "starting"))
-            self._send([protocol.LOAD, self.package.path, self._load_options], channel)
+            self._send([protocol.LOAD, self.package.path, self._load_options])
             ready = self._receive(deadline, "loading the package")
             self._conversation.received(ready)
             if ready[0] == protocol.ERROR:
@@ -110,7 +116,7 @@ class WorkerLifecycle:
             return
         if not force:
             try:
-                self._send([protocol.SHUTDOWN], self._arena.channel, timeout_s=0.5)
+                self._send([protocol.SHUTDOWN], timeout_s=0.5)
             except OpeError:
                 force = True
         how = worker.stop(self.stop_grace_s, asked=not force)
@@ -118,22 +124,29 @@ class WorkerLifecycle:
             worker.logger.warning("worker pid %d did not shut down when asked: %s", worker.pid, how)
         self._arena.disconnect()
 
-    def _send(self, message, channel, timeout_s=-1.0, data=None):
+    def _send(self, message, timeout_s=-1.0, data=None):
         """Send ``message``; ``data`` is its encoding when the caller has it (a tensor frame)."""
         self._conversation.sent(message)
-        if not channel.send(protocol.pack(message) if data is None else data, timeout_s):
+        try:
+            sent = self._session.send(protocol.pack(message) if data is None else data, timeout_s)
+        except ValueError as exc:
+            raise _send_failure(exc) from exc
+        if not sent:
             raise _send_failure(None)
 
     def _receive(self, deadline, doing, until=None):
         """The worker's next message; raises instead of waiting on a dead or stuck worker.
         ``until``: when the caller stops waiting (not a fault): None is returned then."""
-        channel, worker = self._arena.channel, self._worker
+        session, worker = self._session, self._worker
         while True:
             end = deadline if until is None or (deadline is not None and deadline < until) \
                 else until
             remaining = LIVENESS_SLICE_S if end is None else min(
                 LIVENESS_SLICE_S, end - time.monotonic())
-            data = channel.receive(max(remaining, 0.0))
+            try:
+                data = session.receive(max(remaining, 0.0))
+            except ValueError as exc:
+                raise corrupt_queue("incoming", exc) from exc
             if data is not None:
                 return protocol.unpack(data, self._arena)
             if self._closed:

@@ -68,7 +68,6 @@ __all__ = ["OutOfProcessModel"]
 
 _MIB = 1 << 20
 _Block = ope_native.Block
-_exchange_alone = ope_native.call_alone
 _ANSWERED, _UNCHECKED = ope_native.CALL_ANSWERED, ope_native.CALL_UNCHECKED
 _NOT_SENT, _NOT_PLAIN = ope_native.CALL_NOT_SENT, ope_native.CALL_NOT_PLAIN
 # How far _call_alone took a call: its outputs checked, answered but not checked, queued, or
@@ -143,7 +142,7 @@ class OutOfProcessModel(WorkerLifecycle, Model):
         self._dead = None
         self._closing = threading.Event()  # set by close: ends backoff waits at once
         self._call_ids = itertools.count(1)
-        # The spec's rules for ope_native.call_alone, which runs their success path.
+        # The spec's rules for ope_native.Session.call, which runs their success path.
         self._plain_checks = (self._input_plan.native_rows, self._output_plan.native_rows)
         self._generation = 0
         self._worker = None
@@ -207,7 +206,7 @@ class OutOfProcessModel(WorkerLifecycle, Model):
         """A call with no other in flight (the caller holds both locks): send it and wait for
         its answer within the spin window, holding the send lock so that no other call comes
         between. The common short call ends here, in one crossing into ope_native
-        (call_alone), and never enters the pending queue or the conversation: a lone INFER and
+        (Session.call), and never enters the pending queue or the conversation: a lone INFER and
         its answer leave both as they found them.
 
         ``tensors`` are checked inputs with their ``bindings``, or with ``bindings`` None the
@@ -227,23 +226,19 @@ class OutOfProcessModel(WorkerLifecycle, Model):
         if self._pending or self._state != "ready":
             return _UNSENT, None, None
         call_id = next(self._call_ids)
-        checks = self._plain_checks if bindings is None else None
-        arena = self._arena
-        channel = arena.channel
+        check = bindings is None
         self._state = "busy"  # for health(), as while calls are queued
         try:
-            outcome, channel.spin_s, _, reply, held, checked = _exchange_alone(
-                channel.mapping, channel.out_q, channel.in_q, channel.spin_s, call_id, tensors,
-                arena.encoding, arena.decoding, checks, self._call_stats)
+            outcome, reply, held, checked = self._session.call(call_id, tensors, check)
         except BaseException:
             self._state = "ready"
             raise
-        if checks is not None:
+        if check:
             bindings = checked
         if outcome == _ANSWERED or outcome == _UNCHECKED:  # C counted the bytes copied
             self._state = "ready"
             self._policy.in_a_row = 0  # a served call ends a run of failures (_outcome)
-            return _CHECKED if outcome == _ANSWERED and checks is not None else _RAW, reply, bindings
+            return _CHECKED if outcome == _ANSWERED and check else _RAW, reply, bindings
         if outcome == _NOT_PLAIN:
             self._state = "ready"
             return _UNSENT, None, None
@@ -270,7 +265,7 @@ class OutOfProcessModel(WorkerLifecycle, Model):
         return _QUEUED, (call, reply), bindings
 
     def _lone_reply(self, reply):
-        """The worker's message that call_alone left to Python (bytes; None if none came in
+        """The worker's message that Session.call left to Python (bytes; None if none came in
         the spin window; or what receiving raised), decoded; a ProtocolError in its place if
         it is garbage. An interrupt is raised."""
         if type(reply) is bytes:
@@ -326,7 +321,7 @@ class OutOfProcessModel(WorkerLifecycle, Model):
                 frame, scratch, sealed = self._encode_inputs(call_id, arrays)
                 call = _Call(deadline, scratch, sealed, bindings, future)
                 try:
-                    self._send([protocol.INFER, call_id], self._arena.channel, data=frame)
+                    self._send([protocol.INFER, call_id], data=frame)
                 except OpeError as exc:
                     call.release_inputs()
                     failed = exc

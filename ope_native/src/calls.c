@@ -7,6 +7,8 @@
  */
 #include "calls.h"
 
+#include <stddef.h>
+#include <structmember.h>
 #include <unistd.h>
 
 #include "frames.h"
@@ -321,17 +323,16 @@ static PyObject *checked_inputs(PyObject *tensors, PyObject *checks, PyObject **
     return arrays;
 }
 
-/* call_alone(mapping, out_q, in_q, spin_s, call_id, tensors, encoding, decoding, checks, stats)
- *     -> (outcome, spin_s, copied, reply, held, bindings)
+/* Session.call(call_id, tensors, check) -> (outcome, reply, held, bindings)
  * The host's side of a call with no other in flight (ope/host/out_of_process.py, _call_alone), in one call.
- * `checks` is None when `tensors` are inputs already checked by ope/spec.py, or (input rows,
+ * `checks` (the session's with `check`, else None) is None when `tensors` are inputs already checked by ope/spec.py, or (input rows,
  * output rows) when they are the caller's: then this is all of a lone infer, the spec's
  * success path included (plain_arrays()), and `bindings` the sizes of the symbols. It puts the
  * inputs in the arena and seals the caller's arena arrays (encode_tensors() with the `encoding`
  * arguments, in place where they already lie there), pushes the INFER frame on `out_q`, and
- * waits for the answer on `in_q` within one spin window. `spin_s` comes back as the spin for
- * the next wait (queue_pop_record()); `copied` is the bytes copied in, which `stats` (the
- * model's CallStats, or None) counts, and the bytes of the outputs of a RESULT decoded here.
+ * waits for the answer on `in_q` within one spin window; the session's spin becomes the one
+ * for the next wait (queue_pop_record()). `stats` (the model's CallStats, or NULL) counts the
+ * bytes copied in, and those of the outputs of a RESULT decoded here.
  *   CALL_ANSWERED: the answer was this call's RESULT, it decoded, and with `checks` its
  *     outputs passed them (decode_result()); the inputs are released, `reply` is the outputs
  *     by name, `held` None.
@@ -346,38 +347,25 @@ static PyObject *checked_inputs(PyObject *tensors, PyObject *checks, PyObject **
  *     Python checks the inputs (converts them or words the error).
  * Raises, holding nothing, when the inputs did not encode (nothing was sent), when giving back
  * the inputs failed (a corrupt ring) or when out of memory. */
-PyObject *call_alone(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 10 || !PyObject_TypeCheck(args[0], &MappingType) || !PyTuple_Check(args[6]) ||
-        PyTuple_GET_SIZE(args[6]) != 4 || !PyTuple_Check(args[7]) || PyTuple_GET_SIZE(args[7]) != 5 ||
-        (args[8] != Py_None && (!PyTuple_Check(args[8]) || PyTuple_GET_SIZE(args[8]) != 2 ||
-                                !PyTuple_Check(PyTuple_GET_ITEM(args[8], 0)) ||
-                                !PyTuple_Check(PyTuple_GET_ITEM(args[8], 1)))) ||
-        (args[9] != Py_None && !PyObject_TypeCheck(args[9], &CallStatsType))) {
-        PyErr_SetString(PyExc_TypeError, "call_alone(mapping, out_q, in_q, spin_s, call_id, tensors, "
-                                         "(4 encoding args), (5 decoding args), "
-                                         "None or (input rows, output rows), CallStats or None)");
-        return NULL;
-    }
-    CallStatsObject *stats = args[9] == Py_None ? NULL : (CallStatsObject *)args[9];
-    MappingObject *m = (MappingObject *)args[0];
-    long long out_q = PyLong_AsLongLong(args[1]), in_q = PyLong_AsLongLong(args[2]);
-    double spin_s = PyFloat_AsDouble(args[3]);
-    unsigned long long call_id = PyLong_AsUnsignedLongLong(args[4]);
-    if (PyErr_Occurred()) return NULL;
-    PyObject *out_rows = args[8] == Py_None ? Py_None : PyTuple_GET_ITEM(args[8], 1), *bindings;
-    PyObject *tensors = checked_inputs(args[5], args[8], &bindings);
+static PyObject *lone_call(SessionObject *self, unsigned long long call_id, PyObject *tensors_in,
+                           PyObject *checks) {
+    CallStatsObject *stats = self->stats;
+    MappingObject *m = self->mapping;
+    long long out_q = self->out_q, in_q = self->in_q;
+    PyObject *out_rows = checks == Py_None ? Py_None : PyTuple_GET_ITEM(checks, 1), *bindings;
+    PyObject *tensors = checked_inputs(tensors_in, checks, &bindings);
     if (!tensors) return NULL;
     if (tensors == Py_None) {
         Py_DECREF(tensors);
         Py_DECREF(bindings);
-        return Py_BuildValue("(idiOOO)", CALL_NOT_PLAIN, spin_s, 0, Py_None, Py_None, Py_None);
+        return Py_BuildValue("(iOOO)", CALL_NOT_PLAIN, Py_None, Py_None, Py_None);
     }
-    PyObject *const *enc = &PyTuple_GET_ITEM(args[6], 0);
+    PyObject *const *enc = &PyTuple_GET_ITEM(self->encoding, 0);
     Encoded e;
-    int status = encode_tensors(MSG_INFER, call_id, tensors, args[8] != Py_None, enc[0], 1, enc[1],
+    int status = encode_tensors(MSG_INFER, call_id, tensors, checks != Py_None, enc[0], 1, enc[1],
                                 enc[2], enc[3], &e);
     Py_DECREF(tensors);
-    if (status == 0) PyErr_SetString(PyExc_TypeError, "call_alone: an input is not an array a frame carries");
+    if (status == 0) PyErr_SetString(PyExc_TypeError, "Session.call: an input is not an array a frame carries");
     if (status <= 0) {
         Py_DECREF(bindings);
         return NULL;
@@ -386,17 +374,18 @@ PyObject *call_alone(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     PyObject *reply, *held = NULL, *result = NULL;
     int outcome = CALL_SENT,
         pushed = queue_push_record(m, out_q, PyBytes_AS_STRING(e.frame), PyBytes_GET_SIZE(e.frame),
-                                   -1.0, spin_s, in_q);
+                                   -1.0, self->spin_s, in_q);
     if (pushed != 1) {
         outcome = CALL_NOT_SENT;
         reply = pushed < 0 ? take_exception() : Py_NewRef(Py_None);
     } else {
-        reply = queue_pop_record(m, in_q, spin_s, &spin_s);
+        reply = queue_pop_record(m, in_q, self->spin_s, &self->spin_s);
         if (!reply) reply = take_exception();
         else if (reply != Py_None && is_result_of(reply, call_id)) {
             int checked;
             unsigned long long copied_out;
-            PyObject *outputs = decode_result(reply, args[7], out_rows, bindings, &copied_out, &checked);
+            PyObject *outputs = decode_result(reply, self->decoding, out_rows, bindings, &copied_out,
+                                              &checked);
             if (outputs) {
                 outcome = out_rows == Py_None || checked ? CALL_ANSWERED : CALL_UNCHECKED;
                 if (stats) stats->copied_out += copied_out;
@@ -406,7 +395,6 @@ PyObject *call_alone(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
             }
         }
     }
-    unsigned long long copied = e.copied;
     if (outcome == CALL_SENT) { /* the call still holds its inputs: Python's lists of them */
         held = tuple_stealing(2, copies_list(&e), Py_NewRef(e.sealed));
         if (held) encoded_clear(&e);
@@ -415,9 +403,8 @@ PyObject *call_alone(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
         held = Py_NewRef(Py_None);
     }
     if (held)
-        result = tuple_stealing(6, PyLong_FromLong(outcome), PyFloat_FromDouble(spin_s),
-                                PyLong_FromUnsignedLongLong(copied), Py_NewRef(reply),
-                                Py_NewRef(held), Py_NewRef(bindings));
+        result = tuple_stealing(4, PyLong_FromLong(outcome), Py_NewRef(reply), Py_NewRef(held),
+                                Py_NewRef(bindings));
     if (!result && held && held != Py_None)
         release_raising(PyTuple_GET_ITEM(held, 0), PyTuple_GET_ITEM(held, 1));
     Py_XDECREF(held);
@@ -425,4 +412,113 @@ PyObject *call_alone(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     Py_DECREF(bindings);
     return result;
 }
+
+/* ---- the host's session with one worker incarnation ----------------------------------------- */
+
+/* Session(mapping, out_q, in_q, encoding, decoding, checks, stats): what every call of one worker
+ * incarnation needs, gathered once when the worker starts (the channel's queues and its spin,
+ * the arena's frame codec arguments, the spec's rows, the model's CallStats or None), so a call
+ * passes only what is its own. Its lone calls, and the general path's sends and receives, share
+ * the one spin policy. */
+static int session_init(SessionObject *self, PyObject *args, PyObject *kw) {
+    PyObject *mapping, *encoding, *decoding, *checks, *stats;
+    long long out_q, in_q;
+    if (!PyArg_ParseTuple(args, "O!LLO!O!O!O", &MappingType, &mapping, &out_q, &in_q, &PyTuple_Type,
+                          &encoding, &PyTuple_Type, &decoding, &PyTuple_Type, &checks, &stats))
+        return -1;
+    if (PyTuple_GET_SIZE(encoding) != 4 || PyTuple_GET_SIZE(decoding) != 5 ||
+        PyTuple_GET_SIZE(checks) != 2 || !PyTuple_Check(PyTuple_GET_ITEM(checks, 0)) ||
+        !PyTuple_Check(PyTuple_GET_ITEM(checks, 1)) ||
+        (stats != Py_None && !PyObject_TypeCheck(stats, &CallStatsType))) {
+        PyErr_SetString(PyExc_TypeError, "Session(mapping, out_q, in_q, (4 encoding args), "
+                                         "(5 decoding args), (input rows, output rows), "
+                                         "CallStats or None)");
+        return -1;
+    }
+    Py_XSETREF(self->mapping, (MappingObject *)Py_NewRef(mapping));
+    Py_XSETREF(self->encoding, Py_NewRef(encoding));
+    Py_XSETREF(self->decoding, Py_NewRef(decoding));
+    Py_XSETREF(self->checks, Py_NewRef(checks));
+    Py_XSETREF(self->stats, stats == Py_None ? NULL : (CallStatsObject *)Py_NewRef(stats));
+    self->out_q = out_q;
+    self->in_q = in_q;
+    self->spin_s = SPIN_S;
+    return 0;
+}
+
+static void session_dealloc(SessionObject *self) {
+    Py_XDECREF(self->mapping);
+    Py_XDECREF(self->encoding);
+    Py_XDECREF(self->decoding);
+    Py_XDECREF(self->checks);
+    Py_XDECREF(self->stats);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int session_ready(SessionObject *self) {
+    if (self->mapping) return 1;
+    PyErr_SetString(PyExc_RuntimeError, "Session not initialised");
+    return 0;
+}
+
+/* session.call(call_id, tensors, check): see lone_call(). */
+static PyObject *session_call(SessionObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "Session.call(call_id, tensors, check)");
+        return NULL;
+    }
+    if (!session_ready(self)) return NULL;
+    unsigned long long call_id = PyLong_AsUnsignedLongLong(args[0]);
+    int check = PyObject_IsTrue(args[2]);
+    if (PyErr_Occurred() || check < 0) return NULL;
+    return lone_call(self, call_id, args[1], check ? self->checks : Py_None);
+}
+
+/* session.send(data, timeout_s) -> queued: push a message (see queue_push_record()). */
+static PyObject *session_send(SessionObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    Py_buffer msg;
+    if (nargs != 2 || !session_ready(self)) {
+        if (nargs != 2) PyErr_SetString(PyExc_TypeError, "Session.send(data, timeout_s)");
+        return NULL;
+    }
+    double timeout_s = PyFloat_AsDouble(args[1]);
+    if (PyErr_Occurred() || PyObject_GetBuffer(args[0], &msg, PyBUF_SIMPLE) < 0) return NULL;
+    int status = queue_push_record(self->mapping, self->out_q, msg.buf, msg.len, timeout_s,
+                                   self->spin_s, self->in_q);
+    PyBuffer_Release(&msg);
+    return status < 0 ? NULL : PyBool_FromLong(status);
+}
+
+/* session.receive(timeout_s) -> bytes or None: the next message (see queue_pop_record()). */
+static PyObject *session_receive(SessionObject *self, PyObject *arg) {
+    double timeout_s = PyFloat_AsDouble(arg);
+    if ((timeout_s == -1.0 && PyErr_Occurred()) || !session_ready(self)) return NULL;
+    return queue_pop_record(self->mapping, self->in_q, timeout_s, &self->spin_s);
+}
+
+static PyMethodDef session_methods[] = {
+    {"call", (PyCFunction)(void (*)(void))session_call, METH_FASTCALL,
+     "call(call_id, tensors, check) -> (outcome, reply, held, bindings): a lone call."},
+    {"send", (PyCFunction)(void (*)(void))session_send, METH_FASTCALL,
+     "send(data, timeout_s) -> queued (False: closed, or full past the timeout)."},
+    {"receive", (PyCFunction)session_receive, METH_O,
+     "receive(timeout_s) -> the next message's bytes, or None (timeout, or closed and empty)."},
+    {NULL}};
+
+static PyMemberDef session_members[] = {
+    {"spin_s", T_DOUBLE, offsetof(SessionObject, spin_s), 0, "the spin of the next wait"},
+    {NULL}};
+
+PyTypeObject SessionType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "ope_native.Session",
+    .tp_basicsize = sizeof(SessionObject),
+    .tp_dealloc = (destructor)session_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Session(mapping, out_q, in_q, encoding, decoding, checks, stats): the host's "
+              "calls to one worker incarnation.",
+    .tp_methods = session_methods,
+    .tp_members = session_members,
+    .tp_init = (initproc)session_init,
+    .tp_new = PyType_GenericNew,
+};
 

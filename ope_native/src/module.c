@@ -25,8 +25,6 @@ static PyMethodDef module_methods[] = {
      "decode_frame(data, host, peer_rings, dtypes, string_dtype, map_segment) -> (kind, call_id, copied, tensors)."},
     {"serve_calls", (PyCFunction)(void (*)(void))serve_calls, METH_FASTCALL,
      "serve_calls(mapping, in_q, out_q, spin_s, decoding, encoding, run, output_names) -> (spin_s, data, call): the worker's loop for calls."},
-    {"call_alone", (PyCFunction)(void (*)(void))call_alone, METH_FASTCALL,
-     "call_alone(mapping, out_q, in_q, spin_s, call_id, tensors, encoding, decoding, checks, stats) -> (outcome, spin_s, copied, reply, held, bindings): the host's lone call."},
     {"release_inputs", (PyCFunction)(void (*)(void))release_inputs_py, METH_FASTCALL,
      "release_inputs(scratch, sealed): give back a call's input copies and unseal the caller's arena arrays."},
     {"keep_kept_inputs", (PyCFunction)(void (*)(void))keep_kept_inputs_py, METH_FASTCALL,
@@ -77,7 +75,7 @@ static struct PyModuleDef native_module = {
 
 PyMODINIT_FUNC PyInit__native(void) {
     if (PyType_Ready(&MappingType) < 0 || PyType_Ready(&BlockType) < 0 ||
-        PyType_Ready(&CallStatsType) < 0)
+        PyType_Ready(&CallStatsType) < 0 || PyType_Ready(&SessionType) < 0)
         return NULL;
     import_array();
     PyObject *m = PyModule_Create(&native_module);
@@ -85,6 +83,7 @@ PyMODINIT_FUNC PyInit__native(void) {
     if (PyModule_AddObjectRef(m, "Mapping", (PyObject *)&MappingType) ||
         PyModule_AddObjectRef(m, "Block", (PyObject *)&BlockType) ||
         PyModule_AddObjectRef(m, "CallStats", (PyObject *)&CallStatsType) ||
+        PyModule_AddObjectRef(m, "Session", (PyObject *)&SessionType) ||
         PyModule_AddIntConstant(m, "LINE", LINE) ||
         PyModule_AddIntConstant(m, "RING_HEADER", RING_HEADER) ||
         PyModule_AddIntConstant(m, "BLOCK_HEADER", BLOCK_HEADER) ||

@@ -1,4 +1,4 @@
-"""The host's lone call in one crossing into C (ope_native.call_alone, used by
+"""The host's lone call in one crossing into C (ope_native.Session.call, used by
 ope/host/out_of_process.py's _call_alone), driven over a real arena pair with the test playing
 the worker: its answer is queued before the call, so the call's single wait finds it. Every
 outcome must leave the inputs as the general path would: given back and unsealed once the call
@@ -32,9 +32,21 @@ def pair():
 
 
 def call_alone(host, call_id, tensors, spin_s=SPIN_S, checks=None, stats=None):
+    """A lone call through a Session on ``host``'s channel, as the host makes it: (outcome, the
+    spin of the next wait, bytes copied in, reply, held, bindings); with ``checks`` the
+    session checks the caller's tensors by those rows."""
+    counted = stats or ope_native.CallStats(1)
+    session = session_of(host, checks or ((), ()), counted)
+    session.spin_s = spin_s
+    before = counted.snapshot()[2]
+    outcome, reply, held, bindings = session.call(call_id, tensors, checks is not None)
+    return outcome, session.spin_s, counted.snapshot()[2] - before, reply, held, bindings
+
+
+def session_of(host, checks=((), ()), stats=None):
     channel = host.channel
-    return ope_native.call_alone(channel.mapping, channel.out_q, channel.in_q, spin_s, call_id,
-                                 tensors, host.encoding, host.decoding, checks, stats)
+    return ope_native.Session(channel.mapping, channel.out_q, channel.in_q, host.encoding,
+                              host.decoding, checks, stats)
 
 
 def answer(worker, call_id, outputs):
@@ -195,3 +207,30 @@ def test_with_the_checks_outputs_that_do_not_pass_are_left_to_python(pair, outpu
     assert sorted(reply) == sorted(outputs)
     del reply
     assert host.used_bytes() == before and tensors["in_place"].flags.writeable
+
+
+def test_a_sessions_sends_and_receives_go_through_the_channel_and_share_its_spin(pair):
+    host, worker = pair
+    session = session_of(host)
+    assert session.send(b"load", 0.0)
+    assert worker.channel.receive(timeout_s=0) == b"load"
+    assert session.receive(0.0) is None
+    assert worker.channel.send(b"ready", timeout_s=0)
+    session.spin_s = 0.0
+    assert session.receive(0.0) == b"ready"
+    assert session.spin_s == SPIN_S  # the worker answered at once: the next wait spins
+    host.channel.close()
+    assert not session.send(b"late", 0.0) and session.receive(0.0) is None
+
+
+def test_a_session_refuses_what_is_not_a_channel_codec_or_checks(pair):
+    host, _ = pair
+    channel = host.channel
+    with pytest.raises(TypeError):
+        ope_native.Session(channel.mapping, channel.out_q, channel.in_q, host.encoding,
+                           host.decoding, (), None)
+    with pytest.raises(TypeError):
+        ope_native.Session(b"no mapping", channel.out_q, channel.in_q, host.encoding,
+                           host.decoding, ((), ()), None)
+    with pytest.raises(RuntimeError):
+        ope_native.Session.__new__(ope_native.Session).receive(0.0)
