@@ -21,7 +21,7 @@ of the oldest pending call. :class:`Conversation` checks every message against t
 both sides; anything else is a :class:`ope.ProtocolError`. Two shortcuts keep the table's
 rule without its cost per call: the worker's loop in C (ope_native.serve_calls) answers INFER
 in state "ready" and leaves every other message to the Conversation; and the host sends a call
-with no other in flight without telling its Conversation (ope_native.call_alone). C accepts
+with no other in flight without telling its Conversation (ope_native.Session.call). C accepts
 only that call's RESULT; any other answer goes to :meth:`Conversation.answers_alone`, which
 says whether the table takes it and leaves the conversation as it was. The first message's
 layout ``[HELLO, version, ...]`` never changes, so a host can refuse a worker runtime of
