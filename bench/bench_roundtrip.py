@@ -9,7 +9,7 @@ drifts within seconds. Also measured: the machine's limits (busy-poll and futex 
 a shared word, memcpy bandwidth, and the "Python floor": two Python processes trading a 16 B
 array over ope's queue with no protocol at all; the busy-poll and the floor alternate with the
 mechanisms at the first size, like them) and the CPU an idle worker uses. The targets of
-issue 3 are checked at the end.
+project are checked at the end.
 """
 
 import argparse
@@ -484,7 +484,7 @@ def print_table(results, sizes, limits, idle):
 
 
 def check_targets(results, sizes, limits, idle):
-    print("\nIssue 3 targets:")
+    print("\nTargets:")
     if 16 in sizes:
         rt = results[("ope out-of-process, ordinary array", 16)][0]
         rt_empty = results[("ope out-of-process, model.empty input", 16)][0]
