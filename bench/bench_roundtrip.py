@@ -8,8 +8,8 @@ taken in alternating chunks, so that the ratios compare like with like on a VM w
 drifts within seconds. Also measured: the machine's limits (busy-poll and futex ping-pong on
 a shared word, memcpy bandwidth, and the "Python floor": two Python processes trading a 16 B
 array over ope's queue with no protocol at all; the busy-poll and the floor alternate with the
-mechanisms at the first size, like them) and the CPU an idle worker uses. The targets of
-project are checked at the end.
+mechanisms at the first size, like them) and the CPU an idle worker uses. The project's
+targets are checked at the end.
 """
 
 import argparse
