@@ -8,6 +8,8 @@ in other ways.
 """
 
 import concurrent.futures
+import logging
+import threading
 import time
 
 import ope_native
@@ -16,6 +18,7 @@ from ope.errors import OpeError, ProtocolError
 
 # Gives back the arena copies of a call's inputs and unseals the caller's arena arrays.
 _release_inputs = ope_native.release_inputs
+_log = logging.getLogger("ope")
 
 
 class _Call:
@@ -67,13 +70,21 @@ class _CallFuture(concurrent.futures.Future):
     can cost far more than the call. A timed result() collects too, up to its timeout, if no
     other thread is receiving; waiting without collecting (done() polling, a done-callback,
     asyncio, concurrent.futures.wait or as_completed) wakes the model's collector thread
-    instead. The call already runs in the worker, so the future cannot be cancelled."""
+    instead. The call already runs in the worker, so the future cannot be cancelled.
+
+    Done-callbacks are kept here, not in the Future, and run by :meth:`run_callbacks` once
+    every future completed with this one is complete too (_announce). The one Future
+    internal touched is its list of waiters: concurrent.futures.wait and as_completed add to
+    it, which is the only sign that a thread waits without asking for the result; without it
+    the collector would have to run after every call and cost every call a second wake-up."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
         self.call = None
-        self._settle_hooks = []
+        self._lock = threading.Lock()  # the hooks and callbacks below
+        self._settle_hooks = []  # None once the future is complete
+        self._callbacks = []  # None once they ran
         self._waiters = _WakingList(model._wake_collector)  # futures.wait/as_completed add here
         self.set_running_or_notify_cancel()
 
@@ -81,7 +92,7 @@ class _CallFuture(concurrent.futures.Future):
         """ope's own bookkeeping: ``hook(failed)`` runs as the future completes, in the thread
         that collected the call, without waking the collector (see ope.host.model.when_settled);
         at once if it has."""
-        with self._condition:
+        with self._lock:
             if self._settle_hooks is not None:
                 self._settle_hooks.append(hook)
                 return
@@ -90,8 +101,8 @@ class _CallFuture(concurrent.futures.Future):
     def complete(self, outputs, error):
         """Run the settle hooks and complete the future, its done-callbacks left for
         run_callbacks; returns whether this thread did it: the first to get here does (the
-        hooks taken under the condition decide), any other returns False at once."""
-        with self._condition:
+        hooks taken under the lock decide), any other returns False at once."""
+        with self._lock:
             hooks, self._settle_hooks = self._settle_hooks, None
         if hooks is None:
             return False
@@ -103,11 +114,28 @@ class _CallFuture(concurrent.futures.Future):
             self.set_exception(error)
         return True
 
-    def _invoke_callbacks(self):
-        """set_result's own run of the done-callbacks: left out, run_callbacks does it."""
-
     def run_callbacks(self):
-        super()._invoke_callbacks()
+        """Run the done-callbacks added so far; later ones run as they are added."""
+        with self._lock:
+            callbacks, self._callbacks = self._callbacks, None
+        for fn in callbacks or ():
+            self._call_back(fn)
+
+    def add_done_callback(self, fn):
+        with self._lock:
+            if self._callbacks is not None:
+                self._callbacks.append(fn)
+                fn = None
+        if fn is not None:  # the callbacks ran: this one runs now, as for a done Future
+            self._call_back(fn)
+        elif not super().done():
+            self.model._wake_collector()
+
+    def _call_back(self, fn):
+        try:
+            fn(self)
+        except Exception:  # as concurrent.futures does: a callback's error is logged, not raised
+            _log.exception("exception calling callback for %r", self)
 
     def done(self):
         if super().done():
@@ -125,11 +153,6 @@ class _CallFuture(concurrent.futures.Future):
 
     def exception(self, timeout=None):
         return super().exception(self._collect_or_wake(timeout))
-
-    def add_done_callback(self, fn):
-        super().add_done_callback(fn)
-        if not super().done():
-            self.model._wake_collector()
 
     def _collect_or_wake(self, timeout):
         """Collect this call's reply in this thread if it can: always without a timeout;
