@@ -272,6 +272,12 @@ def edit_config(path, **changes):
 def test_corrupt_package_is_refused(tmp_path, load_model, affine, corrupt, message):
     path = copy_of(affine, tmp_path)
     corrupt(path)
+    assert_refused(path, load_model, message)
+
+
+def assert_refused(path, load_model, message):
+    """Reading the package at ``path``, and loading it, both raise PackageError matching
+    ``message``."""
     with pytest.raises(PackageError, match=message):
         ope.read_package(path)
     with pytest.raises(PackageError, match=message):
@@ -319,11 +325,7 @@ def test_a_link_or_special_file_in_a_package_is_refused(tmp_path, load_model, af
                                                         entry, message):
     path = copy_of(affine, tmp_path)
     change(path, tmp_path)
-    expected = f"package {path}: {entry} {message}"
-    with pytest.raises(PackageError, match=expected):
-        ope.read_package(path)
-    with pytest.raises(PackageError, match=expected):
-        load_model(str(path))
+    assert_refused(path, load_model, f"package {path}: {entry} {message}")
 
 
 def test_ope_check_refuses_a_package_with_a_link(tmp_path, capsys, affine):
