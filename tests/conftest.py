@@ -16,8 +16,6 @@ import pytest
 import ope
 import ope.bridge.arena
 import ope.bridge.protocol
-import ope.host.out_of_process
-from ope.host import supervisor, worker_process
 
 import models  # tests/ is on sys.path: pytest puts a rootless conftest's folder there
 from fault_package import fault_package
@@ -73,13 +71,13 @@ HOST_THREADS = {"ope-supervisor", "ope-output"}
 
 
 @pytest.fixture(scope="session", autouse=True)
-def host_wide_resources():
+def host_wide_resources(tmp_path_factory):
     """Start what ope keeps for a host's whole life (the supervisor and output reader threads,
     the pipe to workers' watchdogs) before the first test, so that no test counts them as its
-    leak."""
-    supervisor.Supervisor.get()
-    worker_process._OutputReader.get()
-    worker_process._host_pipe_read_end()
+    leak: one model loaded out of process and closed does."""
+    root = str(tmp_path_factory.mktemp("host-wide"))
+    with ope.load(models.placeholder_package(root).path, out_of_process=True):
+        pass
 
 
 @pytest.fixture(autouse=True)

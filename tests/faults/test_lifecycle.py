@@ -229,7 +229,6 @@ def test_a_forked_child_cannot_use_or_stop_its_parents_model(faulty, replicas):
                 except ope.ModelClosed as exc:
                     outcomes.append(str(exc))
             model.close()
-            ope.host.out_of_process._close_open_models()  # what interpreter exit runs
             return outcomes
 
         kind, *result = run_in_child(child)
@@ -241,6 +240,37 @@ def test_a_forked_child_cannot_use_or_stop_its_parents_model(faulty, replicas):
         assert _worker_pids(model) == pids  # neither stopped nor restarted
     finally:
         model.close()
+
+
+_FORKING_HOST_SCRIPT = textwrap.dedent('''
+    import gc, os, sys
+    import ope
+    sys.path.insert(0, {tests!r})
+    from fault_package import fault_inputs
+    model = ope.load({path!r}, out_of_process=True)
+    pid = model.stats()["pid"]
+    child = os.fork()
+    if child == 0:  # uses its copy, drops it, and exits the normal way: atexit, finalisers
+        try:
+            model.infer(fault_inputs(x=[1.0]))
+        except ope.ModelClosed:
+            pass
+        del model
+        gc.collect()
+        sys.exit(0)
+    os.waitpid(child, 0)
+    print(model.infer(fault_inputs(x=[3.0]))["y"].tolist(), model.stats()["pid"] == pid,
+          flush=True)
+    model.close()
+''')
+
+
+def test_a_forked_child_that_exits_normally_leaves_its_parents_model_alone(faulty):
+    script = _FORKING_HOST_SCRIPT.format(tests=TESTS, path=faulty)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[0] == "[4.0] True", done.stdout + done.stderr
 
 
 def _worker_pids(model):
