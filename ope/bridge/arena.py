@@ -49,13 +49,15 @@ import os
 import socket
 import struct
 
+import numpy as np
+
 import ope_native
 from ope.bridge.channel import Channel
 from ope.errors import ArenaFull, ProtocolError
 from ope.bridge.protocol import DTYPE_CODES, DTYPES_BY_CODE, dtype_code, frame_message, string_dtype
 from ope.bridge.ring import RING_HEADER, Ring, block_size
 
-__all__ = ["Arena", "SEGMENT_NAME"]
+__all__ = ["Arena", "SEGMENT_NAME", "block_under"]
 
 SEGMENT_NAME = "ope-arena"  # what /proc/PID/maps shows: "/memfd:ope-arena (deleted)"
 _MAGIC = 0x414E455241455045  # "OPEARENA"
@@ -129,6 +131,14 @@ def _receive_offer(sock):
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(payload[:len(payload) - len(payload) % size])
     return data, list(fds)
+
+
+def block_under(array):
+    """The ope_native.Block under ``array`` (through any chain of views), or None."""
+    base = array.base
+    while type(base) is np.ndarray:
+        base = base.base
+    return base if type(base) is ope_native.Block else None
 
 
 def _worker_owned(seg_id):
@@ -400,9 +410,7 @@ class Arena:
         """Worker side: map afresh the segments under ``arrays`` (inputs a model wrote into):
         their private copies must not stand in for the host's bytes in later calls."""
         for view in arrays:
-            block = view.base
-            while block is not None and not isinstance(block, ope_native.Block):
-                block = block.base
+            block = block_under(view)
             if block is not None:
                 for seg_id, (mapping, _) in list(self._peer.items()):
                     if mapping is block.mapping:

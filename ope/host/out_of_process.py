@@ -55,7 +55,7 @@ import psutil
 
 import ope_native
 from ope.bridge import protocol
-from ope.bridge.arena import Arena
+from ope.bridge.arena import Arena, block_under
 from ope.bridge.channel import corrupt_queue
 from ope.errors import ModelClosed, OpeError, ProtocolError
 from ope.host.calls import _announce, _Call, _CallFuture, _send_failure
@@ -67,7 +67,6 @@ from ope.host.worker_process import private_rss
 __all__ = ["OutOfProcessModel"]
 
 _MIB = 1 << 20
-_Block = ope_native.Block
 _ANSWERED, _UNCHECKED = ope_native.CALL_ANSWERED, ope_native.CALL_UNCHECKED
 _NOT_SENT, _NOT_PLAIN = ope_native.CALL_NOT_SENT, ope_native.CALL_NOT_PLAIN
 # How far _call_alone took a call: its outputs checked, answered but not checked, queued, or
@@ -146,6 +145,7 @@ class OutOfProcessModel(WorkerLifecycle, Model):
         self._plain_checks = (self._input_plan.native_rows, self._output_plan.native_rows)
         self._generation = 0
         self._worker = None
+        self._session = None  # ope_native.Session with the current worker (_start_worker)
         self._kill_reason = (None, None)  # (worker, why the supervisor killed it)
         self._info = {}
         self._state = "starting"
@@ -462,7 +462,7 @@ class OutOfProcessModel(WorkerLifecycle, Model):
 
     def holds(self, array):
         """Whether ``array`` lies in this model's arena, as arrays from :meth:`empty` do."""
-        block = _arena_block(array)
+        block = block_under(array)
         return block is not None and self._arena.owns(block.mapping)
 
     # -- arena buffers ------------------------------------------------------------------
@@ -480,7 +480,7 @@ class OutOfProcessModel(WorkerLifecycle, Model):
         """Make ``array`` final: read-only from now on (its arena block refuses new writable
         views too). Returns it."""
         array.flags.writeable = False
-        block = _arena_block(array)
+        block = block_under(array)
         if block is not None:
             block.seal()
         return array
@@ -531,6 +531,7 @@ class OutOfProcessModel(WorkerLifecycle, Model):
         finally:
             self._state = "closed"
             self._arena.close()
+            self._session = None  # it holds the control segment's mapping and the codec's state
             self._send_lock.release()
             self._recv_lock.release()
         _announce(settled)
@@ -540,14 +541,6 @@ class OutOfProcessModel(WorkerLifecycle, Model):
         for thread in helpers:
             if thread is not None and thread is not threading.current_thread():
                 thread.join()
-
-
-def _arena_block(array):
-    """The ope_native.Block under ``array`` (through any chain of views), or None."""
-    base = array.base
-    while type(base) is np.ndarray:
-        base = base.base
-    return base if type(base) is _Block else None
 
 
 def _process_usage(worker):
