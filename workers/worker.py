@@ -109,13 +109,14 @@ class Worker:
                 os.sched_setaffinity(0, options["cpus"])
             self.package = read_package(path, manifest_digest=options.get("manifest_digest"))
             ensure_requirements(self.package)
-            self.runner = load_runner(self.package, private_inputs=True)
+            self.runner = load_runner(self.package, private_inputs=True,
+                                      threads=options.get("threads"), device=options.get("device"))
             if options.get("threads") and "torch" in sys.modules:
                 sys.modules["torch"].set_num_threads(options["threads"])
         except Exception as exc:
             return _error_message(None, exc)
-        self._output_names = frozenset(spec.name for spec in self.package.outputs)
-        return [protocol.READY, runtime_info()]
+        self._output_names = frozenset(self.package.output_names)
+        return [protocol.READY, {**runtime_info(), **self.runner.describe()}]
 
     def _infer(self, message):
         call_id, arrays = message[1], message[2]

@@ -2,6 +2,7 @@
 worker would use, on read-only views of the caller's arrays."""
 
 import os
+import platform
 
 import numpy as np
 
@@ -37,6 +38,9 @@ class InProcessModel(Model):
     def stats(self):
         stats = super().stats()
         stats["pid"] = os.getpid()
+        # The same keys a worker reports about its runner (workers/worker.py), for this process.
+        stats["worker"] = {"pid": os.getpid(), "python": platform.python_version(),
+                           **self._runner.describe()} if self._runner else {}
         return stats
 
     def health(self):

@@ -65,6 +65,7 @@ class Package:
         self.inputs = inputs
         self.outputs = outputs
         self.requires = config["requires"]
+        self.output_names = tuple(spec.name for spec in outputs)
 
     def __repr__(self):
         return f"Package(name={self.name!r}, runner={self.runner!r}, path={self.path!r})"

@@ -2,7 +2,8 @@
 
 :func:`load_runner` builds a runner once per loaded model; ``runner.run(inputs)`` is then
 called with a dict of numpy arrays that already passed ``spec.validate_inputs`` and returns
-the model's outputs by name. Torch tensors in the result are turned into numpy views; the
+the model's outputs by name, bound by ope/runners/outputs.py's rule (named tuples and dicts by
+name, plain sequences in spec order). Torch tensors in the result are turned into numpy views; the
 caller passes the result through ``spec.validate_outputs``, which checks it and normalises
 what is left (e.g. lists of str).
 
@@ -32,9 +33,10 @@ RUNNER_CLASSES = {"torchscript": TorchScriptRunner, "python": PythonRunner,
                   "placeholder": PlaceholderRunner}
 
 
-def load_runner(package, private_inputs=False):
+def load_runner(package, private_inputs=False, threads=None, device=None):
     """The runner for ``package``. PackageError if its artefact or entrypoint is unusable,
     ModelError if the model's own code raised while loading. ``private_inputs``: the arrays
     ``run`` gets lie in memory whose writes stay in this process (a worker's copy-on-write
-    view, ope/bridge/arena.py), so a model may be handed them as they are."""
-    return RUNNER_CLASSES[package.runner](package, private_inputs)
+    view, ope/bridge/arena.py), so a model may be handed them as they are. ``threads`` and
+    ``device``: see :class:`~ope.runners.base.Runner`."""
+    return RUNNER_CLASSES[package.runner](package, private_inputs, threads, device)

@@ -1,20 +1,38 @@
 """What every runner shares: the Runner interface and the calling of the model's own code,
 whose exceptions become ModelErrors that start at the model's frame."""
 
+import sys
+
 from ope.errors import model_error
 
 __all__ = ["Runner", "call_model", "model_error_of"]
 
 
 class Runner:
-    """Executes one loaded model: ``run(inputs) -> outputs``, both dicts keyed by name."""
+    """Executes one loaded model: ``run(inputs) -> outputs``, both dicts keyed by name.
 
-    def __init__(self, package, private_inputs=False):
+    ``threads``: the intra-op threads the runtime's own pools may use (None: its default);
+    ``device``: where the model and its inputs go, "cpu" or "cuda:N" as this process numbers
+    its GPUs (None: the CPU). ``framework`` names the module whose version :meth:`describe`
+    reports.
+    """
+
+    framework = "numpy"
+
+    def __init__(self, package, private_inputs=False, threads=None, device=None):
         self.package = package
         self.private_inputs = private_inputs
+        self.threads = threads
+        self.device = device
 
     def run(self, inputs):
         raise NotImplementedError
+
+    def describe(self):
+        """The runner, its framework and the framework's version, for ``Model.stats()``."""
+        module = sys.modules.get(self.framework)
+        return {"runner": self.package.runner, "framework": self.framework,
+                "framework_version": getattr(module, "__version__", None)}
 
 
 def model_error_of(package, error, while_doing):

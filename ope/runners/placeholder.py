@@ -12,8 +12,8 @@ class PlaceholderRunner(Runner):
     """Random outputs of the spec'd dtypes; symbols take their sizes from the inputs, other
     free dims are 1."""
 
-    def __init__(self, package, private_inputs=False):
-        super().__init__(package, private_inputs)
+    def __init__(self, package, *options):
+        super().__init__(package, *options)
         self._random = np.random.default_rng()
 
     def run(self, inputs):

@@ -1,6 +1,7 @@
 """The python runner: a factory imported from the package's own code/ (and nothing else),
 called once with its data folder; the model it returns is called with one keyword argument
-per input, with numpy arrays or, for framework "torch", tensors."""
+per input, with numpy arrays or, for framework "torch", tensors. What it returns is bound to
+the output names by ope/runners/outputs.py."""
 
 import contextlib
 import importlib
@@ -9,6 +10,7 @@ import sys
 
 from ope.errors import PackageError
 from ope.runners.base import Runner, call_model, model_error_of
+from ope.runners.outputs import bind_outputs
 from ope.runners.torch_tensors import (check_inputs_untouched, import_torch, tensors_to_numpy,
                                        to_tensor)
 
@@ -19,10 +21,11 @@ class PythonRunner(Runner):
     """Imports the entrypoint from the package's code, calls ``factory(data_dir)`` once,
     then calls the returned model with one keyword argument per input."""
 
-    def __init__(self, package, private_inputs=False):
-        super().__init__(package, private_inputs)
-        self._torch = import_torch(package, private_inputs) if package.framework == "torch" \
-            else None
+    def __init__(self, package, *options):
+        super().__init__(package, *options)
+        self.framework = package.framework
+        self._torch = import_torch(package, self.private_inputs) \
+            if package.framework == "torch" else None
         self._model = self._load_model()
 
     def _load_model(self):
@@ -55,14 +58,14 @@ class PythonRunner(Runner):
     def run(self, inputs):
         torch = self._torch
         if torch is None:
-            return call_model(self.package, self._model, inputs)
+            return bind_outputs(self.package, call_model(self.package, self._model, inputs))
         arguments = {name: array if array.dtype.kind == "U"
                      else to_tensor(torch, array, self.private_inputs)
                      for name, array in inputs.items()}
         with torch.inference_mode():
             result = call_model(self.package, self._model, arguments)
         check_inputs_untouched(self.package, arguments, torch)
-        return tensors_to_numpy(torch, result)
+        return tensors_to_numpy(torch, bind_outputs(self.package, result))
 
 
 def _check_origin(package, module):

@@ -50,8 +50,6 @@ def check_inputs_untouched(package, arguments, torch):
 
 
 def tensors_to_numpy(torch, outputs):
-    if not isinstance(outputs, dict):
-        return outputs  # validate_outputs reports what the model returned instead
     return {name: _tensor_to_numpy(torch, value) for name, value in outputs.items()}
 
 

@@ -3,6 +3,7 @@ argument per input."""
 
 from ope.errors import PackageError
 from ope.runners.base import Runner, call_model
+from ope.runners.outputs import bind_outputs
 from ope.runners.torch_tensors import (check_inputs_untouched, import_torch, tensors_to_numpy,
                                        to_tensor)
 
@@ -10,19 +11,20 @@ __all__ = ["TorchScriptRunner"]
 
 
 class TorchScriptRunner(Runner):
-    """Calls ``forward`` with one keyword argument per input, under inference mode. Results:
-    a dict (by name), a tuple (in output spec order) or anything else (the only output)."""
+    """Calls ``forward`` with one keyword argument per input, under inference mode; results are
+    bound to the output names by ope/runners/outputs.py."""
 
-    def __init__(self, package, private_inputs=False):
-        super().__init__(package, private_inputs)
-        self._torch = torch = import_torch(package, private_inputs)
+    framework = "torch"
+
+    def __init__(self, package, *options):
+        super().__init__(package, *options)
+        self._torch = torch = import_torch(package, self.private_inputs)
         try:
             self._module = torch.jit.load(package.model_file, map_location="cpu").eval()
         except Exception as error:
             raise PackageError(f"package {package.name!r}: cannot load TorchScript file "
                                f"{package.model_file}: {error}") from None
         self._check_signature()
-        self._output_names = tuple(spec.name for spec in package.outputs)
         self._string_inputs = frozenset(s.name for s in package.inputs if s.dtype == "string")
 
     def _check_signature(self):
@@ -41,15 +43,4 @@ class TorchScriptRunner(Runner):
         with torch.inference_mode():
             result = call_model(self.package, self._module, arguments)
         check_inputs_untouched(self.package, arguments, torch)
-        return tensors_to_numpy(torch, self._by_name(result))
-
-    def _by_name(self, result):
-        if isinstance(result, dict):
-            return result
-        if isinstance(result, tuple):
-            if len(result) != len(self._output_names):
-                return result  # validate_outputs: "returned tuple, expected a dict of ..."
-            return dict(zip(self._output_names, result))
-        if len(self._output_names) == 1:
-            return {self._output_names[0]: result}
-        return result
+        return tensors_to_numpy(torch, bind_outputs(self.package, result))
