@@ -22,6 +22,7 @@ from ope.package.format import (_CODE_DIR, _CONFIG, _DATA_DIR, _MANIFEST, _MODEL
                                 _TEST_INPUTS, _TEST_OUTPUTS, FORMAT, FORMAT_VERSION, FRAMEWORKS,
                                 _code_modules, _entrypoint_problem, _foreign_entrypoint,
                                 _list_files, _sha256, _walk, read_package)
+from ope.package.sniff import check_format
 from ope.requirements import parse_specifier
 from ope.runners import load_runner
 from ope.spec import as_specs, validate_inputs, validate_outputs
@@ -39,6 +40,7 @@ def package_torchscript(path, module, *, name, inputs, outputs, requires=None,
     def write_artefacts(staging):
         target = os.path.join(staging, _MODEL_FILE)
         if isinstance(module, (str, os.PathLike)):
+            check_format(module, {"torchscript"}, "package_torchscript")
             _copy_file(module, target)
         else:
             _save_torchscript(module, target)
