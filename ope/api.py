@@ -35,21 +35,24 @@ __all__ = ["load", "self_check", "package_torchscript", "package_python", "packa
 OUT_OF_PROCESS_ENV = "OPE_OUT_OF_PROCESS"
 _DEFAULT_OUT_OF_PROCESS = True
 
-_IN_PROCESS_HINT = ("Loading it out of process (ope.load(path, env='auto')), in a worker "
-                    "environment that satisfies them (ope env create NAME --python X.Y "
-                    "--require ...), would run it.")
+_IN_PROCESS_HINT = ("Loading it out of process (ope.load(path), env='auto') runs it in a "
+                    "worker environment that satisfies them: built from the package's lock, "
+                    "or one made with ope env create NAME --python X.Y --require ....")
 
 
-def load(path, *, out_of_process=None, timeout_s=None, env=None, device=None, replicas=None,
-         **worker_options):
+def load(path, *, out_of_process=None, timeout_s=None, env=None, build=None, device=None,
+         replicas=None, **worker_options):
     """Open the package at ``path`` and return a ready :class:`~ope.host.model.Model`.
 
     ``out_of_process``: True runs the model in a worker process, False in this process,
     None follows ``OPE_OUT_OF_PROCESS`` ("0"/"1") or the default. The other options apply to
     the out-of-process mode: ``timeout_s`` (default per-call deadline); ``env``: the worker's
     environment, "auto" (the default: this host's interpreter if it satisfies the package's
-    ``requires``, else a registered environment that does), a name (``ope env list``) or the
-    path of an interpreter or venv; ``device``: "cpu" or "cuda:N"; ``replicas``: N workers of
+    ``requires``, else the environment built from the package's lock, else a registered
+    environment that satisfies them, else that lock's environment built now: see
+    ope/envs/selection.py), a name (``ope env list``) or the path of an interpreter or venv;
+    ``build``: whether env="auto" may build an environment (None: ``OPE_BUILD_ENVS``, default
+    yes; False only selects, for hosts that must not reach a package index); ``device``: "cpu" or "cuda:N"; ``replicas``: N workers of
     the model behind one handle, each call going to the least busy; ``worker_options``: those
     of :class:`~ope.host.out_of_process.OutOfProcessModel` (``cpus``, ``threads``,
     ``env_vars``, ...; an explicit ``python`` bypasses ``env``).
@@ -58,13 +61,13 @@ def load(path, *, out_of_process=None, timeout_s=None, env=None, device=None, re
     if _resolve_out_of_process(out_of_process):
         # The host side is only needed in this mode.
         from ope.host.out_of_process import OutOfProcessModel
-        options = _placed(package, env, device, worker_options)
+        options = _placed(package, env, build, device, worker_options)
         if replicas is not None:
             from ope.host.replicas import ReplicaSet
             return ReplicaSet(package, replicas, timeout_s=timeout_s, **options)
         return OutOfProcessModel(package, timeout_s=timeout_s, **options)
-    given = [name for name, value in (("env", env), ("device", device), ("replicas", replicas))
-             if value is not None]
+    given = [name for name, value in (("env", env), ("build", build), ("device", device),
+                                      ("replicas", replicas)) if value is not None]
     if worker_options or given:
         raise TypeError(f"options {', '.join(sorted([*worker_options, *given]))} apply only "
                         f"out of process")
@@ -72,7 +75,7 @@ def load(path, *, out_of_process=None, timeout_s=None, env=None, device=None, re
     return InProcessModel(package)
 
 
-def _placed(package, env, device, worker_options):
+def _placed(package, env, build, device, worker_options):
     """``worker_options`` with the interpreter and device variables ``env``/``device`` ask
     for: the host side only sees ``python`` and ``env_vars``."""
     options = dict(worker_options)
@@ -85,10 +88,11 @@ def _placed(package, env, device, worker_options):
                              f"{'it' if len(clash) == 1 else 'them'} in env_vars as well")
         env_vars.update(device_vars)
     if options.get("python") is not None:
-        if env is not None:
-            raise TypeError("pass env= or python=, not both: python= names the interpreter")
+        if env is not None or build is not None:
+            raise TypeError("pass env= or python=, not both (nor build= with python=): "
+                            "python= names the interpreter")
     else:
-        python = envs.select(package, "auto" if env is None else env)
+        python = envs.select(package, "auto" if env is None else env, build=build)
         if python is not None:
             options["python"] = python
     if env_vars:
@@ -143,13 +147,15 @@ def _compare_output(package_name, name, want, got):
 
 
 def _self_checked(builder):
-    """``builder`` (ope/package/build.py) with :func:`self_check` as its self-check."""
+    """``builder`` (ope/package/build.py) with :func:`self_check` as its self-check and
+    :func:`ope.envs.lock` as the lock of its requirements."""
     @functools.wraps(builder)
     def build_checked(*args, **options):
-        return builder(*args, self_check=self_check, **options)
+        return builder(*args, self_check=self_check, lock_requirements=envs.lock, **options)
+    hidden = ("self_check", "lock_requirements")
     signature = inspect.signature(builder)
     build_checked.__signature__ = signature.replace(parameters=[
-        parameter for parameter in signature.parameters.values() if parameter.name != "self_check"])
+        parameter for parameter in signature.parameters.values() if parameter.name not in hidden])
     return build_checked
 
 

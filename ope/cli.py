@@ -9,7 +9,6 @@ scripts can rely on the status and people can read the reason.
 import argparse
 import datetime
 import json
-import os
 import sys
 
 from packaging.requirements import Requirement
@@ -137,7 +136,7 @@ def _env_create(args):
             raise OpeError("--from takes the name, Python and requirements from the "
                            "package's lock: pass none of NAME, --python, --require")
         env = envs.ensure_env(_package_lock(args.package),
-                              progress=None if args.json else print)
+                              progress=None if args.json else envs.progress_reporter())
     elif args.name is None:
         raise OpeError("ope env create needs a NAME, or --from PACKAGE_PATH")
     else:
@@ -153,17 +152,15 @@ def _env_create(args):
 
 
 def _package_lock(path):
-    """The lock text of the package at ``path``."""
-    lock_path = os.path.join(path, envs.LOCK_FILE)
-    try:
-        with open(lock_path) as file:
-            return file.read()
-    except FileNotFoundError:
-        raise OpeError(f"package {path} has no {envs.LOCK_FILE}: it was made without a "
-                       f"lock; create a named environment instead (ope env create NAME "
-                       f"--python X.Y --require ...)") from None
-    except OSError as exc:
-        raise OpeError(f"cannot read {lock_path}: {exc}") from None
+    """The lock of the package at ``path``, once its manifest is verified."""
+    package = read_package(path)
+    lock_text = package.lock_text()
+    if lock_text is None:
+        raise OpeError(f"package {package.name!r} at {package.path} has no {envs.LOCK_FILE}: "
+                       f"it was made without a lock; package it again with lock=True, or "
+                       f"create a named environment (ope env create NAME --python X.Y "
+                       f"--require ...)")
+    return lock_text
 
 
 def _env_json(env):

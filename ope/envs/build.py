@@ -6,6 +6,7 @@ import collections
 import collections.abc
 import dataclasses
 import datetime
+import glob
 import hashlib
 import json
 import os
@@ -20,14 +21,15 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
 from ope.errors import EnvError
-from ope.install_policy import ENV_VARS, config_path, load_policy
+from ope.install_policy import ENV_VARS, config_path, load_policy, ope_home
+from ope.package.format import LOCK_FILE
 from ope.requirements import check_requirements
+from ope.envs.progress import BUILD_STEPS
 from ope.envs.source import project_copy, runtime_requirements, source_fingerprint, source_root
 from ope.envs.store import (LOCKED_PREFIX, LOG, RECORD, Env, build_lock, env_dir, envs_dir,
                             find_python, get, interpreter_at, probe, touch)
 
 TOOL_ENV = "OPE_ENV_TOOL"
-LOCK_FILE = "requirements.lock"
 _LOCK_HEADER = "# ope lock for Python {python}"
 _LOCK_HEADER_RE = re.compile(r"# ope lock for Python (\d+\.\d+)\n")
 TOOL_TIMEOUT_S = 600
@@ -52,7 +54,6 @@ def create(name, python=None, requires=(), log=print):
     requires = list(requires)
     for text in requires:
         parse_requirement(text)
-    source = source_root()
     os.makedirs(envs_dir(), exist_ok=True)
     try:
         os.mkdir(target)  # claims the name: two creates of one name cannot both proceed
@@ -63,10 +64,8 @@ def create(name, python=None, requires=(), log=print):
         tool = Tool(load_policy(), log)
         tool.venv(interpreter, target, f"creating the venv of {name!r}")
         venv_python = os.path.join(target, "bin", "python")
-        with tempfile.TemporaryDirectory(prefix="ope-env-") as stage:
-            project = project_copy(source, stage)
-            tool.install(venv_python, [project, *requires],
-                         f"installing ope and {requires or 'nothing else'} into {name!r}")
+        tool.install(venv_python, [tool.ope_wheel(venv_python), *requires],
+                     f"installing ope and {requires or 'nothing else'} into {name!r}")
         return write_record(new_record(name, "created", venv_python, requires,
                                      ope_source=source_fingerprint()))
     except BaseException:
@@ -177,6 +176,36 @@ class Tool:
                        "--disable-pip-version-check",
                        *self.policy.pip_args(constraints=not locked)]
         run_tool(command + flags + list(args), self.log, doing, self.policy.tool_env())
+
+    def ope_wheel(self, venv_python):
+        """This project as a wheel for the venv's Python, built once per Python version and
+        source fingerprint (``$OPE_HOME/wheels``): compiling ope_native is most of an
+        environment's build time, and every environment of one Python shares the result."""
+        version = subprocess.run([venv_python, "-c", "import sys; print(*sys.version_info[:2])"],
+                                 capture_output=True, text=True, check=True).stdout.split()
+        folder = os.path.join(ope_home(), "wheels",
+                              f"{source_fingerprint()[:16]}-py{'.'.join(version)}")
+        wheels = glob.glob(os.path.join(folder, "*.whl"))
+        if wheels:
+            return wheels[0]
+        os.makedirs(os.path.dirname(folder), exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".wheel-", dir=os.path.dirname(folder)) as stage:
+            project = project_copy(source_root(), stage)
+            built = os.path.join(stage, "dist")
+            if self.uv:
+                command = [self.uv, "build", "--wheel", "--quiet", "--no-python-downloads",
+                           "--python", venv_python, "--out-dir", built,
+                           *self.policy.uv_args(constraints=False), project]
+            else:
+                command = [venv_python, "-m", "pip", "wheel", "--no-deps", "--no-input",
+                           "--disable-pip-version-check", "--wheel-dir", built,
+                           *self.policy.pip_args(constraints=False), project]
+            run_tool(command, self.log, "building ope's wheel", self.policy.tool_env())
+            try:
+                os.rename(built, folder)  # whole or not at all; a racing build may win
+            except OSError:
+                pass
+        return glob.glob(os.path.join(folder, "*.whl"))[0]
 
 
 # -- locks: exact pins for a target Python ----------------------------------------------
@@ -311,13 +340,7 @@ def ensure_env(lock_text, python_version=None, *, build=True, progress=None):
     place only after the record is written: an interrupted build leaves nothing selectable,
     and the next build removes its remains. ``progress`` gets a line per step with the
     elapsed time (default: log lines on the ``ope.envs`` logger)."""
-    minor = _minor(python_version or lock_python(lock_text))
-    if python_version is not None and lock_python(lock_text) != minor:
-        raise EnvError(f"the lock was resolved for Python {lock_python(lock_text)}, not "
-                       f"{python_version}")
-    key = hashlib.sha256("\0".join((minor, lock_text, source_fingerprint())).encode())
-    key = key.hexdigest()
-    name = f"{LOCKED_PREFIX}{key[:16]}"
+    minor, key, name = _locked_name(lock_text, python_version)
     env = _ready(name)
     if env is None:
         if not build:
@@ -329,6 +352,22 @@ def ensure_env(lock_text, python_version=None, *, build=True, progress=None):
             env = _ready(name) or _build_locked(name, key, lock_text, minor, say)
     touch(env.name)
     return env
+
+
+def locked_env(lock_text):
+    """The environment built for ``lock_text`` if it exists and is complete, else None."""
+    return _ready(_locked_name(lock_text)[2])
+
+
+def _locked_name(lock_text, python_version=None):
+    """(Python "X.Y", key, environment name) of the environment of a lock."""
+    minor = _minor(python_version or lock_python(lock_text))
+    if python_version is not None and lock_python(lock_text) != minor:
+        raise EnvError(f"the lock was resolved for Python {lock_python(lock_text)}, not "
+                       f"{python_version}")
+    key = hashlib.sha256("\0".join((minor, lock_text, source_fingerprint())).encode())
+    key = key.hexdigest()
+    return minor, key, f"{LOCKED_PREFIX}{key[:16]}"
 
 
 class _Progress:
@@ -358,10 +397,10 @@ def _build_locked(name, key, lock_text, minor, say):
     interpreter = find_python(minor)
     policy = load_policy()
     tool = Tool(policy, LOG.debug)
-    say(f"building for Python {minor} with {tool.name}")
+    say(f"{BUILD_STEPS[0]} for Python {minor} with {tool.name}")
     try:
         tool.venv(interpreter, stage, f"creating the venv of {name}")
-        say("venv created")
+        say(BUILD_STEPS[1])
         stage_python = os.path.join(stage, "bin", "python")
         lock_file = os.path.join(stage, LOCK_FILE)
         with open(lock_file, "w") as file:
@@ -371,11 +410,10 @@ def _build_locked(name, key, lock_text, minor, say):
                          locked=True)
         except EnvError as exc:
             raise _install_error(exc, minor, policy) from exc
-        say("locked packages installed")
-        with tempfile.TemporaryDirectory(prefix="ope-env-") as copies:
-            tool.install(stage_python, [project_copy(source_root(), copies)],
-                         f"installing ope into {name}", no_deps=True)
-        say("ope installed")
+        say(BUILD_STEPS[2])
+        tool.install(stage_python, [tool.ope_wheel(stage_python)], f"installing ope into {name}",
+                     no_deps=True)
+        say(BUILD_STEPS[3])
         env = new_record(name, "locked", os.path.join(target, "bin", "python"),
                       lock_pins(lock_text), ope_source=source_fingerprint(), key=key,
                       probe_python=stage_python)
@@ -390,7 +428,7 @@ def _build_locked(name, key, lock_text, minor, say):
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    say("ready")
+    say(BUILD_STEPS[4])
     return env
 
 

@@ -8,30 +8,39 @@ caller passes in, loads the staged package and compares its outputs with the sto
 requirements only a worker environment meets is checked there). This layer only knows the
 format and the runners: a TorchScript package without test data is checked by loading its
 module in this process.
+
+A package whose requirements this interpreter does not meet (or that is given to another
+Python, ``python="3.10"``) is locked before it is checked: ``lock_requirements``, also passed
+in by ope.api, resolves its ``requires`` into exact pins (:class:`Environment`), stored as
+requirements.lock under the manifest, so the self-check and every later load build the same
+worker environment from it.
 """
 
 import json
 import os
+import platform
 import shutil
 import tempfile
 
 import numpy as np
 
-from ope.errors import PackageError
+from ope.errors import EnvError, PackageError
 from ope.package.format import (_CODE_DIR, _CONFIG, _DATA_DIR, _MANIFEST, _MODEL_FILE,
                                 _TEST_INPUTS, _TEST_OUTPUTS, FORMAT, FORMAT_VERSION, FRAMEWORKS,
-                                _code_modules, _entrypoint_problem, _foreign_entrypoint,
-                                _list_files, _sha256, _walk, read_package)
+                                LOCK_FILE, _code_modules, _entrypoint_problem,
+                                _foreign_entrypoint, _list_files, _sha256, _walk,
+                                python_requirement, read_package)
 from ope.package.sniff import check_format
-from ope.requirements import parse_specifier
+from ope.requirements import check_requirements, parse_specifier
 from ope.runners import load_runner
 from ope.spec import as_specs, validate_inputs, validate_outputs
 
 __all__ = ["package_torchscript", "package_python", "package_placeholder"]
 
 
-def package_torchscript(path, module, *, name, inputs, outputs, requires=None,
-                        test_inputs=None, test_outputs=None, self_check):
+def package_torchscript(path, module, *, name, inputs, outputs, requires=None, python=None,
+                        lock="auto", test_inputs=None, test_outputs=None, self_check,
+                        lock_requirements):
     """Package a TorchScript module (a ``torch.jit.script``/``trace`` result or the path of a
     file saved with ``torch.jit.save``). Inputs bind to ``forward``'s parameter names.
     The finished package is always loaded once (this checks ``forward``'s signature) and,
@@ -49,12 +58,13 @@ def package_torchscript(path, module, *, name, inputs, outputs, requires=None,
     return _build(path, "torchscript", write_artefacts, name=name, inputs=inputs,
                   outputs=outputs, requires=_with_requirement(requires, "torch"),
                   test_inputs=test_inputs, test_outputs=test_outputs, load_check=True,
-                  self_check=self_check)
+                  self_check=self_check,
+                  environment=Environment(python, lock, lock_requirements))
 
 
 def package_python(path, *, name, code_dir, entrypoint, data_dir=None, framework="numpy",
-                   inputs, outputs, requires=None, test_inputs=None, test_outputs=None,
-                   self_check):
+                   inputs, outputs, requires=None, python=None, lock="auto", test_inputs=None,
+                   test_outputs=None, self_check, lock_requirements):
     """Package Python code: ``code_dir`` is copied into the package and ``entrypoint``
     ("package.module:factory") is imported from it. ``factory(data_dir)`` (the copied
     ``data_dir`` or None) returns a callable taking one keyword argument per input and
@@ -81,7 +91,8 @@ def package_python(path, *, name, code_dir, entrypoint, data_dir=None, framework
         requires = _with_requirement(requires, "torch")
     return _build(path, "python", write_artefacts, name=name, inputs=inputs, outputs=outputs,
                   requires=requires, test_inputs=test_inputs, test_outputs=test_outputs,
-                  load_check=False, self_check=self_check)
+                  load_check=False, self_check=self_check,
+                  environment=Environment(python, lock, lock_requirements))
 
 
 def package_placeholder(path, *, name, inputs, outputs):
@@ -89,18 +100,21 @@ def package_placeholder(path, *, name, inputs, outputs):
     callers integrate against a model's interface before the model exists."""
     return _build(path, "placeholder", lambda staging: {}, name=name, inputs=inputs,
                   outputs=outputs, requires=None, test_inputs=None, test_outputs=None,
-                  load_check=False, self_check=None)
+                  load_check=False, self_check=None, environment=None)
 
 
 def _build(path, runner, write_artefacts, *, name, inputs, outputs, requires, test_inputs,
-           test_outputs, load_check, self_check):
+           test_outputs, load_check, self_check, environment):
     """Stage, write, hash, check, then rename into place; the staging folder never survives
-    a failure."""
+    a failure. ``environment``: the package's Python and lock (:class:`Environment`), or None
+    for a package with no requirements."""
     destination = os.path.abspath(os.fspath(path))
     if not isinstance(name, str) or not name:
         raise PackageError(f"package name must be a non-empty string, got {name!r}")
     inputs, outputs = as_specs(inputs, "input"), as_specs(outputs, "output")
     requires = _checked_requires(requires)
+    if environment is not None:
+        requires = environment.add_python(requires)
     _check_destination_free(destination)
     parent = os.path.dirname(destination)
     os.makedirs(parent, exist_ok=True)
@@ -112,6 +126,8 @@ def _build(path, runner, write_artefacts, *, name, inputs, outputs, requires, te
                   "test_data": _write_test_data(staging, inputs, outputs, test_inputs,
                                                 test_outputs)}
         config.update(write_artefacts(staging))
+        if environment is not None:
+            config.update(environment.write_lock(staging, name, requires))
         _write_json(os.path.join(staging, _CONFIG), config)
         _write_json(os.path.join(staging, _MANIFEST), {
             "algorithm": "sha256",
@@ -123,6 +139,61 @@ def _build(path, runner, write_artefacts, *, name, inputs, outputs, requires, te
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return read_package(destination)
+
+
+class Environment:
+    """What a package says about the environment it runs in: its Python (``python``, "X.Y" or
+    None for any) and whether its ``requires`` are locked into it (``lock``: True, False, or
+    "auto": when this interpreter does not satisfy them, i.e. when the package will need a
+    worker environment of its own). ``lock_requirements(requires, python_version)`` returns
+    the lock text (ope.envs.lock: a layer above this one, so it is passed in); an EnvError
+    from it becomes a PackageError."""
+
+    def __init__(self, python, lock, lock_requirements):
+        if python is not None and not (isinstance(python, str) and python_requirement(python)):
+            raise PackageError(f"python must be a version such as \"3.10\", got {python!r}")
+        if lock not in (True, False, "auto"):
+            raise PackageError(f"lock must be True, False or \"auto\", got {lock!r}")
+        self.python, self.lock, self.lock_requirements = python, lock, lock_requirements
+
+    def add_python(self, requires):
+        """``requires`` with the entry for the package's Python, if it names one."""
+        if self.python is None:
+            return requires
+        if "python" in requires:
+            raise PackageError("give the package's Python as python=\"X.Y\" or as "
+                               "requires[\"python\"], not both")
+        return {**requires, "python": python_requirement(self.python)}
+
+    def write_lock(self, staging, name, requires):
+        """Write the lock into ``staging`` if the package gets one; returns the config
+        entries it adds."""
+        entries = {"python": self.python} if self.python else {}
+        if not (self.lock is True or (self.lock == "auto" and check_requirements(requires))):
+            return entries
+        python = self._target_python(requires)
+        if python is None:
+            if self.lock is True:
+                raise PackageError(f"package {name!r}: requires[\"python\"] "
+                                   f"{requires['python']!r} excludes this Python; name the one "
+                                   f"to lock for with python=\"X.Y\"")
+            return entries
+        try:
+            text = self.lock_requirements(requires, python)
+        except EnvError as exc:
+            raise PackageError(f"package {name!r}: cannot lock its requirements for Python "
+                               f"{python}: {exc}") from exc
+        with open(os.path.join(staging, LOCK_FILE), "w", encoding="utf-8") as file:
+            file.write(text)
+        return entries
+
+    def _target_python(self, requires):
+        """The Python to lock for: the package's own, else this one if requires allow it."""
+        if self.python is not None:
+            return self.python
+        if "python" in requires and check_requirements({"python": requires["python"]}):
+            return None
+        return ".".join(platform.python_version_tuple()[:2])
 
 
 def _check_staged(staging, load_check, self_check):

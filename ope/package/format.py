@@ -4,7 +4,8 @@ Layout of a package folder::
 
     config.json     {"format": "ope-package", "format_version": 1, "name", "runner",
                      "inputs": [spec dicts], "outputs": [spec dicts], "requires": {name: specifier},
-                     "test_data": bool, plus per runner:
+                     "test_data": bool, optional "python": "X.Y" (the Python it is locked
+                     for; then requires["python"] is "==X.Y.*"), plus per runner:
                        torchscript: "model_file";  python: "entrypoint", "framework"}
     manifest.json   {"algorithm": "sha256", "files": {relative path: hex digest}}
                     covering every other file, config.json included
@@ -12,6 +13,9 @@ Layout of a package folder::
     code/           python: a copy of code_dir; the entrypoint is imported from here
     data/           python, optional: a copy of data_dir, handed to the factory
     test_data/      optional: inputs.npz and outputs.npz for the self-check
+    requirements.lock  optional: ``requires`` resolved to exact pins with hashes for one
+                    Python (ope.envs.lock writes it): what a worker environment built for
+                    this package installs
 
 Design idea: a package that exists on disk is complete and has passed its own test (build.py
 writes it beside its destination and renames it into place). Reading checks the format
@@ -30,13 +34,15 @@ folder that a deployment has changed since, instead of serving another model und
 import hashlib
 import json
 import os
+import re
 
 import numpy as np
 
 from ope.errors import PackageError, SpecError
 from ope.spec import TensorSpec, as_specs
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "RUNNERS", "FRAMEWORKS", "Package", "read_package"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "RUNNERS", "FRAMEWORKS", "LOCK_FILE", "Package",
+           "read_package", "python_requirement"]
 
 FORMAT = "ope-package"
 FORMAT_VERSION = 1
@@ -50,6 +56,8 @@ _CODE_DIR = "code"
 _DATA_DIR = "data"
 _TEST_INPUTS = "test_data/inputs.npz"
 _TEST_OUTPUTS = "test_data/outputs.npz"
+LOCK_FILE = "requirements.lock"
+_PYTHON_VERSION = re.compile(r"3\.\d+")
 
 
 class Package:
@@ -99,6 +107,19 @@ class Package:
     @property
     def framework(self):
         return self.config.get("framework")
+
+    @property
+    def python(self):
+        """The Python version ("X.Y") the package is made for, or None if any."""
+        return self.config.get("python")
+
+    def lock_text(self):
+        """The package's lock (its requirements pinned for one Python), or None if it has
+        none. The manifest verified it when the package was read."""
+        if LOCK_FILE not in self.files:
+            return None
+        with open(os.path.join(self.path, LOCK_FILE), encoding="utf-8") as file:
+            return file.read()
 
     @property
     def has_test_data(self):
@@ -294,6 +315,10 @@ def _parse_specs(path, config):
         fail("'requires' must map names to version specifier strings")
     if not isinstance(config.get("test_data"), bool):
         fail("'test_data' must be true or false")
+    if "python" in config and (not isinstance(config["python"], str)
+                               or python_requirement(config["python"]) != requires.get("python")):
+        fail("'python' must be a version such as \"3.10\", with requires[\"python\"] "
+             "\"==3.10.*\"")
     if config["runner"] == "torchscript" and config.get("model_file") != _MODEL_FILE:
         fail(f"'model_file' must be {_MODEL_FILE!r} for a torchscript package")
     if config["runner"] == "python":
@@ -304,6 +329,12 @@ def _parse_specs(path, config):
             fail(f"'framework' must be one of {', '.join(FRAMEWORKS)}, "
                  f"got {config.get('framework')!r}")
     return specs["inputs"], specs["outputs"]
+
+
+def python_requirement(version):
+    """The ``requires`` entry of a package made for Python ``version`` ("X.Y"), or None if
+    ``version`` is not of that form."""
+    return f"=={version}.*" if _PYTHON_VERSION.fullmatch(version) else None
 
 
 def _entrypoint_problem(entrypoint):

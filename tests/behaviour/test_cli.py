@@ -24,7 +24,7 @@ def test_inspect_shows_specs_requires_and_files(capsys, gated):
 
 def test_inspect_flags_unmet_requirements(capsys, tmp_path):
     package = models.numpy_package(str(tmp_path), "def factory(d):\n    return dict\n",
-                                   name="needy", inputs=[], outputs=[],
+                                   name="needy", inputs=[], outputs=[], lock=False,
                                    requires={"numpy": "<1"})
     assert main(["inspect", package.path]) == 0
     assert "numpy<1   [not satisfied here]" in capsys.readouterr().out

@@ -10,14 +10,9 @@ tests skip, saying so; with ``CI=true`` they fail instead.
 """
 
 import concurrent.futures
-import json
 import os
 import platform
-import signal
-import subprocess
 import sys
-import time
-import urllib.request
 
 import numpy as np
 import pytest
@@ -30,12 +25,11 @@ from ope.install_policy import load_policy
 from ope.cli import main
 
 import models
+from envs_support import CACHE_HOME, HOST_MINOR, own_home, skip_unless_buildable, torch_policy  # noqa: F401
 
-CACHE_HOME = os.environ.get("OPE_TEST_HOME") or os.path.expanduser("~/.cache/ope-tests")
 # name -> (python, requires): one other Python minor with numpy 1, this Python with numpy 2.
 CACHED_ENVS = {"np1": ("3.10", ["numpy==1.26.*"]),
                "np2": (platform.python_version(), ["numpy>=2"])}
-HOST_MINOR = ".".join(platform.python_version_tuple()[:2])
 
 _RUNTIME_SOURCE = '''
 import os, platform, sys
@@ -72,9 +66,10 @@ def factory(data_dir):
 
 def runtime_package(root, name, requires):
     """Reports the numpy and Python it runs with, where its ope lives, the environment
-    variables named in ``names`` and its CPU affinity; y = 2x."""
+    variables named in ``names`` and its CPU affinity; y = 2x. Made without a lock: these
+    tests are about choosing among recorded environments (locks: test_locked_envs.py)."""
     return models.numpy_package(
-        root, _RUNTIME_SOURCE, name=name, requires=requires, outputs=_RUNTIME_OUTPUTS,
+        root, _RUNTIME_SOURCE, name=name, requires=requires, outputs=_RUNTIME_OUTPUTS, lock=False,
         inputs=[TensorSpec("x", "float32", ("n",)), TensorSpec("names", "string", ("k",))])
 
 
@@ -87,25 +82,6 @@ def report(model, *names):
 # --- fixtures --------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
-def torch_policy(tmp_path_factory):
-    """Constraints that keep torch, in every environment these tests build, to the host's own
-    build on the host's Python and forbid it on any other: a registry torch brings gigabytes
-    of CUDA libraries."""
-    path = tmp_path_factory.mktemp("policy") / "constraints.txt"
-    path.write_text(f'torch=={torch.__version__} ; python_version == "{HOST_MINOR}"\n'
-                    f'torch<0 ; python_version != "{HOST_MINOR}"\n')
-    return str(path)
-
-
-@pytest.fixture(autouse=True)
-def own_home(tmp_path, monkeypatch, torch_policy):
-    """Every test starts with an empty OPE_HOME of its own, never the user's, under the
-    torch policy."""
-    monkeypatch.setenv(envs.HOME_ENV, str(tmp_path / "ope-home"))
-    monkeypatch.setenv("OPE_CONSTRAINTS", torch_policy)
-
-
-@pytest.fixture(scope="session")
 def cached_envs(torch_policy):
     """Build (or reuse) np1 and np2 under CACHE_HOME, both at once."""
     with pytest.MonkeyPatch.context() as patch:
@@ -113,7 +89,7 @@ def cached_envs(torch_policy):
         patch.setenv("OPE_CONSTRAINTS", torch_policy)
         missing = [name for name in CACHED_ENVS if not _up_to_date(name)]
         if missing:
-            _skip_unless_buildable()
+            skip_unless_buildable()
             with concurrent.futures.ThreadPoolExecutor(len(missing)) as pool:
                 for done in [pool.submit(_rebuild, name) for name in missing]:
                     done.result()
@@ -142,25 +118,6 @@ def _rebuild(name):
         envs.remove(name)
     envs.create(name, python=python, requires=requires,
                 log=lambda line: print(f"[{name}] {line}"))
-
-
-def _skip_unless_buildable():
-    """Skip (fail in CI) with the reason when the environments cannot be built here."""
-    reasons = []
-    try:
-        envs.find_python(CACHED_ENVS["np1"][0])
-    except EnvError as exc:
-        reasons.append(str(exc))
-    index = load_policy().index_url or "https://pypi.org/simple/"
-    try:
-        urllib.request.urlopen(index.rstrip("/") + "/pip/", timeout=10).close()
-    except OSError as exc:
-        reasons.append(f"package registry {index} unreachable ({exc})")
-    if reasons:
-        reason = "cannot build worker environments: " + "; ".join(reasons)
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
 
 
 @pytest.fixture(scope="module")
@@ -417,136 +374,3 @@ def test_install_policy_from_the_config_file_and_pip(monkeypatch, tmp_path):
     (tmp_path / "ope-home" / "config.toml").write_text('[install]\nindex = "x"\n')
     with pytest.raises(EnvError, match=r"unknown \[install\] setting\(s\) index"):
         load_policy()
-
-
-# --- locks and the environments built from them --------------------------------------------
-
-LOCK_NUMPY1 = ("3.10", ["numpy<2"])
-
-
-@pytest.fixture(scope="session")
-def numpy1_lock(torch_policy):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OPE_CONSTRAINTS", torch_policy)
-        _skip_unless_buildable()
-        return envs.lock(LOCK_NUMPY1[1], LOCK_NUMPY1[0])
-
-
-def test_lock_pins_numpy_1_for_python_3_10(numpy1_lock):
-    assert envs.lock_python(numpy1_lock) == "3.10"
-    pins = envs.lock_pins(numpy1_lock)
-    assert [pin for pin in pins if pin.startswith("numpy==1.26.")]
-    assert {pin.split("==")[0] for pin in pins} >= {"msgpack", "psutil", "packaging"}
-    assert "--hash=sha256:" in numpy1_lock
-
-
-def test_lock_without_uv_uses_pip(numpy1_lock, monkeypatch):
-    monkeypatch.setenv(envs.TOOL_ENV, "pip")
-    text = envs.lock(["numpy<2"], "3.10")
-    assert envs.lock_pins(text) == envs.lock_pins(numpy1_lock)
-    assert "--hash=sha256:" in text
-
-
-@pytest.mark.parametrize("tool", ["uv", "pip"])
-def test_lock_refuses_what_the_policy_forbids(numpy1_lock, monkeypatch, tool):
-    monkeypatch.setenv(envs.TOOL_ENV, tool)
-    with pytest.raises(EnvError, match=r"cannot lock 'torch' for Python 3.10: no version is "
-                                       r"available under the install policy .*OPE_CONSTRAINTS"):
-        envs.lock(["torch"], "3.10")
-    with pytest.raises(EnvError, match=r"cannot lock 'numpy==0.0.1' for Python 3.10"):
-        envs.lock(["numpy==0.0.1"], "3.10")
-
-
-def test_ensure_reuses_the_environment_and_create_from_a_package(numpy1_lock, monkeypatch,
-                                                                  tmp_path, capsys):
-    # Cached across runs, in a home of its own: it would also satisfy the selection tests.
-    monkeypatch.setenv(envs.HOME_ENV, os.path.join(CACHE_HOME, "locked"))
-    env = envs.ensure_env(numpy1_lock)
-    lines = []
-    start = time.perf_counter()
-    again = envs.ensure_env(numpy1_lock, "3.10", progress=lines.append)
-    assert time.perf_counter() - start < 0.2 and lines == [] and again == env
-    assert env.kind == "locked" and env.packages["numpy"].startswith("1.26.")
-    (tmp_path / "pkg").mkdir()
-    (tmp_path / "pkg" / envs.LOCK_FILE).write_text(numpy1_lock)
-    assert main(["env", "create", "--from", str(tmp_path / "pkg"), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["name"] == env.name
-
-
-def test_ensure_without_build_names_the_missing_environment():
-    text = "# ope lock for Python 3.10\nnumpy==1.26.4\n"
-    with pytest.raises(EnvError, match=r"environment for this lock \(Python 3.10: numpy==1.26.4\) "
-                                       r"is missing .*ope env create --from PACKAGE"):
-        envs.ensure_env(text, build=False)
-
-
-def test_unsatisfiable_lock_fails_and_leaves_nothing(numpy1_lock):
-    with pytest.raises(EnvError, match=r"cannot build the environment for Python 3.10 from its "
-                                       r"lock: a pinned file is not available[\s\S]*numpy"):
-        envs.ensure_env("# ope lock for Python 3.10\nnumpy==0.0.1\n")
-    assert envs.list_envs() == []
-    assert [name for name in os.listdir(os.path.join(envs.ope_home(), "envs"))
-            if not name.endswith(".lock")] == []
-
-
-_ENSURE = ("import sys; from ope import envs; "
-           "envs.ensure_env(sys.argv[1], progress=lambda line: print(line, flush=True))")
-
-
-def _ensuring(lock_text):
-    return subprocess.Popen([sys.executable, "-c", _ENSURE, lock_text], stdout=subprocess.PIPE,
-                            text=True, start_new_session=True)
-
-
-def test_killed_build_leaves_nothing_and_concurrent_ensures_build_once(numpy1_lock):
-    text = envs.lock([], HOST_MINOR)
-    killed = _ensuring(text)
-    for line in killed.stdout:
-        if "venv created" in line:
-            break
-    os.killpg(killed.pid, signal.SIGKILL)  # the build and the tools it runs
-    killed.wait()
-    killed.stdout.close()
-    assert envs.list_envs() == []
-    with pytest.raises(EnvError, match="is missing"):
-        envs.ensure_env(text, build=False)
-    racers = [_ensuring(text) for _ in range(2)]
-    outputs = [proc.communicate(timeout=120)[0] for proc in racers]
-    assert [proc.returncode for proc in racers] == [0, 0]
-    assert sum("building for Python" in output for output in outputs) == 1
-    env = envs.ensure_env(text, build=False)
-    assert [e.name for e in envs.list_envs()] == [env.name]
-    assert not [name for name in os.listdir(os.path.join(envs.ope_home(), "envs"))
-                if name.startswith(".stage-")]
-
-
-def _fake_locked_env(name, megabytes, days_ago):
-    folder = os.path.join(envs.ope_home(), "envs", name)
-    os.makedirs(folder)
-    record = dict(name=name, kind="locked", python=sys.executable, python_version="3.10.0",
-                  packages={}, requires=[], created="2020-01-01T00:00:00+00:00",
-                  ope_version="0.1.0")
-    with open(os.path.join(folder, "ope-env.json"), "w") as file:
-        json.dump(record, file)
-    with open(os.path.join(folder, "payload"), "wb") as file:
-        file.write(os.urandom(megabytes << 20))
-    used = os.path.join(folder, "last-used")
-    open(used, "w").close()
-    stamp = time.time() - days_ago * 86400
-    os.utime(used, (stamp, stamp))
-
-
-def test_env_gc_removes_only_unused_or_over_budget_locked_envs(capsys):
-    _fake_locked_env("lock-old", 1, days_ago=30)
-    _fake_locked_env("lock-older", 1, days_ago=60)
-    _fake_locked_env("lock-recent", 2, days_ago=1)
-    _fake_locked_env("lock-fresh", 1, days_ago=0)
-    envs.register("mine", sys.executable)  # the user's: never collected
-    os.utime(os.path.join(envs.ope_home(), "envs", "mine", "ope-env.json"), (0, 0))
-    assert main(["env", "gc", "--unused-days", "7", "--json"]) == 0
-    assert sorted(json.loads(capsys.readouterr().out)) == ["lock-old", "lock-older"]
-    assert envs.gc(max_bytes=2.5 * (1 << 20)) == ["lock-recent"]  # least recently used first
-    assert sorted(env.name for env in envs.list_envs()) == ["lock-fresh", "mine"]
-    assert main(["env", "list", "--json"]) == 0
-    listing = {env["name"]: env for env in json.loads(capsys.readouterr().out)}
-    assert listing["lock-fresh"]["size_bytes"] >= 1 << 20

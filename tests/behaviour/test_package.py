@@ -387,7 +387,7 @@ def test_an_entrypoint_module_imported_from_elsewhere_is_refused(tmp_path, load_
 ])
 def test_unsatisfied_requirement_is_named(tmp_path, requires, message):
     package = models.numpy_package(str(tmp_path), "def factory(d):\n    return dict\n",
-                                   name="needy", inputs=[], outputs=[],
+                                   name="needy", inputs=[], outputs=[], lock=False,
                                    requires={"numpy": ">=1", **requires})
     with pytest.raises(RequirementError, match=message) as caught:
         ope.load(package.path, out_of_process=False)
