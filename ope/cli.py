@@ -168,7 +168,8 @@ def _env_json(env):
             "python_version": env.python_version, "packages": env.packages,
             "requires": env.requires, "created": env.created, "ope_version": env.ope_version,
             "stale": env.stale, "size_bytes": envs.size_on_disk(env),
-            "last_used": _iso(envs.last_used(env))}
+            "last_used": _iso(envs.last_used(env)),
+            "used_by": sorted(set(envs.used_by(env.name).values()))}
 
 
 def _iso(timestamp):
@@ -194,6 +195,8 @@ def _env_list(args):
         print(f"  {env.name:<21} {env.kind:<10} Python {env.python_version:<8} "
               f"{facts['size_bytes'] / 1e6:7.1f} MB  used {facts['last_used'][:16]}  "
               f"{_key_packages(env)}{stale}")
+        if facts["used_by"]:
+            print(f"  {'':<21} used by {', '.join(facts['used_by'])}")
     return 0
 
 

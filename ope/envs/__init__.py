@@ -17,6 +17,7 @@ Layout of ``$OPE_HOME/envs/NAME``::
                     "created": ISO time (UTC), "ope_version", "ope_source": source
                     fingerprint (built ones only), "key": the lock key (locked only)}
     last-used      its mtime is the environment's last use
+    used-by.json   {package path: package name} of the packages that selected it
     bin/, lib/     the venv itself (built environments only; a registered one is elsewhere)
 
 Environments built from a *lock* (:func:`lock`: exact pins with hashes of a package's
@@ -39,14 +40,15 @@ never the host's.
 from ope.install_policy import HOME_ENV, ope_home
 from ope.envs.source import source_fingerprint
 from ope.package.format import LOCK_FILE
-from ope.envs.store import Env, find_python, gc, get, last_used, list_envs, remove, size_on_disk
+from ope.envs.store import (Env, find_python, gc, get, last_used, list_envs, remove,
+                            size_on_disk, used_by)
 from ope.envs.build import (TOOL_ENV, create, ensure_env, lock, lock_pins, lock_python,
                             register, requirement_strings)
 from ope.envs.selection import BUILD_ENV, select
 from ope.envs.progress import progress_reporter
 from ope.envs.devices import device_env_vars
 
-__all__ = ["Env", "HOME_ENV", "TOOL_ENV", "BUILD_ENV", "LOCK_FILE", "progress_reporter", "ope_home", "source_fingerprint",
-           "find_python", "create", "register", "get", "list_envs", "remove", "select",
+__all__ = ["Env", "HOME_ENV", "TOOL_ENV", "BUILD_ENV", "LOCK_FILE", "progress_reporter",
+           "ope_home", "source_fingerprint", "find_python", "create", "register", "get", "list_envs", "remove", "select",
            "requirement_strings", "lock", "lock_python", "lock_pins", "ensure_env",
-           "last_used", "size_on_disk", "gc", "device_env_vars"]
+           "last_used", "used_by", "size_on_disk", "gc", "device_env_vars"]

@@ -21,13 +21,14 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
 from ope.errors import EnvError
-from ope.install_policy import ENV_VARS, config_path, load_policy, ope_home
+from ope.install_policy import ENV_VARS, config_path, load_policy
 from ope.package.format import LOCK_FILE
 from ope.requirements import check_requirements
 from ope.envs.progress import BUILD_STEPS
 from ope.envs.source import project_copy, runtime_requirements, source_fingerprint, source_root
 from ope.envs.store import (LOCKED_PREFIX, LOG, RECORD, Env, build_lock, env_dir, envs_dir,
-                            find_python, get, interpreter_at, probe, touch)
+                            find_python, get, interpreter_at, probe, touch,
+                            wheel_folder)
 
 TOOL_ENV = "OPE_ENV_TOOL"
 _LOCK_HEADER = "# ope lock for Python {python}"
@@ -183,8 +184,7 @@ class Tool:
         environment's build time, and every environment of one Python shares the result."""
         version = subprocess.run([venv_python, "-c", "import sys; print(*sys.version_info[:2])"],
                                  capture_output=True, text=True, check=True).stdout.split()
-        folder = os.path.join(ope_home(), "wheels",
-                              f"{source_fingerprint()[:16]}-py{'.'.join(version)}")
+        folder = wheel_folder(".".join(version))
         wheels = glob.glob(os.path.join(folder, "*.whl"))
         if wheels:
             return wheels[0]

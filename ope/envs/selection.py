@@ -36,7 +36,7 @@ def select(package, env="auto", *, build=None, progress=None):
     if env != "auto":
         if os.sep in env:
             return interpreter_at(env)
-        return _used(get(env))
+        return _used(get(env), package)
     failing = check_requirements(package.requires)
     if not failing:
         return None
@@ -44,12 +44,12 @@ def select(package, env="auto", *, build=None, progress=None):
     if lock_text is not None:
         ready = locked_env(lock_text)
         if ready is not None:
-            return _used(ready)
+            return _used(ready, package)
     candidates = [(f"this host's interpreter {sys.executable}", failing)]
     for candidate in list_envs():
         failing = candidate.failures(package.requires)
         if not failing:
-            return _used(candidate)
+            return _used(candidate, package)
         candidates.append((f"env {candidate.name!r} (Python {candidate.python_version})",
                            failing))
     listing = "".join(f"\n  {who}: {'; '.join(why)}" for who, why in candidates)
@@ -63,7 +63,7 @@ def select(package, env="auto", *, build=None, progress=None):
         raise EnvError(f"the environment of package {package.name!r} is not built and "
                        f"building is off (build=False or {BUILD_ENV}=0):{listing}\nPre-build "
                        f"it with: ope env create --from {package.path}")
-    return _used(ensure_env(lock_text, progress=progress or progress_reporter()))
+    return _used(ensure_env(lock_text, progress=progress or progress_reporter()), package)
 
 
 def _builds_allowed(build):
@@ -75,10 +75,10 @@ def _builds_allowed(build):
     return setting == "1"
 
 
-def _used(env):
-    """``env``'s interpreter, noting the use for ``ope env gc``."""
+def _used(env, package):
+    """``env``'s interpreter, noting its use by ``package`` (``ope env list``, ``gc``)."""
     if not os.path.isfile(env.python):
         raise EnvError(f"environment {env.name!r}: its interpreter {env.python} is gone; "
                        f"remove the environment and create it again")
-    touch(env.name)
+    touch(env.name, package)
     return env.python

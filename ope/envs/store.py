@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 from packaging.utils import canonicalize_name
@@ -24,6 +25,7 @@ from ope.envs.source import source_fingerprint
 
 RECORD = "ope-env.json"
 _LAST_USED = "last-used"
+_USED_BY = "used-by.json"
 LOCKED_PREFIX = "lock-"
 LOG = logging.getLogger("ope.envs")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -177,7 +179,11 @@ def probe(python):
 
 # -- use, size and garbage collection -------------------------------------------------------
 
-def touch(name):
+def touch(name, package=None):
+    """Note a use of environment ``name`` now (for ``ope env gc``), by ``package`` if given
+    (for ``ope env list``)."""
+    if package is not None:
+        _note_user(name, package)
     path = os.path.join(envs_dir(), name, _LAST_USED)
     try:
         os.utime(path)
@@ -189,6 +195,32 @@ def touch(name):
             pass  # a read-only home: last use is then the record's time
     except OSError:
         pass
+
+
+def _note_user(name, package):
+    """Add ``package`` to the environment's users: best effort (two processes adding at once
+    may keep only one of them; the next use adds it again), never an error for the load."""
+    path = os.path.join(envs_dir(), name, _USED_BY)
+    users = used_by(name)
+    if users.get(package.path) == package.name:
+        return
+    users[package.path] = package.name
+    try:
+        with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), delete=False) as file:
+            json.dump(users, file)
+        os.replace(file.name, path)
+    except OSError:
+        pass
+
+
+def used_by(name):
+    """The packages that used environment ``name``: package path -> package name."""
+    try:
+        with open(os.path.join(envs_dir(), name, _USED_BY)) as file:
+            users = json.load(file)
+    except (OSError, ValueError):
+        return {}
+    return users if isinstance(users, dict) else {}
 
 
 def last_used(env):
@@ -262,4 +294,19 @@ def gc(unused_days=None, max_bytes=None, now=None):
             continue  # being built or rebuilt right now
         total -= sizes[env.name]
         removed.append(env.name)
+    _remove_stale_wheels()
     return removed
+
+
+def wheel_folder(python_version):
+    """Where ope's wheel for Python ``python_version`` ("X.Y") built from this source is
+    kept (ope.envs.build.Tool.ope_wheel)."""
+    return os.path.join(ope_home(), "wheels", f"{source_fingerprint()[:16]}-py{python_version}")
+
+
+def _remove_stale_wheels():
+    """Wheels built from other versions of ope's source: no environment build takes them."""
+    current = wheel_folder("")  # the folder name's prefix shared by every Python version
+    for folder in glob.glob(os.path.join(os.path.dirname(current), "*")):
+        if not os.path.basename(folder).startswith(os.path.basename(current)):
+            shutil.rmtree(folder, ignore_errors=True)

@@ -127,6 +127,8 @@ def test_first_load_builds_the_environment_then_loads_reuse_it(numpy1_package, c
         assert versions(model) == (numpy_version, python_version)
     assert "building" not in capfd.readouterr().err, "the second load reuses the environment"
     assert [env.kind for env in envs.list_envs()] == ["locked"]
+    assert main(["env", "list", "--json"]) == 0
+    assert json.loads(capfd.readouterr().out)[0]["used_by"] == ["numpy1-py310"]
 
 
 def test_build_off_only_selects_and_says_how_to_prebuild(numpy1_package, monkeypatch, capsys):
@@ -300,7 +302,12 @@ def test_env_gc_removes_only_unused_or_over_budget_locked_envs(capsys):
     _fake_locked_env("lock-fresh", 1, days_ago=0)
     envs.register("mine", sys.executable)  # the user's: never collected
     os.utime(os.path.join(envs.ope_home(), "envs", "mine", "ope-env.json"), (0, 0))
+    wheels = os.path.join(envs.ope_home(), "wheels")
+    current = os.path.basename(envs.store.wheel_folder("3.10"))
+    for folder in (current, "0123456789abcdef-py3.10"):
+        os.makedirs(os.path.join(wheels, folder))
     assert main(["env", "gc", "--unused-days", "7", "--json"]) == 0
+    assert os.listdir(wheels) == [current], "wheels of other ope sources are removed"
     assert sorted(json.loads(capsys.readouterr().out)) == ["lock-old", "lock-older"]
     assert envs.gc(max_bytes=2.5 * (1 << 20)) == ["lock-recent"]  # least recently used first
     assert sorted(env.name for env in envs.list_envs()) == ["lock-fresh", "mine"]
