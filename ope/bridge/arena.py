@@ -433,6 +433,12 @@ class Arena:
     def own_bytes(self):
         return sum(m.size for _, m, _ in self._own)
 
+    def descriptors(self):
+        """Segment id -> the descriptor this side holds for it: the host's own segments
+        (read-write, sealed against shrink and grow) and, in a worker, the host's segments it
+        mapped (read-only). For inspection: closing the arena closes them."""
+        return {**self._own_fds, **self._peer_fds}
+
     def close(self):
         """Drop every descriptor and our references; outputs the caller holds stay readable
         (their mappings live on until the last view goes)."""

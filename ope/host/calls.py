@@ -4,13 +4,14 @@ A :class:`_Call` records what a call holds in the arena until its reply and how 
 :func:`_announce` completes the futures of settled calls once their model's locks are let go
 (out_of_process.py has the lock order); a :class:`_CallFuture` collects its own reply in the
 thread that asks for its result, and wakes the model's collector thread when it is waited on
-in other ways.
+in other ways it can see; the collector completes the calls nobody asks for (out_of_process.py).
 """
 
 import concurrent.futures
 import logging
 import threading
 import time
+import typing
 
 import ope_native
 from ope.bridge.channel import corrupt_queue
@@ -64,28 +65,39 @@ def _announce(calls):
         future.run_callbacks()
 
 
+class Collection(typing.NamedTuple):
+    """How a future gets its call's reply from its model (ope/host/out_of_process.py):
+    ``collect(call)`` receives until the call is settled and returns its outputs or raises
+    its error; ``collect_until(call, until)`` receives until the call is settled or the
+    monotonic time ``until`` (None: no limit) passes, if no other thread is receiving, and
+    returns whether it could; ``wake()`` has the model's collector thread complete the calls
+    in flight at once."""
+
+    collect: typing.Callable
+    collect_until: typing.Callable
+    wake: typing.Callable
+
+
 class _CallFuture(concurrent.futures.Future):
     """A Future whose result() collects the reply in the calling thread: waking a collector
     thread that would then wake this one costs a second wake-up per call, and on a VM each
     can cost far more than the call. A timed result() collects too, up to its timeout, if no
-    other thread is receiving; waiting without collecting (done() polling, a done-callback,
-    asyncio, concurrent.futures.wait or as_completed) wakes the model's collector thread
-    instead. The call already runs in the worker, so the future cannot be cancelled.
+    other thread is receiving; waiting in a way this class sees without collecting (done()
+    polling, a done-callback, asyncio) wakes the model's collector thread at once. Waiting in
+    concurrent.futures.wait or as_completed gives no sign: the collector completes a call
+    nobody collects within a grace period of it becoming the oldest in flight. The call
+    already runs in the worker, so the future cannot be cancelled.
 
     Done-callbacks are kept here, not in the Future, and run by :meth:`run_callbacks` once
-    every future completed with this one is complete too (_announce). The one Future
-    internal touched is its list of waiters: concurrent.futures.wait and as_completed add to
-    it, which is the only sign that a thread waits without asking for the result; without it
-    the collector would have to run after every call and cost every call a second wake-up."""
+    every future completed with this one is complete too (_announce)."""
 
-    def __init__(self, model):
+    def __init__(self, collection):
         super().__init__()
-        self.model = model
+        self._collection = collection
         self.call = None
         self._lock = threading.Lock()  # the hooks and callbacks below
         self._settle_hooks = []  # None once the future is complete
         self._callbacks = []  # None once they ran
-        self._waiters = _WakingList(model._wake_collector)  # futures.wait/as_completed add here
         self.set_running_or_notify_cancel()
 
     def when_settled(self, hook):
@@ -129,7 +141,7 @@ class _CallFuture(concurrent.futures.Future):
         if fn is not None:  # the callbacks ran: this one runs now, as for a done Future
             self._call_back(fn)
         elif not super().done():
-            self.model._wake_collector()
+            self._collection.wake()
 
     def _call_back(self, fn):
         try:
@@ -145,7 +157,7 @@ class _CallFuture(concurrent.futures.Future):
             _announce((call,))
             if super().done():
                 return True
-        self.model._wake_collector()  # someone polls: the reply must come without result()
+        self._collection.wake()  # someone polls: the reply must come without result()
         return False
 
     def result(self, timeout=None):
@@ -161,37 +173,20 @@ class _CallFuture(concurrent.futures.Future):
         ``timeout`` to wait for the future."""
         if super().done():
             return timeout
-        model, call = self.model, self.call
+        collection, call = self._collection, self.call
         if timeout is None:
             try:
-                model._collect(call)
+                collection.collect(call)
             except OpeError:
                 pass  # set on this future too; raised by the caller
             return None
         until = time.monotonic() + timeout
-        if model._recv_lock.acquire(blocking=False):
-            try:
-                settled = model._settle_until(call, until=until)
-            finally:
-                model._recv_lock.release()
-            _announce(settled)
+        collection.collect_until(call, until)
         if call.done:
             _announce((call,))  # settled by a thread that has not announced it yet
         else:
-            model._wake_collector()
+            collection.wake()
         return max(0.0, until - time.monotonic())
-
-
-class _WakingList(list):
-    """A future's list of waiters that wakes the collector when one is added."""
-
-    def __init__(self, wake):
-        super().__init__()
-        self._wake = wake
-
-    def append(self, waiter):
-        super().append(waiter)
-        self._wake()
 
 
 def _send_failure(exc):

@@ -81,7 +81,7 @@ def test_segments_are_sealed_memfds_with_no_name_in_dev_shm(make_arena):
     arena = make_arena()
     assert _our_shm_names() == shm_before
     assert len(_memfd_links()) == 1  # the first data segment; no worker yet
-    (fd,) = arena._own_fds.values()
+    (fd,) = arena.descriptors().values()
     seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
     assert seals & (fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL) == \
         fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
@@ -193,7 +193,7 @@ def test_a_write_through_the_workers_mapping_never_reaches_the_host(pair):
     ctypes.memset(peer.address, 0xFF, 64)
     assert np.frombuffer(peer, np.uint8).tolist() == [0xFF] * 64
     np.testing.assert_array_equal(host_view, np.ones(16, np.float32))
-    for fd in worker._peer_fds.values():  # and no way to write through its descriptors
+    for fd in worker.descriptors().values():  # and no way to write through its descriptors
         with pytest.raises(OSError):
             os.pwrite(fd, b"x", 4096)
         with pytest.raises(OSError):
@@ -238,13 +238,22 @@ def test_the_worker_refuses_a_bad_range_with_protocol_error(pair, seg_id, offset
     ring.release(payload)
 
 
-def _offer(worker, seg_id, fd):
-    socket.send_fds(worker._socket, [struct.pack("<Q", seg_id)], [fd])
+def _offer(spec, seg_id, fd):
+    """Offer ``fd`` as segment ``seg_id`` on the worker's end of the socket named in the
+    attach ``spec``, as a worker that skipped every check would."""
+    fields = dict(field.split("=", 1) for field in spec.split(";"))
+    raw = socket.socket(fileno=os.dup(int(fields["socket"])))
+    try:
+        socket.send_fds(raw, [struct.pack("<Q", seg_id)], [fd])
+    finally:
+        raw.close()
 
 
 @pytest.mark.parametrize("make_fd", ["unsealed memfd", "regular file", "pipe"])
-def test_the_host_refuses_a_segment_that_could_shrink_under_it(pair, tmp_path, make_fd):
-    host, worker = pair
+def test_the_host_refuses_a_segment_that_could_shrink_under_it(make_arena, tmp_path, make_fd):
+    host = make_arena()
+    spec, _ = host.connect()
+    worker = Arena.attach(spec, first_id=2, max_bytes=4 * MIB)
     if make_fd == "unsealed memfd":
         fd = os.memfd_create("ope-arena")
         os.ftruncate(fd, 64 * KIB)
@@ -255,11 +264,12 @@ def test_the_host_refuses_a_segment_that_could_shrink_under_it(pair, tmp_path, m
         fd, other = os.pipe()
         os.close(other)
     try:
-        _offer(worker, 2, fd)
+        _offer(spec, 2, fd)
     finally:
         os.close(fd)
     with pytest.raises(ope.ProtocolError, match="segment 2"):
         peer_view(host, 2, 4096 + 64, 8)
+    worker.close()
 
 
 def test_the_host_refuses_a_segment_named_but_never_handed_over(pair):
@@ -464,7 +474,8 @@ def test_encode_holds_its_tensors_while_a_callback_changes_the_callers_dict(pair
         return protocol.dtype_code(dtype)
 
     frame, copied, scratch, _ = ope_native.encode_frame(
-        protocol.INFER, 1, tensors, host._own, False, protocol.DTYPE_CODES, code_of, host._grow)
+        protocol.INFER, 1, tensors, host.encoding[0], False, protocol.DTYPE_CODES, code_of,
+        host.encoding[3])
     received = worker.decode(frame)[2]
     assert list(received) == ["s", "x"]
     np.testing.assert_array_equal(received["s"], ["ab", "c"])
