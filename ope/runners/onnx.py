@@ -28,9 +28,10 @@ class OnnxRunner(Runner):
         if self.threads:
             session_options.intra_op_num_threads = self.threads
             session_options.inter_op_num_threads = 1
+        providers = _providers(ort, self.device)
         try:
             self._session = ort.InferenceSession(package.model_file, session_options,
-                                                 providers=_providers(ort, self.device))
+                                                 providers=providers)
         except Exception as error:
             raise PackageError(f"package {package.name!r}: onnxruntime cannot load its model: "
                                f"{error}") from None
