@@ -8,6 +8,7 @@ name, its element type as an ope dtype, and per dim its ``dim_value`` (a fixed s
 size), or any size where the graph says nothing.
 """
 
+import functools
 import os
 
 from ope.errors import PackageError, SpecError
@@ -61,17 +62,16 @@ def _parse(onnx, model):
     if isinstance(model, onnx.ModelProto):
         return model, "the ModelProto given"
     if isinstance(model, (bytes, bytearray, memoryview)):
-        source = "the bytes given"
-        parse = lambda: onnx.load_model_from_string(bytes(model))  # noqa: E731
+        source, parse, argument = "the bytes given", onnx.load_model_from_string, bytes(model)
     elif isinstance(model, (str, os.PathLike)):
-        source = os.fspath(model)
+        source = argument = os.fspath(model)
         check_format(source, {"onnx"}, "package_onnx")
-        parse = lambda: onnx.load(source, load_external_data=False)  # noqa: E731
+        parse = functools.partial(onnx.load, load_external_data=False)
     else:
         raise PackageError(f"package_onnx takes the path of an .onnx file, its bytes or an "
                            f"onnx.ModelProto, got {type(model).__name__}")
     try:
-        proto = parse()
+        proto = parse(argument)
     except Exception as error:  # protobuf's DecodeError, OSError, ...
         raise PackageError(f"{source}: not a readable ONNX model ({error})") from None
     # protobuf parses many byte strings into some message: an ONNX model has these.
@@ -83,13 +83,14 @@ def _parse(onnx, model):
 def _graph_tensors(onnx, proto, source):
     """The graph's inputs and outputs: {name: (dtype, dims or None if the rank is unknown)}."""
     weights = {initializer.name for initializer in proto.graph.initializer}
-    inputs = {value.name: _describe(value, "input", source)
+    inputs = {value.name: _describe(onnx, value, "input", source)
               for value in proto.graph.input if value.name not in weights}
-    outputs = {value.name: _describe(value, "output", source) for value in proto.graph.output}
+    outputs = {value.name: _describe(onnx, value, "output", source)
+               for value in proto.graph.output}
     return inputs, outputs
 
 
-def _describe(value, role, source):
+def _describe(onnx, value, role, source):
     kind = value.type.WhichOneof("value")
     if kind != "tensor_type":
         raise SpecError(f"{source}: graph {role} {value.name!r} is a {kind or 'value of no type'}"
@@ -98,7 +99,7 @@ def _describe(value, role, source):
     dtype = _DTYPES.get(tensor.elem_type)
     if dtype is None:
         raise SpecError(f"{source}: graph {role} {value.name!r} has element type "
-                        f"{_type_name(tensor.elem_type)}, which ope has no dtype for "
+                        f"{_type_name(onnx, tensor.elem_type)}, which ope has no dtype for "
                         f"(it takes {', '.join(sorted(set(_DTYPES.values())))})")
     if not tensor.HasField("shape"):
         return dtype, None
@@ -114,8 +115,7 @@ def _dim(dim):
     return None
 
 
-def _type_name(elem_type):
-    import onnx
+def _type_name(onnx, elem_type):
     try:
         return onnx.TensorProto.DataType.Name(elem_type)
     except ValueError:

@@ -165,6 +165,31 @@ def test_graph_names_that_are_not_identifiers_are_named(tmp_path):
         ope.package_onnx(tmp_path / "p", model, name="p")
 
 
+def test_element_types_without_an_ope_dtype_are_named(tmp_path):
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT)], "bf16",
+        [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, ["n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])])
+    with pytest.raises(ope.SpecError, match=r"graph input 'x' has element type BFLOAT16, which "
+                                            r"ope has no dtype for"):
+        ope.package_onnx(tmp_path / "p", helper.make_model(graph, opset_imports=OPSET), name="p")
+
+
+def test_a_rank_the_graph_leaves_open_needs_a_spec(load_model, tmp_path):
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "relu",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=OPSET)
+    with pytest.raises(ope.SpecError, match=r"does not say the rank of input 'x'"):
+        ope.package_onnx(tmp_path / "p", model, name="p")
+    package = ope.package_onnx(tmp_path / "p", model, name="p",
+                               inputs=[TensorSpec("x", "float32", ("n", 2))],
+                               outputs=[TensorSpec("y", "float32", ("n", 2))])
+    x = np.array([[-1, 2], [3, -4]], np.float32)
+    np.testing.assert_array_equal(load_model(package.path).infer({"x": x})["y"], np.maximum(x, 0))
+
+
 def test_bad_inputs_are_spec_errors(load_model, affine):
     model = load_model(affine.path)
     bad = [({"x": np.zeros((2, 4))}, "float64"), ({"x": np.zeros((2, 5), np.float32)}, "dim 1"),
