@@ -35,6 +35,12 @@ class OnnxRunner(Runner):
         except Exception as error:
             raise PackageError(f"package {package.name!r}: onnxruntime cannot load its model: "
                                f"{error}") from None
+        # onnxruntime falls back to the CPU, with a warning only, when CUDA fails to start.
+        if providers[0] != "CPUExecutionProvider" and \
+                providers[0][0] not in self._session.get_providers():
+            raise EnvError(f"device {self.device!r}: onnxruntime could not start "
+                           f"{providers[0][0]} (its CUDA or cuDNN libraries?) and fell back to "
+                           f"{', '.join(self._session.get_providers())}")
         self._output_names = [output.name for output in self._session.get_outputs()]
         self._string_outputs = {spec.name for spec in package.outputs if spec.dtype == "string"}
 
