@@ -10,11 +10,11 @@ or a worker environment whose recorded versions satisfy the package's ``requires
 ope/envs/) and on which device. The host side only receives the result as its ``python``
 and ``env_vars`` options.
 
-The public builders (``package_torchscript``, ``package_python``, ``package_placeholder``) are
-those of ope/package/build.py with :func:`self_check` as the check a package with test data
-passes before it appears at its path: loaded the way ``load`` loads by default (out of
-process, env="auto"), so a package whose requirements this host does not meet is checked in a
-worker environment that does.
+The public builders (``package_torchscript``, ``package_python``, ``package_placeholder``,
+``package_onnx``) are those of ope/package/build.py and onnx_builder.py with
+:func:`self_check` as the check a package with test data passes before it appears at its
+path: loaded the way ``load`` loads by default (out of process, env="auto"), so a package whose
+requirements this host does not meet is checked in a worker environment that does.
 """
 
 import functools
@@ -26,11 +26,11 @@ import numpy as np
 from ope import envs
 from ope.errors import OpeError, PackageError
 from ope.host.in_process import InProcessModel
-from ope.package import build, read_package
+from ope.package import build, onnx_builder, read_package
 from ope.requirements import ensure_requirements
 
 __all__ = ["load", "self_check", "package_torchscript", "package_python", "package_placeholder",
-           "OUT_OF_PROCESS_ENV"]
+           "package_onnx", "OUT_OF_PROCESS_ENV"]
 
 OUT_OF_PROCESS_ENV = "OPE_OUT_OF_PROCESS"
 _DEFAULT_OUT_OF_PROCESS = True
@@ -161,4 +161,5 @@ def _self_checked(builder):
 
 package_torchscript = _self_checked(build.package_torchscript)
 package_python = _self_checked(build.package_python)
+package_onnx = _self_checked(onnx_builder.package_onnx)
 package_placeholder = build.package_placeholder  # no test data: nothing to self-check

@@ -6,10 +6,11 @@ Layout of a package folder::
                      "inputs": [spec dicts], "outputs": [spec dicts], "requires": {name: specifier},
                      "test_data": bool, optional "python": "X.Y" (the Python it is locked
                      for; then requires["python"] is "==X.Y.*"), plus per runner:
-                       torchscript: "model_file";  python: "entrypoint", "framework"}
+                       torchscript, onnx: "model_file";  python: "entrypoint", "framework"}
     manifest.json   {"algorithm": "sha256", "files": {relative path: hex digest}}
                     covering every other file, config.json included
     model.pt        torchscript: the scripted module (torch.jit.save)
+    model.onnx      onnx: the ONNX model (model.onnx.data beside it if its weights are external)
     code/           python: a copy of code_dir; the entrypoint is imported from here
     data/           python, optional: a copy of data_dir, handed to the factory
     test_data/      optional: inputs.npz and outputs.npz for the self-check
@@ -46,12 +47,15 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "RUNNERS", "FRAMEWORKS", "LOCK_FILE", "Pa
 
 FORMAT = "ope-package"
 FORMAT_VERSION = 1
-RUNNERS = ("torchscript", "python", "placeholder")
+RUNNERS = ("torchscript", "python", "placeholder", "onnx")
 FRAMEWORKS = ("numpy", "torch")
 
 _CONFIG = "config.json"
 _MANIFEST = "manifest.json"
 _MODEL_FILE = "model.pt"
+_ONNX_FILE = "model.onnx"
+# runner -> the name its model file must have in the package
+_MODEL_FILES = {"torchscript": _MODEL_FILE, "onnx": _ONNX_FILE}
 _CODE_DIR = "code"
 _DATA_DIR = "data"
 _TEST_INPUTS = "test_data/inputs.npz"
@@ -80,7 +84,7 @@ class Package:
 
     @property
     def model_file(self):
-        """Absolute path of the TorchScript file (torchscript packages)."""
+        """Absolute path of the model file (torchscript and onnx packages)."""
         return os.path.join(self.path, self.config["model_file"])
 
     @property
@@ -319,8 +323,9 @@ def _parse_specs(path, config):
                                or python_requirement(config["python"]) != requires.get("python")):
         fail("'python' must be a version such as \"3.10\", with requires[\"python\"] "
              "\"==3.10.*\"")
-    if config["runner"] == "torchscript" and config.get("model_file") != _MODEL_FILE:
-        fail(f"'model_file' must be {_MODEL_FILE!r} for a torchscript package")
+    model_file = _MODEL_FILES.get(config["runner"])
+    if model_file and config.get("model_file") != model_file:
+        fail(f"'model_file' must be {model_file!r} for a {config['runner']} package")
     if config["runner"] == "python":
         problem = _entrypoint_problem(config.get("entrypoint"))
         if problem:

@@ -262,7 +262,7 @@ def edit_config(path, **changes):
     (lambda p: edit_config(p, format_version=2), "format version 2 is not supported"),
     (lambda p: edit_config(p, format="other"), "is not an ope package config"),
     (lambda p: edit_config(p, name="renamed"), "hash mismatch for config.json"),
-    (lambda p: (edit_config(p, runner="onnx"), rehash(p)), "'runner' must be one of"),
+    (lambda p: (edit_config(p, runner="no_such_runner"), rehash(p)), "'runner' must be one of"),
     (lambda p: (edit_config(p, inputs=[{"name": "x", "dtype": "complex64", "shape": []}]),
                 rehash(p)), "unknown dtype 'complex64'"),
     (lambda p: (edit_config(p, requires=["numpy"]), rehash(p)), "'requires' must map"),
