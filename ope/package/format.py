@@ -5,11 +5,15 @@ Layout of a package folder::
     config.json     {"format": "ope-package", "format_version": 1, "name", "runner",
                      "inputs": [spec dicts], "outputs": [spec dicts], "requires": {name: specifier},
                      "test_data": bool, plus per runner:
-                       torchscript: "model_file";  python: "entrypoint", "framework"}
+                       torchscript: "model_file";  python: "entrypoint", "framework";
+                       keras: "model_file", "backend";
+                       tensorflow: "saved_model_dir", "signature"}
     manifest.json   {"algorithm": "sha256", "files": {relative path: hex digest}}
                     covering every other file, config.json included
     model.pt        torchscript: the scripted module (torch.jit.save)
     code/           python: a copy of code_dir; the entrypoint is imported from here
+    model.keras     keras: the model file (model.save)
+    saved_model/    tensorflow: the SavedModel folder
     data/           python, optional: a copy of data_dir, handed to the factory
     test_data/      optional: inputs.npz and outputs.npz for the self-check
 
@@ -40,12 +44,14 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "RUNNERS", "FRAMEWORKS", "Package", "read
 
 FORMAT = "ope-package"
 FORMAT_VERSION = 1
-RUNNERS = ("torchscript", "python", "placeholder")
+RUNNERS = ("torchscript", "python", "placeholder", "keras", "tensorflow")
 FRAMEWORKS = ("numpy", "torch")
 
 _CONFIG = "config.json"
 _MANIFEST = "manifest.json"
 _MODEL_FILE = "model.pt"
+_KERAS_FILE = "model.keras"
+_SAVED_MODEL_DIR = "saved_model"
 _CODE_DIR = "code"
 _DATA_DIR = "data"
 _TEST_INPUTS = "test_data/inputs.npz"
@@ -72,8 +78,13 @@ class Package:
 
     @property
     def model_file(self):
-        """Absolute path of the TorchScript file (torchscript packages)."""
+        """Absolute path of the model file (torchscript and keras packages)."""
         return os.path.join(self.path, self.config["model_file"])
+
+    @property
+    def saved_model_dir(self):
+        """Absolute path of the SavedModel folder (tensorflow packages)."""
+        return os.path.join(self.path, self.config["saved_model_dir"])
 
     @property
     def code_dir(self):
@@ -296,6 +307,14 @@ def _parse_specs(path, config):
         fail("'test_data' must be true or false")
     if config["runner"] == "torchscript" and config.get("model_file") != _MODEL_FILE:
         fail(f"'model_file' must be {_MODEL_FILE!r} for a torchscript package")
+    if config["runner"] == "keras" and config.get("model_file") != _KERAS_FILE:
+        fail(f"'model_file' must be {_KERAS_FILE!r} for a keras package")
+    if config["runner"] == "keras" and not isinstance(config.get("backend"), str):
+        fail("'backend' must name the Keras backend")
+    if config["runner"] == "tensorflow" and config.get("saved_model_dir") != _SAVED_MODEL_DIR:
+        fail(f"'saved_model_dir' must be {_SAVED_MODEL_DIR!r} for a tensorflow package")
+    if config["runner"] == "tensorflow" and not isinstance(config.get("signature"), str):
+        fail("'signature' must name the SavedModel's signature")
     if config["runner"] == "python":
         problem = _entrypoint_problem(config.get("entrypoint"))
         if problem:
