@@ -57,27 +57,32 @@ def signature_specs(saved_model_dir, signature):
     try:
         with open(filename, "rb") as file:
             data = memoryview(file.read())
-        found = _find_signature(data, signature.encode())
+        found, names = _find_signature(data, signature)
     except OSError as error:
         raise PackageError(f"cannot read {filename}: {error}") from None
     except (IndexError, ValueError, KeyError) as error:
         raise PackageError(f"{filename} is not a SavedModel protobuf this reader understands "
                            f"({error}): pass inputs= and outputs=") from None
     if found is None:
-        raise PackageError(f"{filename} has no signature {signature!r}")
+        raise PackageError(f"{filename} has no signature {signature!r} (it has "
+                           f"{', '.join(sorted(names)) or 'none'})")
     return tuple(_specs(found, field, filename) for field in (1, 2))
 
 
 def _find_signature(data, wanted):
+    """(the SignatureDef named ``wanted`` or None, the names of the signatures seen)."""
+    names = set()
     for number, meta_graph in _fields(data):
         if number != 2:  # SavedModel.meta_graphs
             continue
         for field, entry in _fields(meta_graph):
             if field == 5:  # MetaGraphDef.signature_def: map<string, SignatureDef>
                 key, value = _map_entry(entry)
-                if bytes(key) == wanted:
-                    return value
-    return None
+                if not bytes(key).startswith(b"__"):  # TensorFlow's own, e.g. its init op
+                    names.add(bytes(key).decode())
+                if bytes(key).decode() == wanted:
+                    return value, names
+    return None, names
 
 
 def _specs(signature_def, field, filename):
@@ -101,7 +106,7 @@ def _tensor_info(info):
     for number, value in _fields(info):
         if number == 2:
             dtype = value
-        elif number == 4:  # TensorShapeProto: dim (2), unknown_rank (3)
+        elif number == 3:  # tensor_shape, a TensorShapeProto: dim (2), unknown_rank (3)
             dims, unknown = [], False
             for field, part in _fields(value):
                 if field == 2:
