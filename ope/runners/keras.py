@@ -36,8 +36,11 @@ class KerasRunner(Runner):
         super().__init__(package, *options)
         self.backend = package.config["backend"]
         self._keras = keras = import_keras(package, self.backend)
+        # Keras places variables and inputs by a per-thread scope, else on a GPU if it sees one.
+        self._placed = functools.partial(keras.device, _keras_device(self.device))
         try:
-            self._model = keras.saving.load_model(package.model_file, compile=False)
+            with self._placed():
+                self._model = keras.saving.load_model(package.model_file, compile=False)
         except Exception as error:
             raise PackageError(f"package {package.name!r}: cannot load Keras model "
                                f"{package.model_file}: {type(error).__name__}: {error}") from None
@@ -50,7 +53,7 @@ class KerasRunner(Runner):
 
     def run(self, inputs):
         try:
-            with self._no_grad():
+            with self._placed(), self._no_grad():
                 result = self._model(self._arrange(inputs), training=False)
         except Exception as error:
             raise model_error_of(self.package, error, "while running") from None
@@ -68,9 +71,9 @@ def import_keras(package, backend):
         os.environ[BACKEND_ENV] = backend
         try:
             import keras
-        except ImportError:
-            raise PackageError(f"package {package.name!r} needs keras, which is not "
-                               f"installed") from None
+        except ImportError as error:
+            raise PackageError(f"package {package.name!r} needs keras on the {backend!r} "
+                               f"backend, which cannot be imported here ({error})") from None
     running = keras.backend.backend()
     if running != backend:
         raise RequirementError(
@@ -79,6 +82,11 @@ def import_keras(package, backend):
             f"backends once imported: load it out of process (its worker sets "
             f"{BACKEND_ENV}={backend})")
     return keras
+
+
+def _keras_device(device):
+    """Keras's name for ``device`` ("cpu" or "cuda:N"; None: the CPU)."""
+    return "cpu" if device in (None, "cpu") else device.replace("cuda", "gpu")
 
 
 def _converted(convert, outputs):

@@ -190,13 +190,6 @@ def test_worker_sets_the_recorded_backend(dict_package):
     assert worker["framework_version"] == keras.__version__
 
 
-def test_stats_name_the_framework(load_model, dict_package):
-    model = load_model(dict_package.path)
-    if isinstance(model, ope.host.in_process.InProcessModel):
-        pytest.skip("stats()['worker'] describes a worker")
-    assert model.stats()["worker"]["framework"] == "keras"
-
-
 def test_another_backend_is_a_requirement_of_the_package(package_root, dict_keras):
     package = ope.package_keras(os.path.join(package_root, "keras-jax"), dict_keras,
                                 name="keras-jax", backend="jax", outputs=DICT_OUTPUTS)
@@ -221,6 +214,14 @@ def test_wrong_format_is_refused_naming_the_path(package_root, gated, tmp_path):
     with pytest.raises(PackageError, match=f"{garbage} is not a Keras 3 .keras file"):
         ope.package_keras(os.path.join(package_root, "keras-garbage"), str(garbage),
                           name="keras-garbage", outputs=DICT_OUTPUTS)
+
+
+def test_a_legacy_h5_file_is_refused_with_advice(package_root, dict_keras, tmp_path):
+    legacy = tmp_path / "legacy.h5"
+    dict_keras.save(legacy)
+    with pytest.raises(PackageError, match=f"{legacy} looks like an HDF5 file.*save it as .keras"):
+        ope.package_keras(os.path.join(package_root, "keras-h5"), str(legacy),
+                          name="keras-h5", outputs=DICT_OUTPUTS)
 
 
 def test_a_model_object_of_another_kind_is_refused(package_root):
