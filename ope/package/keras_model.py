@@ -64,7 +64,8 @@ def input_specs(config, where):
     """The input specs of the serialized model ``config`` (config.json's content), in the
     model's order; PackageError naming ``where`` if it has no ``keras.Input`` layers."""
     body = config.get("config") if isinstance(config, dict) else None
-    layers = {layer["config"].get("name"): layer["config"] for layer in (body or {}).get("layers", [])
+    layers = {layer["config"].get("name"): layer["config"]
+              for layer in (body or {}).get("layers", [])
               if layer.get("class_name") == "InputLayer" and isinstance(layer.get("config"), dict)}
     if not layers:
         raise PackageError(f"{where}: the model has no keras.Input layers to read its inputs "
