@@ -26,11 +26,11 @@ import numpy as np
 from ope import envs
 from ope.errors import OpeError, PackageError
 from ope.host.in_process import InProcessModel
-from ope.package import build, onnx_builder, read_package
+from ope.package import build, keras_model, onnx_builder, read_package, saved_model
 from ope.requirements import ensure_requirements
 
 __all__ = ["load", "self_check", "package_torchscript", "package_python", "package_placeholder",
-           "package_onnx", "OUT_OF_PROCESS_ENV"]
+           "package_onnx", "package_keras", "package_tensorflow", "OUT_OF_PROCESS_ENV"]
 
 OUT_OF_PROCESS_ENV = "OPE_OUT_OF_PROCESS"
 _DEFAULT_OUT_OF_PROCESS = True
@@ -162,4 +162,6 @@ def _self_checked(builder):
 package_torchscript = _self_checked(build.package_torchscript)
 package_python = _self_checked(build.package_python)
 package_onnx = _self_checked(onnx_builder.package_onnx)
+package_keras = _self_checked(keras_model.package_keras)
+package_tensorflow = _self_checked(saved_model.package_tensorflow)
 package_placeholder = build.package_placeholder  # no test data: nothing to self-check

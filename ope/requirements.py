@@ -5,6 +5,10 @@ version specifier; ``""`` means "installed, any version". Specifiers and version
 with ``packaging``, the implementation pip itself uses, so a local build such as
 ``2.13.0+cpu`` satisfies ``<2.14`` exactly as pip would decide. The out-of-process mode uses
 the same check to pick a worker environment that can run a package.
+
+A few frameworks ship one importable module under several distribution names (TensorFlow as
+``tensorflow``, ``tensorflow-cpu``, ...): a requirement on the module's usual name is met by
+any of them (:data:`PROVIDERS`).
 """
 
 import importlib.metadata
@@ -15,7 +19,12 @@ from packaging.version import InvalidVersion
 
 from ope.errors import PackageError, RequirementError
 
-__all__ = ["parse_specifier", "installed_version", "check_requirements", "ensure_requirements"]
+__all__ = ["parse_specifier", "installed_version", "check_requirements", "ensure_requirements",
+           "PROVIDERS"]
+
+# requirement name -> the distributions that provide it, first the one of that name
+PROVIDERS = {"tensorflow": ("tensorflow", "tensorflow-cpu", "tensorflow-intel",
+                            "tensorflow-macos")}
 
 
 def parse_specifier(name, specifier):
@@ -46,7 +55,7 @@ def check_requirements(requires, versions=None):
     failures = []
     for name, specifier in requires.items():
         wanted = parse_specifier(name, specifier)
-        found = versions(name)
+        found = next(filter(None, map(versions, PROVIDERS.get(name, (name,)))), None)
         label = f"{name}{specifier}" if specifier else f"{name} (any version)"
         if found is None:
             failures.append(f"{label}: not installed")

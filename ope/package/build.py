@@ -31,7 +31,7 @@ from ope.package.format import (_CODE_DIR, _CONFIG, _DATA_DIR, _MANIFEST, _MODEL
                                 _foreign_entrypoint, _list_files, _sha256, _walk,
                                 python_requirement, read_package)
 from ope.package.sniff import check_format
-from ope.requirements import check_requirements, parse_specifier
+from ope.requirements import PROVIDERS, check_requirements, parse_specifier
 from ope.runners import load_runner
 from ope.spec import as_specs, validate_inputs, validate_outputs
 
@@ -227,9 +227,11 @@ def _checked_requires(requires):
 
 
 def _with_requirement(requires, name):
-    """``requires`` plus ``name`` (any version) unless it already constrains it."""
+    """``requires`` plus ``name`` (any version) unless it already constrains it or one of the
+    distributions that provide it (e.g. tensorflow-cpu for tensorflow)."""
     requires = dict(requires or {})
-    requires.setdefault(name, "")
+    if not any(provider in requires for provider in PROVIDERS.get(name, (name,))):
+        requires[name] = ""
     return requires
 
 

@@ -6,12 +6,16 @@ Layout of a package folder::
                      "inputs": [spec dicts], "outputs": [spec dicts], "requires": {name: specifier},
                      "test_data": bool, optional "python": "X.Y" (the Python it is locked
                      for; then requires["python"] is "==X.Y.*"), plus per runner:
-                       torchscript, onnx: "model_file";  python: "entrypoint", "framework"}
+                       torchscript, onnx: "model_file";  python: "entrypoint", "framework";
+                       keras: "model_file", "backend";
+                       tensorflow: "saved_model_dir", "signature"}
     manifest.json   {"algorithm": "sha256", "files": {relative path: hex digest}}
                     covering every other file, config.json included
     model.pt        torchscript: the scripted module (torch.jit.save)
     model.onnx      onnx: the ONNX model (model.onnx.data beside it if its weights are external)
     code/           python: a copy of code_dir; the entrypoint is imported from here
+    model.keras     keras: the model file (model.save)
+    saved_model/    tensorflow: the SavedModel folder
     data/           python, optional: a copy of data_dir, handed to the factory
     test_data/      optional: inputs.npz and outputs.npz for the self-check
     requirements.lock  optional: ``requires`` resolved to exact pins with hashes for one
@@ -47,15 +51,17 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "RUNNERS", "FRAMEWORKS", "LOCK_FILE", "Pa
 
 FORMAT = "ope-package"
 FORMAT_VERSION = 1
-RUNNERS = ("torchscript", "python", "placeholder", "onnx")
+RUNNERS = ("torchscript", "python", "placeholder", "onnx", "keras", "tensorflow")
 FRAMEWORKS = ("numpy", "torch")
 
 _CONFIG = "config.json"
 _MANIFEST = "manifest.json"
 _MODEL_FILE = "model.pt"
 _ONNX_FILE = "model.onnx"
+_KERAS_FILE = "model.keras"
+_SAVED_MODEL_DIR = "saved_model"
 # runner -> the name its model file must have in the package
-_MODEL_FILES = {"torchscript": _MODEL_FILE, "onnx": _ONNX_FILE}
+_MODEL_FILES = {"torchscript": _MODEL_FILE, "onnx": _ONNX_FILE, "keras": _KERAS_FILE}
 _CODE_DIR = "code"
 _DATA_DIR = "data"
 _TEST_INPUTS = "test_data/inputs.npz"
@@ -84,8 +90,13 @@ class Package:
 
     @property
     def model_file(self):
-        """Absolute path of the model file (torchscript and onnx packages)."""
+        """Absolute path of the model file (torchscript, onnx and keras packages)."""
         return os.path.join(self.path, self.config["model_file"])
+
+    @property
+    def saved_model_dir(self):
+        """Absolute path of the SavedModel folder (tensorflow packages)."""
+        return os.path.join(self.path, self.config["saved_model_dir"])
 
     @property
     def code_dir(self):
@@ -326,6 +337,12 @@ def _parse_specs(path, config):
     model_file = _MODEL_FILES.get(config["runner"])
     if model_file and config.get("model_file") != model_file:
         fail(f"'model_file' must be {model_file!r} for a {config['runner']} package")
+    if config["runner"] == "keras" and not isinstance(config.get("backend"), str):
+        fail("'backend' must name the Keras backend")
+    if config["runner"] == "tensorflow" and config.get("saved_model_dir") != _SAVED_MODEL_DIR:
+        fail(f"'saved_model_dir' must be {_SAVED_MODEL_DIR!r} for a tensorflow package")
+    if config["runner"] == "tensorflow" and not isinstance(config.get("signature"), str):
+        fail("'signature' must name the SavedModel's signature")
     if config["runner"] == "python":
         problem = _entrypoint_problem(config.get("entrypoint"))
         if problem:

@@ -26,7 +26,8 @@ _FORMATS = {
                          "into the module, then export it)", None),
     "onnx": ("an ONNX model", "package_onnx"),
     "keras": ("a Keras 3 model file (.keras)", "package_keras"),
-    "hdf5": ("an HDF5 file (a legacy Keras .h5 model?)", "package_keras"),
+    "hdf5": ("an HDF5 file (a legacy Keras .h5 model? load it with keras.saving.load_model "
+             "and save it as .keras for package_keras)", None),
     "tensorflow": ("a TensorFlow SavedModel folder", "package_tensorflow"),
 }
 
