@@ -61,6 +61,7 @@ from ope.errors import ModelClosed, OpeError, ProtocolError
 from ope.host.calls import _announce, _Call, _CallFuture, _send_failure
 from ope.host.lifecycle import WorkerLifecycle
 from ope.host.model import Model, check_timeout
+from ope.host.standby import StandbyPool
 from ope.host.supervisor import RestartPolicy, Supervisor
 from ope.host.worker_process import private_rss
 
@@ -93,14 +94,16 @@ class OutOfProcessModel(WorkerLifecycle, Model):
     per direction), ``arena_max_mb`` (growth limit per direction), ``memory_limit_mb``
     (resident memory of the worker and its children, anonymous and shared, less the arena),
     ``restart`` ("lazy" or "eager"), ``max_restarts`` and ``restart_window_s``,
-    ``stop_grace_s`` (between SIGTERM and SIGKILL).
+    ``stop_grace_s`` (between SIGTERM and SIGKILL), ``standby`` (loaded workers kept idle
+    to take over at once after a fault, ope/host/standby.py).
     """
 
     _bound_to_process = True
 
     def __init__(self, package, *, timeout_s=None, load_timeout_s=120.0, python=None,
                  env_vars=None, cpus=None, threads=None, arena_mb=4, arena_max_mb=4096, memory_limit_mb=None,
-                 restart="lazy", max_restarts=5, restart_window_s=60.0, stop_grace_s=1.0):
+                 restart="lazy", max_restarts=5, restart_window_s=60.0, stop_grace_s=1.0,
+                 standby=0):
         if restart not in ("lazy", "eager"):
             raise ValueError(f"restart must be 'lazy' or 'eager', got {restart!r}")
         check_timeout(timeout_s)
@@ -123,6 +126,9 @@ class OutOfProcessModel(WorkerLifecycle, Model):
         self._load_options = {"cpus": sorted(cpus) if cpus else None, "threads": threads,
                               "manifest_digest": package.manifest_digest}
         self._policy = RestartPolicy(max_restarts, restart_window_s)
+        self._closing = threading.Event()  # set by close: ends backoff waits at once
+        self._standbys = StandbyPool(standby, self._launch, self._policy, self._closing,
+                                     max_restarts, restart_window_s, stop_grace_s)
         # Sending (and allocating from our rings) and receiving run concurrently, each under
         # its own lock; changing the worker takes both (the module docstring has the order).
         self._send_lock = threading.RLock()
@@ -139,14 +145,15 @@ class OutOfProcessModel(WorkerLifecycle, Model):
         self._keeper = None
         self._keeping = True
         self._dead = None
-        self._closing = threading.Event()  # set by close: ends backoff waits at once
         self._call_ids = itertools.count(1)
         # The spec's rules for ope_native.Session.call, which runs their success path.
         self._plain_checks = (self._input_plan.native_rows, self._output_plan.native_rows)
-        self._generation = 0
+        self._generations = itertools.count(1)  # of workers started: their segment ids
         self._worker = None
-        self._session = None  # ope_native.Session with the current worker (_start_worker)
-        self._kill_reason = (None, None)  # (worker, why the supervisor killed it)
+        self._session = None  # ope_native.Session with the current worker (_install)
+        self._conversation = None
+        # Workers the supervisor killed, and why (the memory limit).
+        self._kill_reasons = weakref.WeakKeyDictionary()
         self._info = {}
         self._state = "starting"
         self._arena = Arena.create(ring_bytes=arena_mb * _MIB, max_bytes=arena_max_mb * _MIB)
@@ -160,6 +167,7 @@ class OutOfProcessModel(WorkerLifecycle, Model):
         self._keeping = False
         _open_models.add(self)
         Supervisor.get().watch(self)
+        self._standbys.start()
 
     # -- calls --------------------------------------------------------------------------
     #
@@ -314,7 +322,8 @@ class OutOfProcessModel(WorkerLifecycle, Model):
             with self._send_lock:
                 if self._closed:
                     raise self._closed_error()
-                if self._worker is None:
+                worker = self._worker
+                if worker is None:
                     continue  # it failed since; starting takes the receive lock: let go first
                 call_id = next(self._call_ids)
                 deadline = self._deadline(timeout_s)  # before encoding: nothing to give back
@@ -330,7 +339,7 @@ class OutOfProcessModel(WorkerLifecycle, Model):
                     self._state = "busy"
                     return call
             if isinstance(failed, ProtocolError):
-                self._replace_unusable_channel(failed)
+                self._replace_unusable_channel(failed, worker)
             raise failed
 
     def _deadline(self, timeout_s):
@@ -492,7 +501,8 @@ class OutOfProcessModel(WorkerLifecycle, Model):
         worker = self._worker
         health.update(mode="out_of_process", state="closed" if self._closed else self._state,
                       pid=worker.pid if worker else None, restarts=len(self._policy.history),
-                      failures=[{"time": t, "reason": r} for t, _, r in self._policy.history])
+                      failures=[{"time": t, "reason": r} for t, _, r in self._policy.history],
+                      standby=self._standbys.describe())
         if worker is not None:
             health.update(_process_usage(worker))
         return health
@@ -505,7 +515,8 @@ class OutOfProcessModel(WorkerLifecycle, Model):
             arena_high_water=self._arena.high_water_bytes(),
             arena_bytes_reserved=self._arena.own_bytes,
             pid=worker.pid if worker else None, restarts=len(self._policy.history),
-            state="closed" if self._closed else self._state, worker=dict(self._info))
+            state="closed" if self._closed else self._state, worker=dict(self._info),
+            standby=self._standbys.describe())
         return stats
 
     def _disown(self):
@@ -535,6 +546,7 @@ class OutOfProcessModel(WorkerLifecycle, Model):
             self._send_lock.release()
             self._recv_lock.release()
         _announce(settled)
+        self._standbys.close()  # with no lock held: a standby's start may be waiting for one
         # Both threads end on their own once closed; waiting for them leaves none behind.
         with self._keeper_lock, self._collector_wakeup:
             helpers = [self._keeper, self._collector]
