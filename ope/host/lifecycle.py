@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 
 import ope_native
 from ope.bridge import protocol
@@ -24,6 +25,18 @@ from ope.host.worker_process import (LIVENESS_SLICE_S, WorkerProcess, child_envi
                                      describe_exit, private_rss)
 
 __all__ = ["WorkerLifecycle"]
+
+
+def _exit_teller(model):
+    """What tells ``model`` of its workers' exits, holding it weakly: the output thread that
+    calls it outlives models, and must not keep one alive."""
+    ref = weakref.ref(model)
+
+    def tell(worker):
+        alive = ref()
+        if alive is not None:
+            alive._worker_exited(worker)
+    return tell
 
 _log = logging.getLogger("ope")
 _MIB = 1 << 20
@@ -49,11 +62,13 @@ class WorkerLifecycle:
                 raise
         self._install(incarnation)
 
-    def _launch(self, stopping):
+    def _launch(self, stopping, warm_up=False):
         """Start a worker on a link of its own to the arena, check its protocol version and
         load the package in it; the current worker, if any, serves on meanwhile. Returns the
         Incarnation, not installed; raises what went wrong (ModelClosed once ``stopping()``),
-        the worker stopped. Takes the send lock for a few steps."""
+        the worker stopped. ``warm_up``: run the package's test inputs, if it has them, before
+        answering READY (a standby's first real call then costs what later ones do). Takes
+        the send lock for a few steps."""
         with self._send_lock:
             if self._closed:
                 raise self._closed_error()
@@ -67,7 +82,8 @@ class WorkerLifecycle:
                 "--host-pid", str(os.getpid()), "--max-bytes", str(arena.max_bytes)]
         try:
             worker = WorkerProcess(self.name, args, python=self._python,
-                                   env=child_environment(self._env_vars), pass_fds=fds)
+                                   env=child_environment(self._env_vars), pass_fds=fds,
+                                   on_exit=_exit_teller(self))
         except BaseException:
             link.close()
             raise
@@ -79,7 +95,8 @@ class WorkerLifecycle:
         try:
             deadline = time.monotonic() + self.load_timeout_s
             self._check_hello(incarnation, self._hear(incarnation, deadline, "starting", stopping))
-            message = [protocol.LOAD, self.package.path, self._load_options]
+            options = {**self._load_options, "warm_up": warm_up}
+            message = [protocol.LOAD, self.package.path, options]
             incarnation.conversation.sent(message)
             if not session.send(protocol.pack(message), -1.0):
                 raise _send_failure(None)
@@ -119,6 +136,7 @@ class WorkerLifecycle:
         """Make ``incarnation`` the serving worker: a pointer swap (the caller holds both
         locks and has discarded the previous worker)."""
         self._arena.adopt(incarnation.link)
+        self._incarnation = incarnation
         self._worker, self._session = incarnation.worker, incarnation.session
         self._conversation, self._info = incarnation.conversation, incarnation.info
         self._state = "ready"
@@ -181,6 +199,7 @@ class WorkerLifecycle:
 
     def _discard_worker(self, force):
         worker, self._worker = self._worker, None
+        self._incarnation = None
         if worker is None:
             return
         if not force:
@@ -233,27 +252,48 @@ class WorkerLifecycle:
         return self._kill_reasons.get(worker)
 
     def _replace_unusable_channel(self, error, worker):
-        """After a send to ``worker`` met a closed or corrupt queue (the caller holds no
-        lock): replace it now if no other thread is receiving; else close the channel and
+        """After a send to ``worker`` met a closed or corrupt queue (the caller holds no lock,
+        or both): replace it now if no other thread is receiving; else close the channel and
         kill it, and the receiving thread sees it die and replaces it. A worker installed
-        since (a standby that took over) is left alone."""
+        since (a standby that took over) is left alone. Returns the error for the sender:
+        ``error``, or the worker's death when it died (its channel closed by _worker_exited)."""
         if self._closed:
-            return
+            return error
+        dead = not worker.alive()
+        if dead:
+            error = self._death_error(worker, "sending a call")
         if self._recv_lock.acquire(False):
             try:
                 if self._worker is worker:
-                    self._fail(f"protocol error: {error}")
+                    self._fail(self._death_reason(worker) if dead else f"protocol error: {error}")
             finally:
                 self._recv_lock.release()
-            return
-        if self._worker is worker:
+        elif self._worker is worker:
             self._arena.channel.close()
             worker.kill()
+        return error
+
+    def _worker_exited(self, worker):
+        """The output thread saw ``worker`` exit (worker_process._OutputReader). The serving
+        worker's channel is closed, which wakes a call waiting on it at once (it finds the
+        worker dead), and with no call the restart thread buries it (a standby takes over);
+        a standby's death goes to the pool. Never waits."""
+        incarnation = self._incarnation
+        if incarnation is not None and incarnation.worker is worker:
+            if not self._closed:
+                incarnation.link.channel.close()
+                self._wake_keeper(dead=worker)
+        else:
+            self._standbys.exited(worker, self._killed_for(worker))
 
     def _worker_died(self, worker, doing):
         error = self._death_error(worker, doing)
-        self._fail(self._killed_for(worker) or f"crashed: {describe_exit(worker.returncode)}")
+        self._fail(self._death_reason(worker))
         return error
+
+    def _death_reason(self, worker):
+        """Why ``worker`` died, for the restart policy's history."""
+        return self._killed_for(worker) or f"crashed: {describe_exit(worker.returncode)}"
 
     def _death_error(self, worker, doing):
         """The error of ``worker`` found dead while ``doing``, once it is reaped."""

@@ -45,6 +45,7 @@ demand and ends when there is a worker again, the model is broken or closed.
 
 import atexit
 import collections
+import functools
 import itertools
 import threading
 import time
@@ -127,7 +128,8 @@ class OutOfProcessModel(WorkerLifecycle, Model):
                               "manifest_digest": package.manifest_digest}
         self._policy = RestartPolicy(max_restarts, restart_window_s)
         self._closing = threading.Event()  # set by close: ends backoff waits at once
-        self._standbys = StandbyPool(standby, self._launch, self._policy, self._closing,
+        self._standbys = StandbyPool(standby, functools.partial(self._launch, warm_up=True),
+                                     self._policy, self._closing,
                                      max_restarts, restart_window_s, stop_grace_s)
         # Sending (and allocating from our rings) and receiving run concurrently, each under
         # its own lock; changing the worker takes both (the module docstring has the order).
@@ -151,6 +153,7 @@ class OutOfProcessModel(WorkerLifecycle, Model):
         self._generations = itertools.count(1)  # of workers started: their segment ids
         self._worker = None
         self._session = None  # ope_native.Session with the current worker (_install)
+        self._incarnation = None  # the current worker with its link and session
         self._conversation = None
         # Workers the supervisor killed, and why (the memory limit).
         self._kill_reasons = weakref.WeakKeyDictionary()
@@ -254,7 +257,7 @@ class OutOfProcessModel(WorkerLifecycle, Model):
             self._state = "ready"
             error = _send_failure(reply)
             if isinstance(error, ProtocolError):  # a channel that cannot carry calls: replace it
-                self._fail(f"protocol error: {error}")
+                error = self._replace_unusable_channel(error, self._worker)
             raise error
         call = _Call(self._deadline(timeout_s), *held, bindings, None)
         try:
@@ -339,7 +342,7 @@ class OutOfProcessModel(WorkerLifecycle, Model):
                     self._state = "busy"
                     return call
             if isinstance(failed, ProtocolError):
-                self._replace_unusable_channel(failed, worker)
+                failed = self._replace_unusable_channel(failed, worker)
             raise failed
 
     def _deadline(self, timeout_s):

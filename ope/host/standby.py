@@ -18,8 +18,9 @@ or die while idle count against that policy (backoff, ``max_restarts`` per windo
 from the serving worker's, so a standby that cannot be kept never breaks a model that
 serves. Each refill also waits out the serving worker's backoff: a crash loop slows down.
 The supervisor's round (:meth:`StandbyPool.supervise`) holds standbys to the model's memory
-limit and sees one that died; the pool's lock guards its lists alone and is taken last, for a
-few steps, under any of the model's locks.
+limit; a standby's death is told at once by the output thread's watch of its exit (or seen
+by that round where pidfds are missing). The pool's lock guards its lists alone and is taken
+last, for a few steps, under any of the model's locks.
 """
 
 import logging
@@ -40,7 +41,8 @@ class Incarnation:
     __slots__ = ("worker", "link", "session", "conversation", "info")
 
     def __init__(self, worker, link, session, conversation):
-        self.worker, self.link, self.session, self.conversation = worker, link, session, conversation
+        self.worker, self.link = worker, link
+        self.session, self.conversation = session, conversation
         self.info = {}
 
     def discard(self, grace_s):
@@ -113,18 +115,22 @@ class StandbyPool:
         for incarnation in ready:
             reason = check_memory(incarnation.worker)
             if not incarnation.worker.alive():
-                dead.append((incarnation, reason))
-        if not dead:
-            return
+                dead.append((incarnation.worker, reason))
+        for worker, reason in dead:
+            self.exited(worker, reason)
+
+    def exited(self, worker, reason=None):
+        """``worker`` was seen dead (``reason``: why the supervisor killed it, if it did): if
+        it is a ready standby, it leaves the pool, counts as a failure and is replaced."""
         with self._lock:
-            for incarnation, reason in dead:
-                if incarnation in self._ready:
-                    self._ready.remove(incarnation)
-                    self._dead.append(incarnation)
-                    worker = incarnation.worker
-                    self.policy.record(f"standby pid {worker.pid} "
-                                       f"{reason or describe_exit(worker.returncode)} while idle")
-                    worker.logger.warning("standby worker pid %d died while idle", worker.pid)
+            lost = [i for i in self._ready if i.worker is worker]
+            if not lost:
+                return  # not a ready standby, or seen dead already
+            self._ready.remove(lost[0])
+            self._dead.append(lost[0])
+            self.policy.record(f"standby pid {worker.pid} "
+                               f"{reason or describe_exit(worker.returncode)} while idle")
+        worker.logger.warning("standby worker pid %d died while idle", worker.pid)
         self.fill()
 
     def describe(self):
