@@ -87,6 +87,21 @@ def test_a_sigkill_from_outside_is_taken_over(open_model):
     assert model.health()["restarts"] == 1
 
 
+def test_arena_arrays_made_after_the_standby_started_reach_it(open_model):
+    """An array from model.empty too large for the arena's first segment makes a new host
+    segment after the standby started: the takeover hands it over before the call names it."""
+    model = open_model(standby=1, arena_mb=1)
+    standby = _standbys(model)[0]
+    x = model.empty("x", (1 << 20,))  # 4 MiB: a new segment of the host's
+    x[:] = np.arange(x.size, dtype=np.float32)
+    os.kill(model.stats()["pid"], signal.SIGKILL)
+    assert wait_for(lambda: model.stats()["pid"] == standby, 5.0 + SLACK_S)
+    out = model.infer({"fault": fault_inputs("ok")["fault"], "x": x})
+    np.testing.assert_array_equal(out["y"], np.arange(1, x.size + 1, dtype=np.float32))
+    assert model.stats()["pid"] == standby
+    assert model.stats()["bytes_copied_in"] < x.nbytes  # only the scalar: x is in place
+
+
 def test_calls_in_flight_at_the_crash_fail(open_model):
     model = open_model(standby=1)
     standby = _standbys(model)[0]
