@@ -132,6 +132,20 @@ class WorkerLifecycle:
                 raise WorkerTimeout(f"worker of model {self.name!r} (pid {worker.pid}) did "
                                     f"not finish {doing} in time")
 
+    def _take_over(self, standby):
+        """Install ``standby`` after a fault; False, with it stopped, if it cannot be handed
+        the host's newer segments (it died meanwhile)."""
+        try:
+            with self._send_lock:
+                self._install(standby)
+            return True
+        except OpeError as exc:
+            standby.worker.logger.warning("standby pid %d could not take over: %s",
+                                          standby.worker.pid, exc)
+            self._arena.disconnect()
+            standby.discard(self.stop_grace_s)
+            return False
+
     def _install(self, incarnation):
         """Make ``incarnation`` the serving worker: a pointer swap (the caller holds both
         locks and has discarded the previous worker)."""
@@ -189,9 +203,7 @@ class WorkerLifecycle:
             self._state = "broken"
             return
         standby = self._standbys.take()
-        if standby is not None:
-            with self._send_lock:
-                self._install(standby)
+        if standby is not None and self._take_over(standby):
             return
         self._state = "restarting"
         if self._wants_worker():

@@ -139,7 +139,8 @@ class StandbyPool:
             workers = [{"pid": i.worker.pid, "state": "ready"} for i in self._ready]
             workers += [{"pid": w.pid, "state": "starting"} for w in self._starting]
         ready = sum(1 for w in workers if w["state"] == "ready")
-        state = ("closed" if self._closed else "broken" if self.policy.broken
+        state = ("closed" if self._closed else "off" if not self.count
+                 else "broken" if self.policy.broken
                  else "ready" if ready >= self.count else "filling")
         return {"wanted": self.count, "ready": ready, "state": state, "workers": workers,
                 "pids": [w["pid"] for w in workers if w["state"] == "ready"],
