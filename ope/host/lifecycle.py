@@ -62,12 +62,12 @@ class WorkerLifecycle:
                 raise
         self._install(incarnation)
 
-    def _launch(self, stopping, warm_up=False):
+    def _launch(self, stopping, standby=False):
         """Start a worker on a link of its own to the arena, check its protocol version and
         load the package in it; the current worker, if any, serves on meanwhile. Returns the
         Incarnation, not installed; raises what went wrong (ModelClosed once ``stopping()``),
-        the worker stopped. ``warm_up``: run the package's test inputs, if it has them, before
-        answering READY (a standby's first real call then costs what later ones do). Takes
+        the worker stopped. A ``standby`` runs the package's test inputs, if it has them,
+        before answering READY (its first real call then costs what later ones do). Takes
         the send lock for a few steps."""
         with self._send_lock:
             if self._closed:
@@ -91,11 +91,11 @@ class WorkerLifecycle:
             for fd in fds:  # the worker has its copies now
                 os.close(fd)
         incarnation = Incarnation(worker, link, session, protocol.Conversation("host"))
-        self._standbys.starting(worker, True)
+        self._standbys.starting(worker, True, standby)
         try:
             deadline = time.monotonic() + self.load_timeout_s
             self._check_hello(incarnation, self._hear(incarnation, deadline, "starting", stopping))
-            options = {**self._load_options, "warm_up": warm_up}
+            options = {**self._load_options, "warm_up": standby}
             message = [protocol.LOAD, self.package.path, options]
             incarnation.conversation.sent(message)
             if not session.send(protocol.pack(message), -1.0):
@@ -108,7 +108,7 @@ class WorkerLifecycle:
             incarnation.discard(self.stop_grace_s)
             raise
         finally:
-            self._standbys.starting(worker, False)
+            self._standbys.starting(worker, False, standby)
         incarnation.info = ready[1]
         return incarnation
 
@@ -275,11 +275,16 @@ class WorkerLifecycle:
         if dead:
             error = self._death_error(worker, "sending a call")
         if self._recv_lock.acquire(False):
+            settled = ()
             try:
                 if self._worker is worker:
                     self._fail(self._death_reason(worker) if dead else f"protocol error: {error}")
+                    # Calls sent to it before are lost with it; none may wait on it.
+                    settled = self._lose_pending(type(error)(
+                        f"call lost: the worker failed while it was in flight: {error}"))
             finally:
                 self._recv_lock.release()
+            _announce(settled)
         elif self._worker is worker:
             self._arena.channel.close()
             worker.kill()

@@ -128,7 +128,7 @@ class OutOfProcessModel(WorkerLifecycle, Model):
                               "manifest_digest": package.manifest_digest}
         self._policy = RestartPolicy(max_restarts, restart_window_s)
         self._closing = threading.Event()  # set by close: ends backoff waits at once
-        self._standbys = StandbyPool(standby, functools.partial(self._launch, warm_up=True),
+        self._standbys = StandbyPool(standby, functools.partial(self._launch, standby=True),
                                      self._policy, self._closing,
                                      max_restarts, restart_window_s, stop_grace_s)
         # Sending (and allocating from our rings) and receiving run concurrently, each under
@@ -424,6 +424,11 @@ class OutOfProcessModel(WorkerLifecycle, Model):
         worker that is gone)."""
         if isinstance(exc, ProtocolError) and self._worker is not None:
             self._fail(f"protocol error: {exc}")
+        return self._lose_pending(exc)
+
+    def _lose_pending(self, exc):
+        """Settle every call in flight as failed with ``exc`` (_fail_pending), the worker they
+        were sent to being gone already; the caller holds the receive lock."""
         calls = list(self._pending)
         self._pending.clear()
         for index, call in enumerate(calls):

@@ -67,7 +67,7 @@ class StandbyPool:
         self._grace_s = grace_s
         self._lock = threading.Lock()
         self._ready = []  # Incarnations, oldest first
-        self._starting = set()  # WorkerProcesses loading (standbys and serving starts)
+        self._starting = {}  # WorkerProcess loading -> whether it is a standby's
         self._dead = []  # ready standbys seen dead, for the refill thread to bury
         self._thread = None
         self._filling = False
@@ -93,14 +93,14 @@ class StandbyPool:
     def ready(self):
         return len(self._ready)
 
-    def starting(self, worker, loading):
-        """Note ``worker`` as loading (``loading`` True) or done: the supervisor holds it to
-        the memory limit meanwhile."""
+    def starting(self, worker, loading, standby):
+        """Note ``worker`` (a ``standby``'s, or the serving worker's start) as loading
+        (``loading`` True) or done: the supervisor holds it to the memory limit meanwhile."""
         with self._lock:
             if loading:
-                self._starting.add(worker)
+                self._starting[worker] = standby
             else:
-                self._starting.discard(worker)
+                self._starting.pop(worker, None)
 
     def supervise(self, check_memory):
         """The supervisor's round over the standbys: ``check_memory(worker)`` kills one past
@@ -137,7 +137,8 @@ class StandbyPool:
         """What health() and stats() show of the standbys."""
         with self._lock:
             workers = [{"pid": i.worker.pid, "state": "ready"} for i in self._ready]
-            workers += [{"pid": w.pid, "state": "starting"} for w in self._starting]
+            workers += [{"pid": w.pid, "state": "starting"}
+                        for w, standby in self._starting.items() if standby]
         ready = sum(1 for w in workers if w["state"] == "ready")
         state = ("closed" if self._closed else "off" if not self.count
                  else "broken" if self.policy.broken
