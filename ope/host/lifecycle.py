@@ -292,14 +292,14 @@ class WorkerLifecycle:
 
     def _worker_exited(self, worker):
         """The output thread saw ``worker`` exit (worker_process._OutputReader). The serving
-        worker's channel is closed, which wakes a call waiting on it at once (it finds the
-        worker dead), and with no call the restart thread buries it (a standby takes over);
-        a standby's death goes to the pool. Never waits."""
+        worker's channel is closed, which wakes a call waiting on it at once, and the next
+        call sent meets it closed: either finds the worker dead and raises its crash (a
+        standby takes over then). A death with no call is left to the supervisor's round, as
+        before. A standby's death goes to the pool. Never waits."""
         incarnation = self._incarnation
         if incarnation is not None and incarnation.worker is worker:
             if not self._closed:
                 incarnation.link.channel.close()
-                self._wake_keeper(dead=worker)
         else:
             self._standbys.exited(worker, self._killed_for(worker))
 
