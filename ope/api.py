@@ -55,7 +55,8 @@ def load(path, *, out_of_process=None, timeout_s=None, env=None, build=None, dev
     yes; False only selects, for hosts that must not reach a package index); ``device``: "cpu" or "cuda:N"; ``replicas``: N workers of
     the model behind one handle, each call going to the least busy; ``worker_options``: those
     of :class:`~ope.host.out_of_process.OutOfProcessModel` (``cpus``, ``threads``,
-    ``env_vars``, ...; an explicit ``python`` bypasses ``env``).
+    ``env_vars``, ``standby``: loaded workers kept idle to take over after a fault, ...; an
+    explicit ``python`` bypasses ``env``).
     """
     package = read_package(path)
     if _resolve_out_of_process(out_of_process):

@@ -11,6 +11,9 @@ Segment ids:
 
 * ``0``, the *control* segment: the two message queues (ope/bridge/channel.py). The host makes a new
   one for every worker it starts, so garbage an old worker wrote there is never read again.
+  A worker can be started while another is connected (a standby, :meth:`Arena.prepare`) and
+  installed later (:meth:`Arena.adopt`): its control segment and socket wait in a
+  :class:`Link` meanwhile, and only the host's data segments made since go to it then.
 * odd ids, the host's data segments (inputs). The worker gets read-only descriptors and maps
   them copy-on-write: it reads the host's bytes in place, a model that writes into an input
   changes only its own private copy, and nothing the worker does can change the caller's
@@ -57,7 +60,7 @@ from ope.errors import ArenaFull, ProtocolError
 from ope.bridge.protocol import DTYPE_CODES, DTYPES_BY_CODE, dtype_code, frame_message, string_dtype
 from ope.bridge.ring import RING_HEADER, Ring, block_size
 
-__all__ = ["Arena", "SEGMENT_NAME", "block_under"]
+__all__ = ["Arena", "Link", "SEGMENT_NAME", "block_under"]
 
 SEGMENT_NAME = "ope-arena"  # what /proc/PID/maps shows: "/memfd:ope-arena (deleted)"
 _MAGIC = 0x414E455241455045  # "OPEARENA"
@@ -141,6 +144,24 @@ def block_under(array):
     return base if type(base) is ope_native.Block else None
 
 
+class Link:
+    """The host's end of one worker's connection to the arena before :meth:`Arena.adopt`
+    installs it: the worker's control segment (``channel``), the socket segments travel over,
+    and the ids of the host's data segments the worker got at its start (``handed``)."""
+
+    __slots__ = ("channel", "socket", "handed")
+
+    def __init__(self, channel, sock, handed):
+        self.channel, self.socket, self.handed = channel, sock, handed
+
+    def close(self):
+        """For a worker that is never adopted: wake its waits and drop the socket."""
+        self.channel.close()
+        if self.socket is not None:
+            self.socket.close()
+            self.socket = None
+
+
 def _worker_owned(seg_id):
     return seg_id > 0 and seg_id % 2 == 0
 
@@ -184,10 +205,19 @@ class Arena:
         return arena
 
     def connect(self):
-        """Host side: a fresh control segment and socket for a new worker, the old worker's
-        segments forgotten. Returns (spec, fds): the worker's :meth:`attach` takes ``spec``
-        and needs the descriptors ``fds`` (pass them to the process, then close them here)."""
-        self.disconnect()
+        """Host side: a fresh control segment and socket for a new worker, installed at once
+        (:meth:`prepare` then :meth:`adopt`). Returns (spec, fds) as :meth:`prepare` does."""
+        link, spec, fds = self.prepare()
+        self.adopt(link)
+        return spec, fds
+
+    def prepare(self):
+        """Host side: a :class:`Link` for a worker to come, with its own control segment and
+        socket, leaving the current worker connected (a standby is started this way and
+        installed later by :meth:`adopt`). Returns (link, spec, fds): the worker's
+        :meth:`attach` takes ``spec`` and needs the descriptors ``fds`` (pass them to the
+        process, then close them here), among them read-only ones of every data segment of
+        ours so far."""
         h2w_q, w2h_q, queue_bytes = self._queues
         size = w2h_q + queue_bytes
         control_fd = _new_segment(size)
@@ -204,10 +234,21 @@ class Arena:
             for fd in fds:
                 os.close(fd)
             raise
-        self._socket = ours
-        self.channel = Channel(mapping, out_q=h2w_q, in_q=w2h_q)
+        link = Link(Channel(mapping, out_q=h2w_q, in_q=w2h_q), ours, set(self._own_fds))
         segments = ",".join(f"{i}:{fd}" for i, fd in zip(self._own_fds, fds[2:]))
-        return f"control={control_fd};socket={fds[1]};segments={segments}", fds
+        return link, f"control={control_fd};socket={fds[1]};segments={segments}", fds
+
+    def adopt(self, link):
+        """Host side: make ``link``'s worker the connected one, the previous worker's segments
+        forgotten; data segments of ours made since :meth:`prepare` are handed over now,
+        before any frame can name them. No copy and no wait: the worker mapped the rest at
+        its start."""
+        self.disconnect()
+        self._socket, self.channel = link.socket, link.channel
+        link.socket = None  # the arena owns it from now on
+        for seg_id, fd in self._own_fds.items():
+            if seg_id not in link.handed:
+                self._offer(seg_id, fd)
 
     def disconnect(self):
         """Host side, when its worker is gone: close the channel and drop our references to

@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 
 import ope_native
 from ope.bridge import protocol
@@ -19,10 +20,23 @@ from ope.bridge.channel import corrupt_queue
 from ope.errors import (MemoryLimitExceeded, ModelBroken, ModelClosed, OpeError, ProtocolError,
                         WorkerCrashed, WorkerTimeout)
 from ope.host.calls import _announce, _send_failure
+from ope.host.standby import Incarnation
 from ope.host.worker_process import (LIVENESS_SLICE_S, WorkerProcess, child_environment,
                                      describe_exit, private_rss)
 
 __all__ = ["WorkerLifecycle"]
+
+
+def _exit_teller(model):
+    """What tells ``model`` of its workers' exits, holding it weakly: the output thread that
+    calls it outlives models, and must not keep one alive."""
+    ref = weakref.ref(model)
+
+    def tell(worker):
+        alive = ref()
+        if alive is not None:
+            alive._worker_exited(worker)
+    return tell
 
 _log = logging.getLogger("ope")
 _MIB = 1 << 20
@@ -34,38 +48,111 @@ class WorkerLifecycle:
     # -- worker lifecycle (callers hold both locks, or the receive lock for _fail) ----------
 
     def _start_worker(self):
-        """Start a worker, check its protocol version, and load the package in it. The caller
-        has waited out the restart policy's backoff (_await_worker, _keep)."""
+        """Install a worker: a ready standby at once, else one started and loaded now. The
+        caller holds both locks and has waited out the restart policy's backoff unless a
+        standby is ready (_await_worker, _keep)."""
         self._check_not_broken()
         self._state = "starting"
-        self._generation += 1
-        spec, fds = self._arena.connect()
-        channel, arena = self._arena.channel, self._arena
-        # Everything a call of this worker needs but its own inputs, gathered once.
-        self._session = ope_native.Session(channel.mapping, channel.out_q, channel.in_q,
-                                           arena.encoding, arena.decoding, self._plain_checks,
-                                           self._call_stats)
-        self._conversation = protocol.Conversation("host")
-        args = ["--arena", spec, "--first-id", str(self._generation << 20),
-                "--host-pid", str(os.getpid()), "--max-bytes", str(self._arena.max_bytes)]
+        incarnation = self._standbys.take()
+        if incarnation is None:
+            try:
+                incarnation = self._launch(lambda: self._closed)
+            except BaseException as exc:
+                self._failed(f"start failed: {type(exc).__name__}: {str(exc)[:200]}")
+                raise
+        self._install(incarnation)
+
+    def _launch(self, stopping, standby=False):
+        """Start a worker on a link of its own to the arena, check its protocol version and
+        load the package in it; the current worker, if any, serves on meanwhile. Returns the
+        Incarnation, not installed; raises what went wrong (ModelClosed once ``stopping()``),
+        the worker stopped. A ``standby`` runs the package's test inputs, if it has them,
+        before answering READY (its first real call then costs what later ones do). Takes
+        the send lock for a few steps."""
+        with self._send_lock:
+            if self._closed:
+                raise self._closed_error()
+            link, spec, fds = self._arena.prepare()
+            arena = self._arena
+            # Everything a call of this worker needs but its own inputs, gathered once.
+            session = ope_native.Session(link.channel.mapping, link.channel.out_q,
+                                         link.channel.in_q, arena.encoding, arena.decoding,
+                                         self._plain_checks, self._call_stats)
+        args = ["--arena", spec, "--first-id", str(next(self._generations) << 20),
+                "--host-pid", str(os.getpid()), "--max-bytes", str(arena.max_bytes)]
         try:
-            self._worker = WorkerProcess(self.name, args, python=self._python,
-                                         env=child_environment(self._env_vars), pass_fds=fds)
+            worker = WorkerProcess(self.name, args, python=self._python,
+                                   env=child_environment(self._env_vars), pass_fds=fds,
+                                   on_exit=_exit_teller(self))
+        except BaseException:
+            link.close()
+            raise
         finally:
             for fd in fds:  # the worker has its copies now
                 os.close(fd)
+        incarnation = Incarnation(worker, link, session, protocol.Conversation("host"))
+        self._standbys.starting(worker, True, standby)
         try:
             deadline = time.monotonic() + self.load_timeout_s
-            self._check_hello(self._receive(deadline, "starting"))
-            self._send([protocol.LOAD, self.package.path, self._load_options])
-            ready = self._receive(deadline, "loading the package")
-            self._conversation.received(ready)
+            self._check_hello(incarnation, self._hear(incarnation, deadline, "starting", stopping))
+            options = {**self._load_options, "warm_up": standby}
+            message = [protocol.LOAD, self.package.path, options]
+            incarnation.conversation.sent(message)
+            if not session.send(protocol.pack(message), -1.0):
+                raise _send_failure(None)
+            ready = self._hear(incarnation, deadline, "loading the package", stopping)
+            incarnation.conversation.received(ready)
             if ready[0] == protocol.ERROR:
                 raise protocol.error_from_message(ready)
-        except BaseException as exc:
-            self._fail(f"start failed: {type(exc).__name__}: {str(exc)[:200]}")
+        except BaseException:
+            incarnation.discard(self.stop_grace_s)
             raise
-        self._info = ready[1]
+        finally:
+            self._standbys.starting(worker, False, standby)
+        incarnation.info = ready[1]
+        return incarnation
+
+    def _hear(self, incarnation, deadline, doing, stopping):
+        """The next message of a worker being started (no tensors: none is due); raises
+        instead of waiting on a dead or stuck one, or once ``stopping()``."""
+        worker = incarnation.worker
+        while True:
+            remaining = min(LIVENESS_SLICE_S, deadline - time.monotonic())
+            try:
+                data = incarnation.session.receive(max(remaining, 0.0))
+            except ValueError as exc:
+                raise corrupt_queue("incoming", exc) from exc
+            if data is not None:
+                return protocol.unpack(data)
+            if stopping():
+                raise ModelClosed(f"model {self.name!r} was closed while {doing}")
+            if not worker.alive():
+                raise self._death_error(worker, doing)
+            if time.monotonic() >= deadline:
+                raise WorkerTimeout(f"worker of model {self.name!r} (pid {worker.pid}) did "
+                                    f"not finish {doing} in time")
+
+    def _take_over(self, standby):
+        """Install ``standby`` after a fault; False, with it stopped, if it cannot be handed
+        the host's newer segments (it died meanwhile)."""
+        try:
+            with self._send_lock:
+                self._install(standby)
+            return True
+        except OpeError as exc:
+            standby.worker.logger.warning("standby pid %d could not take over: %s",
+                                          standby.worker.pid, exc)
+            self._arena.disconnect()
+            standby.discard(self.stop_grace_s)
+            return False
+
+    def _install(self, incarnation):
+        """Make ``incarnation`` the serving worker: a pointer swap (the caller holds both
+        locks and has discarded the previous worker)."""
+        self._arena.adopt(incarnation.link)
+        self._incarnation = incarnation
+        self._worker, self._session = incarnation.worker, incarnation.session
+        self._conversation, self._info = incarnation.conversation, incarnation.info
         self._state = "ready"
 
     def _check_not_broken(self):
@@ -84,19 +171,19 @@ class WorkerLifecycle:
                 raise self._closed_error()
             self._check_not_broken()
             delay = self._policy.delay_s()
-            if delay > 0:
+            if delay > 0 and not self._standbys.ready:
                 self._closing.wait(delay)
                 continue
             with self._recv_lock, self._send_lock:
                 if self._worker is None and not self._closed:
                     self._start_worker()
 
-    def _check_hello(self, hello):
+    def _check_hello(self, incarnation, hello):
         if hello[0] == protocol.HELLO and hello[1] != protocol.VERSION:
             raise ProtocolError(
                 f"worker runtime speaks protocol {hello[1]!r}, this host {protocol.VERSION}: "
                 f"install the same ope version in the worker's environment")
-        self._conversation.received(hello)
+        incarnation.conversation.received(hello)
 
     def _fail(self, reason):
         """Discard the worker after a fault (the caller holds the receive lock): stop it,
@@ -105,13 +192,26 @@ class WorkerLifecycle:
         self._arena.channel.close()
         with self._send_lock:
             self._discard_worker(force=True)
+        self._failed(reason)
+
+    def _failed(self, reason):
+        """Record a fault of the serving worker (now gone; the caller holds the receive
+        lock); a ready standby takes over at once, else with restart="eager" the restart
+        thread starts a worker."""
         self._policy.record(reason)
-        self._state = "broken" if self._policy.broken else "restarting"
+        if self._policy.broken:
+            self._state = "broken"
+            return
+        standby = self._standbys.take()
+        if standby is not None and self._take_over(standby):
+            return
+        self._state = "restarting"
         if self._wants_worker():
             self._wake_keeper()
 
     def _discard_worker(self, force):
         worker, self._worker = self._worker, None
+        self._incarnation = None
         if worker is None:
             return
         if not force:
@@ -161,35 +261,66 @@ class WorkerLifecycle:
 
     def _killed_for(self, worker):
         """Why the supervisor killed ``worker``, or None if it did not."""
-        killed, reason = self._kill_reason
-        return reason if killed is worker else None
+        return self._kill_reasons.get(worker)
 
-    def _replace_unusable_channel(self, error):
-        """After a send met a closed or corrupt queue (the caller holds no lock): replace the
-        worker now if no other thread is receiving; else close the channel and kill the
-        worker, and the receiving thread sees it die and replaces it."""
+    def _replace_unusable_channel(self, error, worker):
+        """After a send to ``worker`` met a closed or corrupt queue (the caller holds no lock,
+        or both): replace it now if no other thread is receiving; else close the channel and
+        kill it, and the receiving thread sees it die and replaces it. A worker installed
+        since (a standby that took over) is left alone. Returns the error for the sender:
+        ``error``, or the worker's death when it died (its channel closed by _worker_exited)."""
         if self._closed:
-            return
+            return error
+        dead = not worker.alive()
+        if dead:
+            error = self._death_error(worker, "sending a call")
         if self._recv_lock.acquire(False):
+            settled = ()
             try:
-                if self._worker is not None:
-                    self._fail(f"protocol error: {error}")
+                if self._worker is worker:
+                    self._fail(self._death_reason(worker) if dead else f"protocol error: {error}")
+                    # Calls sent to it before are lost with it; none may wait on it.
+                    settled = self._lose_pending(type(error)(
+                        f"call lost: the worker failed while it was in flight: {error}"))
             finally:
                 self._recv_lock.release()
-            return
-        worker = self._worker
-        self._arena.channel.close()
-        if worker is not None:
+            _announce(settled)
+        elif self._worker is worker:
+            self._arena.channel.close()
             worker.kill()
+        return error
+
+    def _worker_exited(self, worker):
+        """The output thread saw ``worker`` exit (worker_process._OutputReader). The serving
+        worker's channel is closed, which wakes a call waiting on it at once, and the next
+        call sent meets it closed: either finds the worker dead and raises its crash (a
+        standby takes over then). A death with no call is left to the supervisor's round, as
+        before. A standby's death goes to the pool. Never waits."""
+        incarnation = self._incarnation
+        if incarnation is not None and incarnation.worker is worker:
+            if not self._closed:
+                incarnation.link.channel.close()
+        else:
+            self._standbys.exited(worker, self._killed_for(worker))
 
     def _worker_died(self, worker, doing):
+        error = self._death_error(worker, doing)
+        self._fail(self._death_reason(worker))
+        return error
+
+    def _death_reason(self, worker):
+        """Why ``worker`` died, for the restart policy's history."""
+        return self._killed_for(worker) or f"crashed: {describe_exit(worker.returncode)}"
+
+    def _death_error(self, worker, doing):
+        """The error of ``worker`` found dead while ``doing``, once it is reaped."""
         worker.kill()  # what it started dies too; its exit status and last output are in
         how = f"worker of model {self.name!r} (pid {worker.pid}) {describe_exit(worker.returncode)}"
-        reason, tail = self._killed_for(worker), worker.output_tail()
-        self._fail(reason or f"crashed: {describe_exit(worker.returncode)}")
+        reason = self._killed_for(worker)
         if reason:
             return MemoryLimitExceeded(f"{how} while {doing}: {reason}")
-        return WorkerCrashed(f"{how} while {doing}", exitcode=worker.returncode, stderr_tail=tail)
+        return WorkerCrashed(f"{how} while {doing}", exitcode=worker.returncode,
+                             stderr_tail=worker.output_tail())
 
     def _timed_out(self, worker, doing):
         self._fail(f"timed out while {doing}")
@@ -201,26 +332,36 @@ class WorkerLifecycle:
     def _supervise(self):
         """The supervisor's look at this model, every Supervisor.interval_s: the memory limit,
         and a worker that died while no call was receiving from it (a call that is sees the
-        death itself). It never waits on this model: the receive lock is only tried, and
-        whatever takes time (discarding, starting) is left to the restart thread."""
-        worker = self._worker
-        if worker is None or self._closed:
+        death itself); the same for its standbys. It never waits on this model: the receive
+        lock is only tried, and whatever takes time (discarding, starting) is left to the
+        restart thread and the standby pool's refill thread."""
+        if self._closed:
             return
-        pids = worker.sample()
-        if pids and self.memory_limit_mb is not None:
-            limit = self.memory_limit_mb * _MIB
-            rss = private_rss(pids, above=limit)
-            if rss is not None and rss > limit:
-                self._kill_reason = (worker, f"memory limit exceeded: {rss / _MIB:.0f} MiB "
-                                             f"resident outside the arena > "
-                                             f"memory_limit_mb={self.memory_limit_mb}")
-                worker.kill()
+        self._standbys.supervise(self._check_memory)
+        worker = self._worker
+        if worker is None:
+            return
+        self._check_memory(worker)
         if not worker.alive() and self._recv_lock.acquire(blocking=False):
             try:
                 if self._worker is worker:
                     self._wake_keeper(dead=worker)
             finally:
                 self._recv_lock.release()
+
+    def _check_memory(self, worker):
+        """Kill ``worker`` if it is past the memory limit; returns why it was killed, or None."""
+        pids = worker.sample()
+        if not pids or self.memory_limit_mb is None:
+            return self._killed_for(worker)
+        limit = self.memory_limit_mb * _MIB
+        rss = private_rss(pids, above=limit)
+        if rss is not None and rss > limit:
+            self._kill_reasons[worker] = (f"memory limit exceeded: {rss / _MIB:.0f} MiB "
+                                          f"resident outside the arena > "
+                                          f"memory_limit_mb={self.memory_limit_mb}")
+            worker.kill()
+        return self._killed_for(worker)
 
     def _wants_worker(self):
         """Whether the restart thread should start a worker now (restart="eager")."""

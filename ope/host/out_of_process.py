@@ -44,13 +44,13 @@ demand and ends when there is a worker again, the model is broken or closed.
 
 import atexit
 import collections
+import functools
 import itertools
 import threading
 import time
 import weakref
 
 import numpy as np
-import psutil
 
 import ope_native
 from ope.bridge import protocol
@@ -60,8 +60,8 @@ from ope.errors import ModelClosed, OpeError, ProtocolError
 from ope.host.calls import Collection, _announce, _Call, _CallFuture, _send_failure
 from ope.host.lifecycle import WorkerLifecycle
 from ope.host.model import Model, check_timeout
+from ope.host.standby import StandbyPool
 from ope.host.supervisor import RestartPolicy, Supervisor
-from ope.host.worker_process import private_rss
 
 __all__ = ["OutOfProcessModel"]
 
@@ -96,14 +96,16 @@ class OutOfProcessModel(WorkerLifecycle, Model):
     per direction), ``arena_max_mb`` (growth limit per direction), ``memory_limit_mb``
     (resident memory of the worker and its children, anonymous and shared, less the arena),
     ``restart`` ("lazy" or "eager"), ``max_restarts`` and ``restart_window_s``,
-    ``stop_grace_s`` (between SIGTERM and SIGKILL).
+    ``stop_grace_s`` (between SIGTERM and SIGKILL), ``standby`` (loaded workers kept idle
+    to take over at once after a fault, ope/host/standby.py).
     """
 
     _bound_to_process = True
 
     def __init__(self, package, *, timeout_s=None, load_timeout_s=120.0, python=None,
                  env_vars=None, cpus=None, threads=None, arena_mb=4, arena_max_mb=4096, memory_limit_mb=None,
-                 restart="lazy", max_restarts=5, restart_window_s=60.0, stop_grace_s=1.0):
+                 restart="lazy", max_restarts=5, restart_window_s=60.0, stop_grace_s=1.0,
+                 standby=0):
         if restart not in ("lazy", "eager"):
             raise ValueError(f"restart must be 'lazy' or 'eager', got {restart!r}")
         check_timeout(timeout_s)
@@ -126,6 +128,10 @@ class OutOfProcessModel(WorkerLifecycle, Model):
         self._load_options = {"cpus": sorted(cpus) if cpus else None, "threads": threads,
                               "manifest_digest": package.manifest_digest}
         self._policy = RestartPolicy(max_restarts, restart_window_s)
+        self._closing = threading.Event()  # set by close: ends backoff waits at once
+        self._standbys = StandbyPool(standby, functools.partial(self._launch, standby=True),
+                                     self._policy, self._closing,
+                                     max_restarts, restart_window_s, stop_grace_s)
         # Sending (and allocating from our rings) and receiving run concurrently, each under
         # its own lock; changing the worker takes both (the module docstring has the order).
         self._send_lock = threading.RLock()
@@ -144,14 +150,16 @@ class OutOfProcessModel(WorkerLifecycle, Model):
         self._keeper = None
         self._keeping = True
         self._dead = None
-        self._closing = threading.Event()  # set by close: ends backoff waits at once
         self._call_ids = itertools.count(1)
         # The spec's rules for ope_native.Session.call, which runs their success path.
         self._plain_checks = (self._input_plan.native_rows, self._output_plan.native_rows)
-        self._generation = 0
+        self._generations = itertools.count(1)  # of workers started: their segment ids
         self._worker = None
-        self._session = None  # ope_native.Session with the current worker (_start_worker)
-        self._kill_reason = (None, None)  # (worker, why the supervisor killed it)
+        self._session = None  # ope_native.Session with the current worker (_install)
+        self._incarnation = None  # the current worker with its link and session
+        self._conversation = None
+        # Workers the supervisor killed, and why (the memory limit).
+        self._kill_reasons = weakref.WeakKeyDictionary()
         self._info = {}
         self._state = "starting"
         self._arena = Arena.create(ring_bytes=arena_mb * _MIB, max_bytes=arena_max_mb * _MIB)
@@ -165,6 +173,7 @@ class OutOfProcessModel(WorkerLifecycle, Model):
         self._keeping = False
         _open_models.add(self)
         Supervisor.get().watch(self)
+        self._standbys.start()
 
     # -- calls --------------------------------------------------------------------------
     #
@@ -251,7 +260,7 @@ class OutOfProcessModel(WorkerLifecycle, Model):
             self._state = "ready"
             error = _send_failure(reply)
             if isinstance(error, ProtocolError):  # a channel that cannot carry calls: replace it
-                self._fail(f"protocol error: {error}")
+                error = self._replace_unusable_channel(error, self._worker)
             raise error
         call = _Call(self._deadline(timeout_s), *held, bindings, None)
         try:
@@ -323,7 +332,8 @@ class OutOfProcessModel(WorkerLifecycle, Model):
             with self._send_lock:
                 if self._closed:
                     raise self._closed_error()
-                if self._worker is None:
+                worker = self._worker
+                if worker is None:
                     continue  # it failed since; starting takes the receive lock: let go first
                 call_id = next(self._call_ids)
                 deadline = self._deadline(timeout_s)  # before encoding: nothing to give back
@@ -339,7 +349,7 @@ class OutOfProcessModel(WorkerLifecycle, Model):
                     self._state = "busy"
                     return call
             if isinstance(failed, ProtocolError):
-                self._replace_unusable_channel(failed)
+                failed = self._replace_unusable_channel(failed, worker)
             raise failed
 
     def _deadline(self, timeout_s):
@@ -421,6 +431,11 @@ class OutOfProcessModel(WorkerLifecycle, Model):
         worker that is gone)."""
         if isinstance(exc, ProtocolError) and self._worker is not None:
             self._fail(f"protocol error: {exc}")
+        return self._lose_pending(exc)
+
+    def _lose_pending(self, exc):
+        """Settle every call in flight as failed with ``exc`` (_fail_pending), the worker they
+        were sent to being gone already; the caller holds the receive lock."""
         calls = list(self._pending)
         self._pending.clear()
         for index, call in enumerate(calls):
@@ -530,25 +545,23 @@ class OutOfProcessModel(WorkerLifecycle, Model):
     # -- visibility and teardown --------------------------------------------------------
 
     def health(self):
-        health = super().health()
+        health = {**super().health(), **self._facts(), "mode": "out_of_process",
+                  "failures": [{"time": t, "reason": r} for t, _, r in self._policy.history]}
         worker = self._worker
-        health.update(mode="out_of_process", state="closed" if self._closed else self._state,
-                      pid=worker.pid if worker else None, restarts=len(self._policy.history),
-                      failures=[{"time": t, "reason": r} for t, _, r in self._policy.history])
-        if worker is not None:
-            health.update(_process_usage(worker))
-        return health
+        return {**health, **worker.usage()} if worker is not None else health
 
     def stats(self):
-        stats = super().stats()
+        return {**super().stats(), **self._facts(), "worker": dict(self._info),
+                "arena_bytes_in_use": self._arena.used_bytes(),
+                "arena_high_water": self._arena.high_water_bytes(),
+                "arena_bytes_reserved": self._arena.own_bytes}
+
+    def _facts(self):
+        """What health() and stats() both report."""
         worker = self._worker
-        stats.update(
-            arena_bytes_in_use=self._arena.used_bytes(),
-            arena_high_water=self._arena.high_water_bytes(),
-            arena_bytes_reserved=self._arena.own_bytes,
-            pid=worker.pid if worker else None, restarts=len(self._policy.history),
-            state="closed" if self._closed else self._state, worker=dict(self._info))
-        return stats
+        return {"state": "closed" if self._closed else self._state,
+                "pid": worker.pid if worker else None, "restarts": len(self._policy.history),
+                "standby": self._standbys.describe()}
 
     def _disown(self):
         super()._disown()
@@ -577,6 +590,7 @@ class OutOfProcessModel(WorkerLifecycle, Model):
             self._send_lock.release()
             self._recv_lock.release()
         _announce(settled)
+        self._standbys.close()  # with no lock held: a standby's start may be waiting for one
         # Both threads end on their own once closed; waiting for them leaves none behind.
         with self._keeper_lock, self._collector_wakeup:
             helpers = [self._keeper, self._collector]
@@ -584,14 +598,3 @@ class OutOfProcessModel(WorkerLifecycle, Model):
             if thread is not None and thread is not threading.current_thread():
                 thread.join()
 
-
-def _process_usage(worker):
-    try:
-        proc = psutil.Process(worker.pid)
-        with proc.oneshot():
-            memory = proc.memory_info()
-            cpu = proc.cpu_times()
-        return {"rss_bytes": memory.rss, "private_rss_bytes": private_rss(worker.sample()),
-                "cpu_user_s": cpu.user, "cpu_system_s": cpu.system}
-    except psutil.Error:  # the worker may be gone by now; health reports what it can
-        return {}

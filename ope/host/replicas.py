@@ -196,7 +196,8 @@ class ReplicaSet(Model):
 
     def stats(self):
         """The set's calls, errors and latencies, byte and arena counters summed over
-        replicas, and per replica: pid, state, calls in flight, calls dispatched, restarts."""
+        replicas, and per replica: pid, state, calls in flight, calls dispatched, restarts,
+        standbys (each replica keeps its own, ``standby`` of them)."""
         stats = super().stats()
         each = [replica.stats() for replica in self._replicas]
         for key in ("bytes_copied_in", "bytes_copied_out", "arena_bytes_in_use",
@@ -207,7 +208,7 @@ class ReplicaSet(Model):
         stats["pids"] = [s["pid"] for s in each]
         stats["replicas"] = [
             {"pid": s["pid"], "state": s["state"], "outstanding": flight, "calls": calls,
-             "errors": errors, "restarts": s["restarts"]}
+             "errors": errors, "restarts": s["restarts"], "standby": s["standby"]}
             for s, (flight, calls, errors) in zip(each, counters)]
         return stats
 

@@ -112,7 +112,7 @@ class WorkerProcess:
     The worker is reaped only by :meth:`kill`, after the signals to its group: until then the
     zombie keeps its pid, which is the group's id, from being reused."""
 
-    def __init__(self, name, args, *, python=None, env=None, pass_fds=()):
+    def __init__(self, name, args, *, python=None, env=None, pass_fds=(), on_exit=None):
         self.name = name
         self.logger = logging.getLogger(f"ope.worker.{name}")
         host_pipe = _host_pipe_read_end()
@@ -130,6 +130,7 @@ class WorkerProcess:
             self._output = _WorkerOutput(self.proc.stdout, self.logger)
             self._reader = _OutputReader.get()
             self._reader.add(self._output)
+            self._exit_watch = None if on_exit is None else self._reader.watch_exit(self, on_exit)
         except BaseException:
             _signal_group(self.pid, signal.SIGKILL)
             self.proc.wait()
@@ -155,6 +156,19 @@ class WorkerProcess:
     def output_tail(self):
         """The last lines the worker wrote; after :meth:`kill`, all it wrote is in."""
         return self._output.tail()
+
+    def usage(self):
+        """RSS, private RSS (the worker and its descendants) and CPU times, as far as the
+        process can still be read ({} once it is gone)."""
+        try:
+            proc = psutil.Process(self.pid)
+            with proc.oneshot():
+                memory = proc.memory_info()
+                cpu = proc.cpu_times()
+            return {"rss_bytes": memory.rss, "private_rss_bytes": private_rss(self.sample()),
+                    "cpu_user_s": cpu.user, "cpu_system_s": cpu.system}
+        except psutil.Error:
+            return {}
 
     def sample(self, fresh=False):
         """The pids of the worker and of its descendants (by a scan of /proc at most
@@ -209,6 +223,7 @@ class WorkerProcess:
                 except psutil.Error:  # gone, or its pid reused: not ours
                     pass
             self._descendants.clear()
+            self._reader.forget_exit(self._exit_watch)  # before the reap frees the pid
             self.proc.wait()
             self._reaped = True
             self._reader.remove(self._output)  # under the lock: a second kill() finds it done
@@ -363,11 +378,27 @@ class _WorkerOutput:
             return "\n".join(self._tail)
 
 
+class _ExitWatch:
+    """A pidfd of a worker, readable once it exits, and whom to tell (``on_exit(worker)``)."""
+
+    __slots__ = ("fd", "worker", "on_exit", "lock", "open")
+
+    def __init__(self, fd, worker, on_exit):
+        self.fd, self.worker, self.on_exit = fd, worker, on_exit
+        self.lock = threading.Lock()
+        self.open = True
+
+
 class _OutputReader(PerProcess):
     """The host's one thread that reads the output of all its workers (one selector over
     their pipes), in chunks, never blocking on one pipe; a worker's pipe joins at its start
     and leaves at its end (:meth:`remove`), which does not wait for the end of file that a
-    process the worker started may hold back."""
+    process the worker started may hold back.
+
+    The same selector watches workers' exits (a pidfd each, :meth:`watch_exit`): a death is
+    told at once to whom the worker was started for, so a call waiting on a dead worker needs
+    no liveness slice to learn of it. Where pidfds are missing, the slices and the
+    supervisor's round see deaths alone."""
 
     def __init__(self):
         self._selector = selectors.DefaultSelector()
@@ -375,6 +406,39 @@ class _OutputReader(PerProcess):
 
     def add(self, output):
         self._selector.register(output.fd, selectors.EVENT_READ, output)
+
+    def watch_exit(self, worker, on_exit):
+        """Call ``on_exit(worker)`` from this thread once ``worker`` exits (it must not wait);
+        returns the watch for :meth:`forget_exit`, None without pidfds."""
+        try:
+            fd = os.pidfd_open(worker.pid)
+        except (AttributeError, OSError):
+            return None
+        watch = _ExitWatch(fd, worker, on_exit)
+        self._selector.register(fd, selectors.EVENT_READ, watch)
+        return watch
+
+    def forget_exit(self, watch):
+        """Stop watching (idempotent; ``watch`` may be None)."""
+        if watch is not None:
+            with watch.lock:
+                self._close_exit(watch)
+
+    def _close_exit(self, watch):  # the caller holds watch.lock
+        if watch.open:
+            watch.open = False
+            self._selector.unregister(watch.fd)
+            os.close(watch.fd)
+
+    def _exited(self, watch):
+        with watch.lock:
+            if not watch.open:
+                return  # forgotten since the selector reported it
+            self._close_exit(watch)
+        try:
+            watch.on_exit(watch.worker)
+        except Exception:  # one model's trouble must not stop the others' output
+            _log.exception("telling of the exit of a worker failed")
 
     def remove(self, output):
         """Take in what ``output`` holds now, never waiting for more, and close it."""
@@ -391,6 +455,9 @@ class _OutputReader(PerProcess):
         while True:
             for key, _ in self._selector.select():
                 output = key.data
+                if type(output) is _ExitWatch:
+                    self._exited(output)
+                    continue
                 with output.lock:
                     if not output.open:
                         continue  # closed since the selector reported it

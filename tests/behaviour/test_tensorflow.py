@@ -105,8 +105,8 @@ def package(saved, tf_env, package_root):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(envs.HOME_ENV, CACHE_HOME)
         return ope.package_tensorflow(os.path.join(package_root, "tf-scorer"), folder,
-                                      name="tf-scorer", test_inputs=inputs,
-                                      test_outputs=expected)
+                                      name="tf-scorer", requires={"tensorflow-cpu": "==2.21.*"},
+                                      test_inputs=inputs, test_outputs=expected)
 
 
 def test_tensorflow_is_not_on_this_host():
@@ -147,10 +147,24 @@ def test_bad_inputs_and_model_errors(in_tf_home, package, saved):
         assert model.infer(inputs)["next_ids"].tolist() == [1, 2, 3, 4, 5]
 
 
-def test_without_the_environment_the_error_names_tensorflow(package, tmp_path, monkeypatch):
+def test_without_the_environment_and_building_off_the_error_names_tensorflow(
+        package, tmp_path, monkeypatch):
     monkeypatch.setenv(envs.HOME_ENV, str(tmp_path / "empty-home"))
-    with pytest.raises(EnvError, match="tensorflow"):
-        ope.load(package.path)
+    with pytest.raises(EnvError, match=r"tensorflow-cpu==2\.21\.\*: not installed[\s\S]*"
+                                       r"ope env create --from"):
+        ope.load(package.path, build=False)
+
+
+def test_a_fresh_home_builds_tensorflow_from_the_package_lock(package, saved, tmp_path,
+                                                             monkeypatch, capfd):
+    """A host with no TensorFlow environment at all: the first load builds it from the lock
+    the package carries (tensorflow-cpu, pinned with hashes), showing its progress."""
+    _, inputs, expected = saved
+    monkeypatch.setenv(envs.HOME_ENV, str(tmp_path / "fresh-home"))
+    assert "tensorflow-cpu==2.21." in package.lock_text()
+    with ope.load(package.path) as model:
+        np.testing.assert_allclose(model.infer(inputs)["scores"], expected["scores"], rtol=1e-5)
+    assert ": ready" in capfd.readouterr().err
 
 
 def test_given_specs_and_another_signature(saved, package_root):
