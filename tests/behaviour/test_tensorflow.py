@@ -119,7 +119,7 @@ def test_specs_come_from_the_signature(package):
         ("ids", "int64", (None,)), ("x", "float32", (None, 4))]
     assert [(s.name, s.dtype, s.shape) for s in package.outputs] == [
         ("next_ids", "int64", (None,)), ("scores", "float32", (None, 3))]
-    assert package.requires == {"tensorflow": ""}
+    assert package.requires == {"tensorflow-cpu": "==2.21.*"}, "a provider of tensorflow"
     assert package.config["signature"] == "serving_default"
 
 
