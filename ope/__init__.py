@@ -12,9 +12,10 @@ from ope.package import Package, read_package
 from ope.host.model import Model
 from ope.api import load, package_placeholder, package_python, package_torchscript
 from ope.modelset import ModelSet, wait_all
+from ope.placement import RayPlacement
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load", "Model", "ModelSet", "wait_all", "TensorSpec", "Package",
+__all__ = ["__version__", "load", "Model", "ModelSet", "wait_all", "RayPlacement", "TensorSpec", "Package",
            "read_package",
            "package_torchscript", "package_python", "package_placeholder", *_error_names]

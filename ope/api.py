@@ -27,6 +27,7 @@ from ope import envs
 from ope.errors import OpeError, PackageError
 from ope.host.in_process import InProcessModel
 from ope.package import build, read_package
+from ope.placement import resolve_placement
 from ope.requirements import ensure_requirements
 
 __all__ = ["load", "self_check", "package_torchscript", "package_python", "package_placeholder",
@@ -41,7 +42,7 @@ _IN_PROCESS_HINT = ("Loading it out of process (ope.load(path, env='auto')), in 
 
 
 def load(path, *, out_of_process=None, timeout_s=None, env=None, device=None, replicas=None,
-         **worker_options):
+         placement=None, **worker_options):
     """Open the package at ``path`` and return a ready :class:`~ope.host.model.Model`.
 
     ``out_of_process``: True runs the model in a worker process, False in this process,
@@ -53,8 +54,18 @@ def load(path, *, out_of_process=None, timeout_s=None, env=None, device=None, re
     the model behind one handle, each call going to the least busy; ``worker_options``: those
     of :class:`~ope.host.out_of_process.OutOfProcessModel` (``cpus``, ``threads``,
     ``env_vars``, ...; an explicit ``python`` bypasses ``env``).
+
+    ``placement``: where the model runs; None follows ``OPE_PLACEMENT`` (unset: this host),
+    "local" is this host, "ray" or an :class:`ope.RayPlacement` a node of a Ray cluster, where
+    this same ``load`` runs the model with the other options (ope/placement/).
     """
     package = read_package(path)
+    placed = resolve_placement(placement)
+    if placed is not None:
+        from ope.placement.ray_model import load_on_ray
+        return load_on_ray(package, placed, load, out_of_process=out_of_process,
+                           timeout_s=timeout_s, env=env, device=device, replicas=replicas,
+                           **worker_options)
     if _resolve_out_of_process(out_of_process):
         # The host side is only needed in this mode.
         from ope.host.out_of_process import OutOfProcessModel
