@@ -42,7 +42,7 @@ def require_ray():
 def cluster():
     require_ray()
     started = Cluster(initialize_head=True, head_node_args={
-        **NODE_ARGS, "resources": {"node_a": 4, "spare": 1}, "include_dashboard": False})
+        **NODE_ARGS, "resources": {"node_a": 4}, "include_dashboard": False})
     try:
         started.add_node(**NODE_ARGS, resources={"node_b": 4, "spare": 1})
         started.wait_for_nodes()
