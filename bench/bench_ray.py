@@ -92,15 +92,18 @@ def columns(path, here, other):
 
 
 def per_call(columns_, nbytes, rounds, quick):
-    """Column -> median µs per call at ``nbytes``; columns alternate chunk by chunk."""
+    """Column -> median µs per call at ``nbytes``, over chunks of calls that alternate the
+    columns, the order reversed every other round; each chunk starts with an untimed call."""
     x = np.ones(max(1, nbytes // 4), np.float32)
     calls = {16: 200, 1 << 20: 40, 16 << 20: 6}[nbytes] // (4 if quick else 1) or 2
     times = {name: [] for name in columns_}
     for name, (call, _) in columns_.items():  # warm-up
         for _ in range(3):
             np.testing.assert_array_equal(call(x)[:1], [2.0])
-    for _ in range(rounds):
-        for name, (call, _) in columns_.items():
+    for round_ in range(rounds):
+        order = list(columns_.items())
+        for name, (call, _) in (order if round_ % 2 == 0 else order[::-1]):
+            call(x)
             for _ in range(calls):
                 start = time.perf_counter_ns()
                 call(x)
@@ -156,10 +159,11 @@ def main(argv=None):
                       "perception": {"placement": ope.RayPlacement(node=other)}}
             ticks = 100 if args.quick else 400
             rates = {"local": [], "two Ray nodes": []}
-            for _ in range(2):
-                rates["local"].append(ticks_per_s(policy_path, perception_path, {}, ticks, 256))
-                rates["two Ray nodes"].append(
-                    ticks_per_s(policy_path, perception_path, on_two, ticks, 256))
+            runs = [("local", {}), ("two Ray nodes", on_two)]
+            for order in (runs, runs[::-1]):  # AB BA
+                for name, placements in order:
+                    rates[name].append(
+                        ticks_per_s(policy_path, perception_path, placements, ticks, 256))
             local, placed = np.median(rates["local"]), np.median(rates["two Ray nodes"])
             print(f"sim job, 256 agents, {ticks} ticks: local {local:,.0f} ticks/s, on two Ray "
                   f"nodes {placed:,.0f} ticks/s ({local / placed:.1f}x slower placed); runs "
