@@ -144,7 +144,8 @@ def main(argv=None):
         with tempfile.TemporaryDirectory(prefix="bench-ray-") as root:
             cols = columns(build_package(root), here, other)
             try:
-                print(f"per-call median, µs (ratio to local ope); load avg {os.getloadavg()[0]:.2f}")
+                print(f"per-call median, µs (ratio to local ope); load avg "
+                      f"{os.getloadavg()[0]:.2f}")
                 for nbytes in SIZES:
                     medians = per_call(cols, nbytes, rounds, args.quick)
                     base = medians["local ope"]

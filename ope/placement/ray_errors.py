@@ -39,7 +39,8 @@ def ope_error(exc, *, model, node):
     if isinstance(exc, (rex.ObjectStoreFullError, rex.OutOfDiskError)):
         return ArenaFull(f"{where}: the object store is full: {text}"), False
     if isinstance(exc, rex.GetTimeoutError):
-        return WorkerTimeout(f"{where}: no reply before the deadline; the call was cancelled"), False
+        return WorkerTimeout(f"{where}: no reply before the deadline; the call was "
+                             f"cancelled"), False
     if isinstance(exc, (rex.NodeDiedError, rex.LocalRayletDiedError)) or (
             isinstance(exc, rex.RayActorError) and _says_node_died(text)):
         return WorkerCrashed(f"{where}: node lost: {text}"), True

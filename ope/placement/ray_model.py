@@ -43,10 +43,18 @@ _REPLY_GRACE_S = 30.0  # past a call's deadline: the node's own WorkerTimeout co
 
 def connect(address):
     """The ``ray`` module, joined to a cluster: this process's connection if it has one,
-    else ``ray.init(address=address or "auto")``."""
-    import ray
+    else ``ray.init(address=address or "auto")``. EnvError without Ray or a cluster."""
+    try:
+        import ray
+    except ImportError as exc:
+        raise EnvError(f"placement on Ray needs the ray package ({exc}); pip install "
+                       f"'ope[ray]'") from None
     if not ray.is_initialized():
-        ray.init(address=address or "auto")
+        try:
+            ray.init(address=address or "auto")
+        except ConnectionError as exc:
+            raise EnvError(f"no Ray cluster to join at {address or 'auto'} ({exc}); start one "
+                           f"(ray start --head) or pass RayPlacement(address=...)") from None
     return ray
 
 

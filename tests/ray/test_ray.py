@@ -135,6 +135,16 @@ def test_a_killed_actor_raises_worker_crashed_and_the_next_call_places_a_new_one
     assert stats["actor"] != name and stats["actor_restarts"] == 1
 
 
+def test_an_actor_lost_past_the_restart_policy_leaves_the_model_broken(placed, faulty):
+    model = placed(faulty, on("node_b"), max_restarts=0)
+    ray.kill(ray.get_actor(model.stats()["actor"]), no_restart=True)
+    with pytest.raises(ope.WorkerCrashed, match="actor died"):
+        model.infer(fault_inputs("ok"))
+    with pytest.raises(ope.ModelBroken, match="lost more than 0 times"):
+        model.infer(fault_inputs("ok"))
+    assert model.health()["state"] == "broken"
+
+
 def test_a_lost_node_raises_worker_crashed_node_lost_and_the_model_recovers_elsewhere(
         cluster, placed, nodes, faulty):
     # "spare" is on node_b and on a third node; holding node_b's sends the model to the third.
