@@ -10,8 +10,9 @@ error of the same meaning.
 Faults: a lost actor (killed, crashed, or gone with its node) is replaced lazily, by the next
 call, under a restart policy of its own; past its limit the model is broken (ModelBroken).
 Faults of the node's worker are the node's ope's: it restarts the worker and its errors arrive
-unchanged. A call's deadline is enforced on the node (the worker's kill ladder); the host
-waits ``_REPLY_GRACE_S`` longer, then cancels the call itself (WorkerTimeout).
+unchanged. A call's deadline is enforced on the node (the worker's kill ladder); ``infer``
+waits ``_REPLY_GRACE_S`` longer for the node's answer, then cancels the call itself
+(WorkerTimeout).
 
 No zero copy crosses machines: :meth:`empty` and :meth:`seal` give ordinary arrays, and inputs
 and outputs travel through Ray's object store.

@@ -217,6 +217,15 @@ def test_ope_placement_ray_places_every_load_of_the_job(cluster, affine, monkeyp
         assert "node" not in model.stats()
 
 
+def test_the_sim_job_runs_with_its_models_on_two_nodes(cluster, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "..", "..", "examples"))
+    import sim_job
+    assert sim_job.main(["--ticks", "30", "--agents", "16", "--placement", "ray",
+                         "--ray-resources", "node_a,node_b"]) == 0
+    summary = capsys.readouterr().out
+    assert "ticks: 30 (16 agents)" in summary and "finite: True" in summary
+
+
 def test_close_leaves_no_actor_no_worker_and_no_segment(placed, affine):
     model = placed(affine.path, on("node_a"))
     stats = model.stats()
