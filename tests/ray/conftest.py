@@ -11,31 +11,14 @@ and live as long as the session, so the suite's leak check is replaced here by w
 model must not leave: an actor of ope's, or an ope worker process on a node.
 """
 
-import os
-import time
+import pytest
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-
-import psutil  # noqa: E402
-import pytest  # noqa: E402
+from ray_cluster import NODE_ARGS, ope_actors, ope_workers, ray, require_ray, settled
 
 try:
-    import ray
     from ray.cluster_utils import Cluster
-except ImportError as exc:
-    ray = None
-    _MISSING = f"ray is not installed ({exc}); pip install 'ope[ray]' runs these tests"
-
-_MIB = 1 << 20
-NODE_ARGS = {"num_cpus": 2, "object_store_memory": 200 * _MIB, "node_ip_address": "127.0.0.1"}
-
-
-def require_ray():
-    """Skip the calling test module (fail in CI) with the reason when Ray is missing."""
-    if ray is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(_MISSING, pytrace=False)
-        pytest.skip(_MISSING, allow_module_level=True)
+except ImportError:
+    Cluster = None
 
 
 @pytest.fixture(scope="session")
@@ -65,34 +48,6 @@ def nodes(cluster):
                     found[resource] = node["NodeID"]
     assert sorted(found) == ["node_a", "node_b"]
     return found
-
-
-def ope_actors():
-    """Ids of ope's actors (ope/placement/ray_actor.py) alive in the cluster."""
-    return {actor_id for actor_id, actor in ray._private.state.actors().items()
-            if actor["ActorClassName"].endswith("ModelActor") and actor["State"] == "ALIVE"}
-
-
-def ope_workers():
-    """ope worker processes among this process's descendants (so on the cluster's nodes)."""
-    found = set()
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            if "workers.worker" in " ".join(proc.cmdline()):
-                found.add(proc)
-        except psutil.Error:
-            pass
-    return found
-
-
-def settled(probe, timeout_s=10.0):
-    """``probe()`` once it is empty, or its last value after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = probe()
-        if not value or time.monotonic() >= deadline:
-            return value
-        time.sleep(0.1)
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ import pytest
 
 import ope
 import models
-from conftest import NODE_ARGS, ope_actors, require_ray, settled
+from ray_cluster import NODE_ARGS, ope_actors, require_ray, settled
 from fault_package import assert_works, fault_inputs
 
 require_ray()

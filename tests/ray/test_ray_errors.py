@@ -4,7 +4,7 @@ one table, checked without a cluster."""
 import pytest
 
 import ope
-from conftest import require_ray
+from ray_cluster import require_ray
 from ope.placement.ray_errors import ope_error
 
 require_ray()
