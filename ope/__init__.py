@@ -16,6 +16,6 @@ from ope.placement import RayPlacement
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load", "Model", "ModelSet", "wait_all", "RayPlacement", "TensorSpec", "Package",
-           "read_package",
+__all__ = ["__version__", "load", "Model", "ModelSet", "wait_all", "TensorSpec", "Package",
+           "read_package", "RayPlacement",
            "package_torchscript", "package_python", "package_placeholder", *_error_names]

@@ -5,6 +5,10 @@ code serve both modes; ``load`` picks in-process or out-of-process from its argu
 from ``OPE_OUT_OF_PROCESS`` (so a whole job can switch without code changes), else from the
 default.
 
+Placement comes first, the same way (``placement``, else ``OPE_PLACEMENT``, else this host):
+a model placed on a Ray cluster is handed to ope/placement/, whose actor calls this same
+``load`` on its node.
+
 Out of process, ``load`` also decides where the worker runs: which interpreter (the host's own
 or a worker environment whose recorded versions satisfy the package's ``requires``, see
 ope/envs/) and on which device. The host side only receives the result as its ``python``
