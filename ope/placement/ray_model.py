@@ -221,8 +221,10 @@ class RayModel(Model):
     def _run(self, arrays, bindings, timeout_s):
         actor, node = self._actor_for_call()
         deadline = self._deadline(timeout_s)
-        ref = actor.infer.remote(arrays, deadline)
+        ref = None
         try:
+            # Sending puts large inputs in the object store, which may be full.
+            ref = actor.infer.remote(arrays, deadline)
             return self._ray.get(ref, timeout=None if deadline is None
                                  else deadline + _REPLY_GRACE_S)
         except Exception as exc:
@@ -231,7 +233,10 @@ class RayModel(Model):
     def _submit(self, arrays, bindings, timeout_s):
         import concurrent.futures
         actor, node = self._actor_for_call()
-        ref = actor.infer.remote(arrays, self._deadline(timeout_s))
+        try:
+            ref = actor.infer.remote(arrays, self._deadline(timeout_s))
+        except Exception as exc:
+            raise self._failed(exc, actor, node, None) from None
         future = concurrent.futures.Future()
 
         def settle(done):
@@ -252,7 +257,7 @@ class RayModel(Model):
         """The ope error for a call's failure ``exc``; a lost actor is let go for the next
         call to replace, a call the host gave up on is cancelled."""
         error, lost = ope_error(exc, model=self.name, node=node)
-        if isinstance(exc, self._ray.exceptions.GetTimeoutError):
+        if ref is not None and isinstance(exc, self._ray.exceptions.GetTimeoutError):
             self._ray.cancel(ref)
         if lost:
             self._lose(actor, error)
