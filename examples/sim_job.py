@@ -20,6 +20,12 @@ the dead worker raises WorkerCrashed; the job reports it and retries that call o
 starts a fresh worker (the restart policy counts it); the job then completes. The summary
 lists per-tick time, the faults seen and recovered, the restarts and every worker pid used.
 
+Placement: ``--placement ray`` serves both models from a Ray cluster (``--address``, else a
+Ray instance started on this machine for the job), each in an ope worker on a node; with
+``--ray-resources A,B`` the policy goes to the node offering custom resource A, perception to
+B. Everything else is the same code; ``--kill-at`` kills a worker by its pid, so it needs the
+node on this machine.
+
 Packages are built into a temporary folder at start (and self-checked when built).
 """
 
@@ -236,18 +242,34 @@ def main(argv=None):
     parser.add_argument("--kill-at", type=int, default=None, metavar="TICK",
                         help="SIGKILL one worker just before this tick")
     parser.add_argument("--kill-model", choices=("policy", "perception"), default="policy")
+    parser.add_argument("--placement", choices=("local", "ray"), default="local")
+    parser.add_argument("--address", default=None, help="Ray cluster to join (with ray)")
+    parser.add_argument("--ray-resources", default=None, metavar="A,B",
+                        help="custom resources of the policy's and perception's nodes")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="sim-job-") as root:
         policy_path, perception_path = build_packages(root)
         # One intra-op thread each: the two workers share the machine's cores.
         options = {"threads": 1}
-        with ModelSet({"policy": (policy_path, options),
-                       "perception": (perception_path, options)}) as models:
+        with ModelSet({"policy": (policy_path, {**options, **placement_of(args, 0)}),
+                       "perception": (perception_path,
+                                      {**options, **placement_of(args, 1)})}) as models:
             job = Job(models, World(args.agents), Progress(args.ticks))
             job.run(args.ticks, args.kill_at, args.kill_model)
             print(job.summary())
     return 0 if job.recovered == len(job.faults) else 1
+
+
+def placement_of(args, which):
+    """``ope.load``'s placement option for model ``which`` (0 policy, 1 perception)."""
+    if args.placement == "local":
+        return {}
+    import ray
+    if not ray.is_initialized():
+        ray.init(address=args.address)  # None: a Ray instance on this machine, for this job
+    resources = args.ray_resources.split(",")[which] if args.ray_resources else None
+    return {"placement": ope.RayPlacement(resources={resources: 1} if resources else None)}
 
 
 if __name__ == "__main__":

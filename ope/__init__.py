@@ -13,10 +13,11 @@ from ope.host.model import Model
 from ope.api import (load, package_keras, package_onnx, package_placeholder, package_python,
                      package_tensorflow, package_torchscript)
 from ope.modelset import ModelSet, wait_all
+from ope.placement import RayPlacement
 
 __version__ = "0.1.0"
 
 __all__ = ["__version__", "load", "Model", "ModelSet", "wait_all", "TensorSpec", "Package",
-           "read_package",
+           "read_package", "RayPlacement",
            "package_torchscript", "package_python", "package_placeholder", "package_onnx",
            "package_keras", "package_tensorflow", *_error_names]

@@ -5,6 +5,10 @@ code serve both modes; ``load`` picks in-process or out-of-process from its argu
 from ``OPE_OUT_OF_PROCESS`` (so a whole job can switch without code changes), else from the
 default.
 
+Placement comes first, the same way (``placement``, else ``OPE_PLACEMENT``, else this host):
+a model placed on a Ray cluster is handed to ope/placement/, whose actor calls this same
+``load`` on its node.
+
 Out of process, ``load`` also decides where the worker runs: which interpreter (the host's own
 or a worker environment whose recorded versions satisfy the package's ``requires``, see
 ope/envs/) and on which device. The host side only receives the result as its ``python``
@@ -27,6 +31,7 @@ from ope import envs
 from ope.errors import OpeError, PackageError
 from ope.host.in_process import InProcessModel
 from ope.package import build, keras_model, onnx_builder, read_package, saved_model
+from ope.placement import resolve_placement
 from ope.requirements import ensure_requirements
 
 __all__ = ["load", "self_check", "package_torchscript", "package_python", "package_placeholder",
@@ -41,7 +46,7 @@ _IN_PROCESS_HINT = ("Loading it out of process (ope.load(path), env='auto') runs
 
 
 def load(path, *, out_of_process=None, timeout_s=None, env=None, build=None, device=None,
-         replicas=None, **worker_options):
+         replicas=None, placement=None, **worker_options):
     """Open the package at ``path`` and return a ready :class:`~ope.host.model.Model`.
 
     ``out_of_process``: True runs the model in a worker process, False in this process,
@@ -52,13 +57,24 @@ def load(path, *, out_of_process=None, timeout_s=None, env=None, build=None, dev
     environment that satisfies them, else that lock's environment built now: see
     ope/envs/selection.py), a name (``ope env list``) or the path of an interpreter or venv;
     ``build``: whether env="auto" may build an environment (None: ``OPE_BUILD_ENVS``, default
-    yes; False only selects, for hosts that must not reach a package index); ``device``: "cpu" or "cuda:N"; ``replicas``: N workers of
-    the model behind one handle, each call going to the least busy; ``worker_options``: those
+    yes; False only selects, for hosts that must not reach a package index); ``device``:
+    "cpu" or "cuda:N"; ``replicas``: N workers of the model behind one handle, each call
+    going to the least busy; ``worker_options``: those
     of :class:`~ope.host.out_of_process.OutOfProcessModel` (``cpus``, ``threads``,
     ``env_vars``, ``standby``: loaded workers kept idle to take over after a fault, ...; an
     explicit ``python`` bypasses ``env``).
+
+    ``placement``: where the model runs; None follows ``OPE_PLACEMENT`` (unset: this host),
+    "local" is this host, "ray" or an :class:`ope.RayPlacement` a node of a Ray cluster, where
+    this same ``load`` runs the model with the other options (ope/placement/).
     """
     package = read_package(path)
+    placed = resolve_placement(placement)
+    if placed is not None:
+        from ope.placement.ray_model import load_on_ray
+        return load_on_ray(package, placed, load, out_of_process=out_of_process,
+                           timeout_s=timeout_s, env=env, build=build, device=device,
+                           replicas=replicas, **worker_options)
     if _resolve_out_of_process(out_of_process):
         # The host side is only needed in this mode.
         from ope.host.out_of_process import OutOfProcessModel

@@ -64,7 +64,8 @@ class ModelSet(collections.abc.Mapping):
     """Models by name, loaded in parallel, closed together.
 
     ``specs`` maps a name to a package path, or to ``(path, options)`` where options are
-    those of ``ope.load`` (``out_of_process``, ``timeout_s``, worker options, ``replicas``).
+    those of ``ope.load`` (``out_of_process``, ``timeout_s``, worker options, ``replicas``,
+    ``placement``: each model may run on another node of a Ray cluster).
     If any package fails to load, the ones already loaded are closed and its error is raised.
     Use as a context manager, or call :meth:`close`."""
 

@@ -86,11 +86,15 @@ class ReplicaSet(Model):
     ``worker_options`` are those of :class:`~ope.host.out_of_process.OutOfProcessModel` and
     apply to every replica; ``restart`` defaults to "eager" so a crashed replica is replaced in
     the background while the others serve. Workers start in parallel threads: start-up takes
-    about as long as one worker's."""
+    about as long as one worker's. ``member``: the Model class of a replica, called as
+    ``member(package, restart=..., **worker_options)``; another than OutOfProcessModel
+    (ope/placement/ray_model.py) offers the same ``state``, ``holds``, ``stats`` and
+    ``health``."""
 
     _bound_to_process = True
 
-    def __init__(self, package, replicas, *, restart="eager", **worker_options):
+    def __init__(self, package, replicas, *, restart="eager", member=OutOfProcessModel,
+                 **worker_options):
         if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
             raise ValueError(f"replicas must be a positive int, got {replicas!r}")
         super().__init__(package)
@@ -102,7 +106,7 @@ class ReplicaSet(Model):
         self._dispatched = [0] * replicas
         self._failed = [0] * replicas
         self._next = 0  # round-robin position: where the next tie-break starts
-        start = functools.partial(OutOfProcessModel, package, restart=restart, **worker_options)
+        start = functools.partial(member, package, restart=restart, **worker_options)
         started = start_in_parallel({index: start for index in range(replicas)})
         self._replicas = [started[index] for index in range(replicas)]
         self._closed = False
@@ -208,7 +212,8 @@ class ReplicaSet(Model):
         stats["pids"] = [s["pid"] for s in each]
         stats["replicas"] = [
             {"pid": s["pid"], "state": s["state"], "outstanding": flight, "calls": calls,
-             "errors": errors, "restarts": s["restarts"], "standby": s["standby"]}
+             "errors": errors, "restarts": s["restarts"], "standby": s.get("standby"),
+             **{key: s[key] for key in ("node", "node_ip") if key in s}}
             for s, (flight, calls, errors) in zip(each, counters)]
         return stats
 
