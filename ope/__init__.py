@@ -10,11 +10,13 @@ from ope.errors import __all__ as _error_names
 from ope.spec import TensorSpec
 from ope.package import Package, read_package
 from ope.host.model import Model
-from ope.api import load, package_placeholder, package_python, package_torchscript
+from ope.api import (load, package_placeholder, package_python, package_torch_export,
+                     package_torch_package, package_torchscript)
 from ope.modelset import ModelSet, wait_all
 
 __version__ = "0.1.0"
 
 __all__ = ["__version__", "load", "Model", "ModelSet", "wait_all", "TensorSpec", "Package",
            "read_package",
-           "package_torchscript", "package_python", "package_placeholder", *_error_names]
+           "package_torchscript", "package_torch_export", "package_torch_package",
+           "package_python", "package_placeholder", *_error_names]

@@ -10,8 +10,9 @@ or a worker environment whose recorded versions satisfy the package's ``requires
 ope/envs/) and on which device. The host side only receives the result as its ``python``
 and ``env_vars`` options.
 
-The public builders (``package_torchscript``, ``package_python``, ``package_placeholder``) are
-those of ope/package/build.py with :func:`self_check` as the check a package with test data
+The public builders (``package_torchscript``, ``package_torch_export``,
+``package_torch_package``, ``package_python``, ``package_placeholder``) are those of
+ope/package/build.py and ope/package/torch_builders.py with :func:`self_check` as the check a package with test data
 passes before it appears at its path: loaded the way ``load`` loads by default (out of
 process, env="auto"), so a package whose requirements this host does not meet is checked in a
 worker environment that does.
@@ -26,10 +27,11 @@ import numpy as np
 from ope import envs
 from ope.errors import OpeError, PackageError
 from ope.host.in_process import InProcessModel
-from ope.package import build, read_package
+from ope.package import build, read_package, torch_builders
 from ope.requirements import ensure_requirements
 
-__all__ = ["load", "self_check", "package_torchscript", "package_python", "package_placeholder",
+__all__ = ["load", "self_check", "package_torchscript", "package_torch_export",
+           "package_torch_package", "package_python", "package_placeholder",
            "OUT_OF_PROCESS_ENV"]
 
 OUT_OF_PROCESS_ENV = "OPE_OUT_OF_PROCESS"
@@ -153,6 +155,8 @@ def _self_checked(builder):
     return build_checked
 
 
-package_torchscript = _self_checked(build.package_torchscript)
+package_torchscript = _self_checked(torch_builders.package_torchscript)
+package_torch_export = _self_checked(torch_builders.package_torch_export)
+package_torch_package = _self_checked(torch_builders.package_torch_package)
 package_python = _self_checked(build.package_python)
 package_placeholder = build.package_placeholder  # no test data: nothing to self-check

@@ -1,5 +1,5 @@
 """Model packages: the format, read and verified (format.py), and the builders that write a
-package and check it before it appears on disk (build.py).
+package and check it before it appears on disk (build.py, torch_builders.py).
 
 The builders take the self-check to run as an argument, since running a model is a layer
 above this one; ``ope.package_torchscript`` and the other public builders (ope/api.py) pass

@@ -5,10 +5,15 @@ Layout of a package folder::
     config.json     {"format": "ope-package", "format_version": 1, "name", "runner",
                      "inputs": [spec dicts], "outputs": [spec dicts], "requires": {name: specifier},
                      "test_data": bool, plus per runner:
-                       torchscript: "model_file";  python: "entrypoint", "framework"}
+                       torchscript: "model_file";  python: "entrypoint", "framework";
+                       torch_export: "model_file", "positional_inputs", "aot", "aot_device";
+                       torch_package: "model_file", "package_name", "resource"}
     manifest.json   {"algorithm": "sha256", "files": {relative path: hex digest}}
                     covering every other file, config.json included
     model.pt        torchscript: the scripted module (torch.jit.save)
+    model.pt2       torch_export: the program (torch.export.save) or, with "aot", its
+                    AOTInductor package
+    model.package   torch_package: the torch.package archive
     code/           python: a copy of code_dir; the entrypoint is imported from here
     data/           python, optional: a copy of data_dir, handed to the factory
     test_data/      optional: inputs.npz and outputs.npz for the self-check
@@ -40,12 +45,15 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "RUNNERS", "FRAMEWORKS", "Package", "read
 
 FORMAT = "ope-package"
 FORMAT_VERSION = 1
-RUNNERS = ("torchscript", "python", "placeholder")
+RUNNERS = ("torchscript", "python", "placeholder", "torch_export", "torch_package")
 FRAMEWORKS = ("numpy", "torch")
 
 _CONFIG = "config.json"
 _MANIFEST = "manifest.json"
 _MODEL_FILE = "model.pt"
+# The model file of each runner that has one.
+MODEL_FILES = {"torchscript": _MODEL_FILE, "torch_export": "model.pt2",
+               "torch_package": "model.package"}
 _CODE_DIR = "code"
 _DATA_DIR = "data"
 _TEST_INPUTS = "test_data/inputs.npz"
@@ -72,7 +80,7 @@ class Package:
 
     @property
     def model_file(self):
-        """Absolute path of the TorchScript file (torchscript packages)."""
+        """Absolute path of the model file (torchscript, torch_export, torch_package)."""
         return os.path.join(self.path, self.config["model_file"])
 
     @property
@@ -294,8 +302,15 @@ def _parse_specs(path, config):
         fail("'requires' must map names to version specifier strings")
     if not isinstance(config.get("test_data"), bool):
         fail("'test_data' must be true or false")
-    if config["runner"] == "torchscript" and config.get("model_file") != _MODEL_FILE:
-        fail(f"'model_file' must be {_MODEL_FILE!r} for a torchscript package")
+    model_file = MODEL_FILES.get(config["runner"])
+    if model_file and config.get("model_file") != model_file:
+        fail(f"'model_file' must be {model_file!r} for a {config['runner']} package")
+    if config["runner"] == "torch_export":
+        _check_torch_export_fields(config, fail)
+    if config["runner"] == "torch_package" and not all(
+            isinstance(config.get(key), str) and config[key]
+            for key in ("package_name", "resource")):
+        fail("'package_name' and 'resource' must be non-empty strings")
     if config["runner"] == "python":
         problem = _entrypoint_problem(config.get("entrypoint"))
         if problem:
@@ -304,6 +319,18 @@ def _parse_specs(path, config):
             fail(f"'framework' must be one of {', '.join(FRAMEWORKS)}, "
                  f"got {config.get('framework')!r}")
     return specs["inputs"], specs["outputs"]
+
+
+def _check_torch_export_fields(config, fail):
+    names = {spec["name"] for spec in config["inputs"]}
+    positional = config.get("positional_inputs")
+    if not isinstance(positional, list) or not set(positional) <= names \
+            or len(set(positional)) != len(positional):
+        fail("'positional_inputs' must list distinct input names")
+    if not isinstance(config.get("aot"), bool):
+        fail("'aot' must be true or false")
+    if config["aot"] and config.get("aot_device") not in ("cpu", "cuda"):
+        fail("'aot_device' must be 'cpu' or 'cuda'")
 
 
 def _entrypoint_problem(entrypoint):

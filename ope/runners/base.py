@@ -43,8 +43,8 @@ def model_error_of(package, error, while_doing):
                               f"{while_doing}", frames)
 
 
-def call_model(package, model, inputs):
+def call_model(package, model, inputs, positional=()):
     try:
-        return model(**inputs)
+        return model(*positional, **inputs)
     except Exception as error:
         raise model_error_of(package, error, "while running") from None

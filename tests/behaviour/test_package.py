@@ -288,7 +288,7 @@ def test_corrupt_torchscript_file_is_a_package_error(tmp_path, load_model, gated
     path = copy_of(gated, tmp_path)
     (path / "model.pt").write_bytes(b"not a zip")
     rehash(path)
-    with pytest.raises(PackageError, match="cannot load TorchScript file"):
+    with pytest.raises(PackageError, match="cannot load its TorchScript file model.pt"):
         load_model(str(path))
 
 
