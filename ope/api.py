@@ -47,14 +47,15 @@ def load(path, *, out_of_process=None, timeout_s=None, env=None, device=None, re
     """Open the package at ``path`` and return a ready :class:`~ope.host.model.Model`.
 
     ``out_of_process``: True runs the model in a worker process, False in this process,
-    None follows ``OPE_OUT_OF_PROCESS`` ("0"/"1") or the default. The other options apply to
-    the out-of-process mode: ``timeout_s`` (default per-call deadline); ``env``: the worker's
-    environment, "auto" (the default: this host's interpreter if it satisfies the package's
-    ``requires``, else a registered environment that does), a name (``ope env list``) or the
-    path of an interpreter or venv; ``device``: "cpu" or "cuda:N"; ``replicas``: N workers of
-    the model behind one handle, each call going to the least busy; ``worker_options``: those
-    of :class:`~ope.host.out_of_process.OutOfProcessModel` (``cpus``, ``threads``,
-    ``env_vars``, ...; an explicit ``python`` bypasses ``env``).
+    None follows ``OPE_OUT_OF_PROCESS`` ("0"/"1") or the default. ``device``: "cpu" or
+    "cuda:N", where a torch model and its inputs go (out of process, the worker sees that GPU
+    alone). The other options apply to the out-of-process mode: ``timeout_s`` (default
+    per-call deadline); ``env``: the worker's environment, "auto" (the default: this host's
+    interpreter if it satisfies the package's ``requires``, else a registered environment
+    that does), a name (``ope env list``) or the path of an interpreter or venv;
+    ``replicas``: N workers of the model behind one handle, each call going to the least
+    busy; ``worker_options``: those of :class:`~ope.host.out_of_process.OutOfProcessModel`
+    (``cpus``, ``threads``, ``env_vars``, ...; an explicit ``python`` bypasses ``env``).
     """
     package = read_package(path)
     if _resolve_out_of_process(out_of_process):
@@ -65,13 +66,13 @@ def load(path, *, out_of_process=None, timeout_s=None, env=None, device=None, re
             from ope.host.replicas import ReplicaSet
             return ReplicaSet(package, replicas, timeout_s=timeout_s, **options)
         return OutOfProcessModel(package, timeout_s=timeout_s, **options)
-    given = [name for name, value in (("env", env), ("device", device), ("replicas", replicas))
+    given = [name for name, value in (("env", env), ("replicas", replicas))
              if value is not None]
     if worker_options or given:
         raise TypeError(f"options {', '.join(sorted([*worker_options, *given]))} apply only "
                         f"out of process")
     ensure_requirements(package, hint=_IN_PROCESS_HINT)
-    return InProcessModel(package)
+    return InProcessModel(package, device=device)
 
 
 def _placed(package, env, device, worker_options):
@@ -86,6 +87,8 @@ def _placed(package, env, device, worker_options):
             raise ValueError(f"device={device!r} sets {', '.join(clash)}; do not pass "
                              f"{'it' if len(clash) == 1 else 'them'} in env_vars as well")
         env_vars.update(device_vars)
+        # The worker sees the one GPU asked for, as its GPU 0.
+        options["device"] = "cpu" if device == "cpu" else "cuda:0"
     if options.get("python") is not None:
         if env is not None:
             raise TypeError("pass env= or python=, not both: python= names the interpreter")

@@ -12,9 +12,8 @@ def positional_inputs(program, specs):
     """The names of the inputs ``program`` takes by position, in order (the others it takes
     by keyword). PackageError if its inputs are not the specs' names, SpecError naming the
     input and dim where a spec disagrees with the program's shapes or dtype."""
-    args_spec, kwargs_spec = program.call_spec.in_spec.children_specs
-    if not all(child.is_leaf() for child in (*args_spec.children_specs,
-                                             *kwargs_spec.children_specs)):
+    args_spec, kwargs_spec = _children(program.call_spec.in_spec)
+    if not all(child.is_leaf() for child in (*_children(args_spec), *_children(kwargs_spec))):
         raise PackageError("the program takes nested inputs (tuples, lists or dicts of "
                            "tensors); export it with one tensor per argument")
     user_inputs = program.graph_signature.user_inputs
@@ -29,6 +28,12 @@ def positional_inputs(program, specs):
     for name, placeholder in zip(names, user_inputs):
         _check_input(by_name[name], values.get(placeholder), program.range_constraints)
     return positional
+
+
+def _children(tree_spec):
+    # torch 2.13 deprecates the children_specs attribute for children(); older ones lack it.
+    children = getattr(tree_spec, "children", None)
+    return children() if callable(children) else tree_spec.children_specs
 
 
 def _check_input(spec, value, ranges):
