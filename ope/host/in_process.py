@@ -33,6 +33,8 @@ class InProcessModel(Model):
         return array
 
     def _close(self):
+        if self._runner is not None:
+            self._runner.close()
         self._runner = None
 
     def stats(self):

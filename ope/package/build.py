@@ -107,7 +107,7 @@ def _check_staged(staging, load_check, self_check):
     if package.has_test_data:
         self_check(package.path)
     elif load_check:
-        load_runner(package)
+        load_runner(package).close()
 
 
 def _write_test_data(staging, inputs, outputs, test_inputs, test_outputs):

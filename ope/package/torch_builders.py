@@ -93,10 +93,14 @@ def package_torch_package(path, archive, package_name, resource, *, name, inputs
     keyword argument per input. Loaded once and, given test data, self-checked."""
     torch = _import_torch("a torch.package archive")
     check_format(archive, {"torch_package"}, "package_torch_package")
-    model = _open(archive, "a torch.package archive", lambda file: torch.package.PackageImporter(
-        file).load_pickle(package_name, resource))
-    _check_callable_with(model, [spec.name for spec in as_specs(inputs, "input")],
-                         f"{archive}: {package_name}/{resource}")
+    importer = _open(archive, "a torch.package archive", torch.package.PackageImporter)
+    try:
+        model = _open(archive, f"a torch.package archive holding {package_name}/{resource}",
+                      lambda _: importer.load_pickle(package_name, resource))
+        _check_callable_with(torch, model, [spec.name for spec in as_specs(inputs, "input")],
+                             f"{archive}: {package_name}/{resource}")
+    finally:
+        importer.zip_reader = None  # closes the archive now, not when a collection finds it
 
     def write_artefacts(staging):
         _copy_file(archive, os.path.join(staging, MODEL_FILES["torch_package"]))
@@ -126,11 +130,13 @@ def _open(path, what, load):
                            f"{error}") from None
 
 
-def _check_callable_with(model, names, where):
+def _check_callable_with(torch, model, names, where):
     if not callable(model):
         raise PackageError(f"{where} is a {type(model).__name__}, not a callable model")
+    # A module's __call__ takes anything: forward says what it takes.
+    call = model.forward if isinstance(model, torch.nn.Module) else model
     try:
-        inspect.signature(model).bind(**dict.fromkeys(names))
+        inspect.signature(call).bind(**dict.fromkeys(names))
     except TypeError as error:
         raise PackageError(f"{where} cannot be called with the inputs "
                            f"{', '.join(names)} as keyword arguments: {error}") from None

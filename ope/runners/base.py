@@ -28,6 +28,10 @@ class Runner:
     def run(self, inputs):
         raise NotImplementedError
 
+    def close(self):
+        """Release what the model holds beyond memory (open files), when it is closed in
+        process; a worker's end releases everything."""
+
     def describe(self):
         """The runner, its framework and the framework's version, for ``Model.stats()``."""
         module = sys.modules.get(self.framework)

@@ -18,7 +18,7 @@ class TorchPackageRunner(TorchRunner):
         super().__init__(package, *options)
         config = package.config
         try:
-            importer = self._torch.package.PackageImporter(package.model_file)
+            self._importer = importer = self._torch.package.PackageImporter(package.model_file)
         except Exception as error:
             raise PackageError(f"package {package.name!r}: cannot open its torch.package "
                                f"archive {config['model_file']}: {error}") from None
@@ -35,6 +35,12 @@ class TorchPackageRunner(TorchRunner):
         if isinstance(model, self._torch.nn.Module):
             model = model.to(self._device).eval()
         self._model = model
+
+    def close(self):
+        # The archive stays open while its modules live, and they live in reference cycles
+        # with the importer: dropping its reader closes the file now.
+        self._importer.zip_reader = None
+        self._model = None
 
     def run(self, inputs):
         return self.call(self._model, {name: self.tensor(array)
