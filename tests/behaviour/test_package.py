@@ -17,6 +17,8 @@ from ope.requirements import check_requirements
 
 import models
 
+pytestmark = models.USES_TORCHSCRIPT
+
 
 # --- the three kinds ---------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ import models
 import torch_models
 from torch_models import CRITIC_INPUTS, CRITIC_OUTPUTS
 
-pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:DeprecationWarning")
+pytestmark = models.USES_TORCHSCRIPT
 
 SAMPLE_INPUTS = {
     "critic": {"obs": np.ones((2, 4), np.float32), "scale": np.ones((2, 1), np.float32)},
