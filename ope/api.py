@@ -12,10 +12,10 @@ and ``env_vars`` options.
 
 The public builders (``package_torchscript``, ``package_torch_export``,
 ``package_torch_package``, ``package_python``, ``package_placeholder``) are those of
-ope/package/build.py and ope/package/torch_builders.py with :func:`self_check` as the check a package with test data
-passes before it appears at its path: loaded the way ``load`` loads by default (out of
-process, env="auto"), so a package whose requirements this host does not meet is checked in a
-worker environment that does.
+ope/package/build.py and ope/package/torch_builders.py with :func:`self_check` as the check a
+package with test data passes before it appears at its path: loaded the way ``load`` loads by
+default (out of process, env="auto"), so a package whose requirements this host does not
+meet is checked in a worker environment that does.
 """
 
 import functools
