@@ -6,6 +6,7 @@ import importlib
 import os
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import torch
@@ -106,7 +107,9 @@ def torch_package_archive(root, module="ope_test_scorer"):
     try:
         scorer = importlib.import_module(module).Scorer().eval()
         archive = os.path.join(root, "scorer.package")
-        with torch.package.PackageExporter(archive) as exporter:
+        with torch.package.PackageExporter(archive) as exporter, warnings.catch_warnings():
+            # torch.package pickles storages through an API torch itself deprecates
+            warnings.filterwarnings("ignore", "TypedStorage is deprecated", UserWarning)
             exporter.intern(module)
             exporter.extern(["torch", "torch.**"])
             exporter.save_pickle("scorer", "model.pkl", scorer)
