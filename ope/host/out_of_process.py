@@ -89,10 +89,9 @@ class OutOfProcessModel(WorkerLifecycle, Model):
 
     Options: ``timeout_s`` (default per-call deadline), ``load_timeout_s``, ``python`` (the
     worker's interpreter), ``env_vars`` (extra environment), ``cpus`` (CPU affinity of the
-    worker), ``threads`` (intra-op threads: OMP/MKL/OpenBLAS and torch), ``device`` (where the runner
-    puts the model, as the worker numbers its devices; ``ope.load(device=)`` sets it),
-    ``arena_mb`` (initial ring size
-    per direction), ``arena_max_mb`` (growth limit per direction), ``memory_limit_mb``
+    worker), ``threads`` (intra-op threads: OMP/MKL/OpenBLAS and torch), ``device`` (where
+    the runner puts the model, as the worker numbers its GPUs; ``ope.load(device=)`` sets
+    it), ``arena_mb`` (initial ring size per direction), ``arena_max_mb`` (growth limit per direction), ``memory_limit_mb``
     (resident memory of the worker and its children, anonymous and shared, less the arena),
     ``restart`` ("lazy" or "eager"), ``max_restarts`` and ``restart_window_s``,
     ``stop_grace_s`` (between SIGTERM and SIGKILL).

@@ -50,9 +50,8 @@ FRAMEWORKS = ("numpy", "torch")
 
 _CONFIG = "config.json"
 _MANIFEST = "manifest.json"
-_MODEL_FILE = "model.pt"
 # The model file of each runner that has one.
-MODEL_FILES = {"torchscript": _MODEL_FILE, "torch_export": "model.pt2",
+MODEL_FILES = {"torchscript": "model.pt", "torch_export": "model.pt2",
                "torch_package": "model.package"}
 _CODE_DIR = "code"
 _DATA_DIR = "data"
