@@ -11,7 +11,8 @@ from ope.spec import TensorSpec
 from ope.package import Package, read_package
 from ope.host.model import Model
 from ope.api import (load, package_keras, package_onnx, package_placeholder, package_python,
-                     package_tensorflow, package_torchscript)
+                     package_tensorflow, package_torch_export, package_torch_package,
+                     package_torchscript)
 from ope.modelset import ModelSet, wait_all
 from ope.placement import RayPlacement
 
@@ -19,5 +20,6 @@ __version__ = "0.1.0"
 
 __all__ = ["__version__", "load", "Model", "ModelSet", "wait_all", "TensorSpec", "Package",
            "read_package", "RayPlacement",
-           "package_torchscript", "package_python", "package_placeholder", "package_onnx",
-           "package_keras", "package_tensorflow", *_error_names]
+           "package_torchscript", "package_torch_export", "package_torch_package",
+           "package_python", "package_placeholder", "package_onnx", "package_keras",
+           "package_tensorflow", *_error_names]

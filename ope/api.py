@@ -14,11 +14,12 @@ or a worker environment whose recorded versions satisfy the package's ``requires
 ope/envs/) and on which device. The host side only receives the result as its ``python``
 and ``env_vars`` options.
 
-The public builders (``package_torchscript``, ``package_python``, ``package_placeholder``,
-``package_onnx``) are those of ope/package/build.py and onnx_builder.py with
-:func:`self_check` as the check a package with test data passes before it appears at its
-path: loaded the way ``load`` loads by default (out of process, env="auto"), so a package whose
-requirements this host does not meet is checked in a worker environment that does.
+The public builders (``package_torchscript``, ``package_torch_export``,
+``package_torch_package``, ``package_python``, ``package_placeholder``, ``package_onnx``,
+``package_keras``, ``package_tensorflow``) are those of ope/package/ with :func:`self_check` as
+the check a package with test data passes before it appears at its path: loaded the way
+``load`` loads by default (out of process, env="auto"), so a package whose requirements this
+host does not meet is checked in a worker environment that does.
 """
 
 import functools
@@ -30,12 +31,14 @@ import numpy as np
 from ope import envs
 from ope.errors import OpeError, PackageError
 from ope.host.in_process import InProcessModel
-from ope.package import build, keras_model, onnx_builder, read_package, saved_model
+from ope.package import (build, keras_model, onnx_builder, read_package, saved_model,
+                         torch_builders)
 from ope.placement import resolve_placement
 from ope.requirements import ensure_requirements
 
-__all__ = ["load", "self_check", "package_torchscript", "package_python", "package_placeholder",
-           "package_onnx", "package_keras", "package_tensorflow", "OUT_OF_PROCESS_ENV"]
+__all__ = ["load", "self_check", "package_torchscript", "package_torch_export",
+           "package_torch_package", "package_python", "package_placeholder", "package_onnx",
+           "package_keras", "package_tensorflow", "OUT_OF_PROCESS_ENV"]
 
 OUT_OF_PROCESS_ENV = "OPE_OUT_OF_PROCESS"
 _DEFAULT_OUT_OF_PROCESS = True
@@ -50,19 +53,20 @@ def load(path, *, out_of_process=None, timeout_s=None, env=None, build=None, dev
     """Open the package at ``path`` and return a ready :class:`~ope.host.model.Model`.
 
     ``out_of_process``: True runs the model in a worker process, False in this process,
-    None follows ``OPE_OUT_OF_PROCESS`` ("0"/"1") or the default. The other options apply to
-    the out-of-process mode: ``timeout_s`` (default per-call deadline); ``env``: the worker's
-    environment, "auto" (the default: this host's interpreter if it satisfies the package's
-    ``requires``, else the environment built from the package's lock, else a registered
-    environment that satisfies them, else that lock's environment built now: see
-    ope/envs/selection.py), a name (``ope env list``) or the path of an interpreter or venv;
-    ``build``: whether env="auto" may build an environment (None: ``OPE_BUILD_ENVS``, default
-    yes; False only selects, for hosts that must not reach a package index); ``device``:
-    "cpu" or "cuda:N"; ``replicas``: N workers of the model behind one handle, each call
-    going to the least busy; ``worker_options``: those
-    of :class:`~ope.host.out_of_process.OutOfProcessModel` (``cpus``, ``threads``,
-    ``env_vars``, ``standby``: loaded workers kept idle to take over after a fault, ...; an
-    explicit ``python`` bypasses ``env``).
+    None follows ``OPE_OUT_OF_PROCESS`` ("0"/"1") or the default. ``device``: "cpu" or
+    "cuda:N", where the model and its inputs go (out of process, the worker sees that GPU
+    alone). The other options apply to the out-of-process mode: ``timeout_s`` (default
+    per-call deadline); ``env``: the worker's environment, "auto" (the default: this host's
+    interpreter if it satisfies the package's ``requires``, else the environment built from
+    the package's lock, else a registered environment that satisfies them, else that lock's
+    environment built now: see ope/envs/selection.py), a name (``ope env list``) or the path
+    of an interpreter or venv; ``build``: whether env="auto" may build an environment (None:
+    ``OPE_BUILD_ENVS``, default yes; False only selects, for hosts that must not reach a
+    package index); ``replicas``: N workers of the model behind one handle, each call going
+    to the least busy; ``worker_options``: those of
+    :class:`~ope.host.out_of_process.OutOfProcessModel` (``cpus``, ``threads``, ``env_vars``,
+    ``standby``: loaded workers kept idle to take over after a fault, ...; an explicit
+    ``python`` bypasses ``env``).
 
     ``placement``: where the model runs; None follows ``OPE_PLACEMENT`` (unset: this host),
     "local" is this host, "ray" or an :class:`ope.RayPlacement` a node of a Ray cluster, where
@@ -83,13 +87,13 @@ def load(path, *, out_of_process=None, timeout_s=None, env=None, build=None, dev
             from ope.host.replicas import ReplicaSet
             return ReplicaSet(package, replicas, timeout_s=timeout_s, **options)
         return OutOfProcessModel(package, timeout_s=timeout_s, **options)
-    given = [name for name, value in (("env", env), ("build", build), ("device", device),
-                                      ("replicas", replicas)) if value is not None]
+    given = [name for name, value in (("env", env), ("build", build), ("replicas", replicas))
+             if value is not None]
     if worker_options or given:
         raise TypeError(f"options {', '.join(sorted([*worker_options, *given]))} apply only "
                         f"out of process")
     ensure_requirements(package, hint=_IN_PROCESS_HINT)
-    return InProcessModel(package)
+    return InProcessModel(package, device=device)
 
 
 def _placed(package, env, build, device, worker_options):
@@ -104,6 +108,8 @@ def _placed(package, env, build, device, worker_options):
             raise ValueError(f"device={device!r} sets {', '.join(clash)}; do not pass "
                              f"{'it' if len(clash) == 1 else 'them'} in env_vars as well")
         env_vars.update(device_vars)
+        # The worker sees the one GPU asked for, as its GPU 0.
+        options["device"] = "cpu" if device == "cpu" else "cuda:0"
     if options.get("python") is not None:
         if env is not None or build is not None:
             raise TypeError("pass env= or python=, not both (nor build= with python=): "
@@ -176,7 +182,9 @@ def _self_checked(builder):
     return build_checked
 
 
-package_torchscript = _self_checked(build.package_torchscript)
+package_torchscript = _self_checked(torch_builders.package_torchscript)
+package_torch_export = _self_checked(torch_builders.package_torch_export)
+package_torch_package = _self_checked(torch_builders.package_torch_package)
 package_python = _self_checked(build.package_python)
 package_onnx = _self_checked(onnx_builder.package_onnx)
 package_keras = _self_checked(keras_model.package_keras)

@@ -1,11 +1,11 @@
 """``ope demo``: the main job end to end, on a small control pipeline.
 
 Two models are packaged, each with test data so packaging self-checks it: a numpy
-observation normaliser (Python code plus data files) and a TorchScript actor-critic policy
-whose forward pass refines its hidden state a data-dependent number of times (a loop that
-``torch.jit.script`` keeps and tracing would not). Both are loaded with ``ope.load`` in the
-default mode and run on a batch of observations; the outputs are printed. Packages live in
-a temporary folder that is removed afterwards.
+observation normaliser (Python code plus data files) and an actor-critic policy exported
+with ``torch.export`` (a dynamic batch dim), whose forward pass refines each row's hidden
+state until it settles, as masked tensor ops that export keeps. Both are loaded with
+``ope.load`` in the default mode and run on a batch of observations; the outputs are
+printed. Packages live in a temporary folder that is removed afterwards.
 """
 
 import os
@@ -54,16 +54,15 @@ class PolicyNet(torch.nn.Module):
         self.refine = torch.nn.Linear(HIDDEN, HIDDEN)
         self.actor = torch.nn.Linear(HIDDEN, len(ACTIONS))
         self.critic = torch.nn.Linear(HIDDEN, 1)
-        self.max_refine_steps = MAX_REFINE_STEPS  # an attribute: TorchScript cannot read globals
 
     def forward(self, obs: torch.Tensor) -> Dict[str, torch.Tensor]:
         hidden = torch.tanh(self.encoder(obs))
         steps = torch.zeros(obs.shape[0], dtype=torch.int64)
-        for _ in range(self.max_refine_steps):
+        # A settled row stays settled (its hidden state no longer changes), so every step
+        # runs on the whole batch, masked: no data-dependent branch for export to refuse.
+        for _ in range(MAX_REFINE_STEPS):
             update = torch.tanh(self.refine(hidden)) - hidden
             unsettled = update.abs().amax(dim=1) > 0.2
-            if not bool(unsettled.any()):
-                break
             hidden = torch.where(unsettled.unsqueeze(1), hidden + 0.5 * update, hidden)
             steps += unsettled.long()
         return {"action_probs": torch.softmax(self.actor(hidden), dim=1),
@@ -135,8 +134,11 @@ def _package_policy(workdir, normaliser_outputs, training_obs):
     eager = _train_policy(training_obs)
     with torch.no_grad():
         reference = eager(torch.from_numpy(normaliser_outputs))
-    package = ope.package_torchscript(
-        os.path.join(workdir, "policy"), torch.jit.script(eager), name="cartpole-policy",
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(eager, (torch.from_numpy(normaliser_outputs),),
+                                  dynamic_shapes={"obs": {0: batch}})
+    package = ope.package_torch_export(
+        os.path.join(workdir, "policy"), program, name="cartpole-policy",
         inputs=[ope.TensorSpec("obs", "float32", ("batch", len(OBSERVATIONS)))],
         outputs=[ope.TensorSpec("action_probs", "float32", ("batch", len(ACTIONS))),
                  ope.TensorSpec("value", "float32", ("batch",)),

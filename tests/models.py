@@ -9,6 +9,7 @@ import textwrap
 from typing import Dict
 
 import numpy as np
+import pytest
 import torch
 
 import ope
@@ -16,7 +17,13 @@ from ope import TensorSpec
 
 __all__ = ["write_code", "numpy_package", "echo_package", "probe_package", "affine_package",
            "torchscript_package", "eager_torch_package", "placeholder_package",
-           "unruly_package", "GatedPolicy", "PROBE_BEHAVIOURS", "UNRULY_EXCEPTIONS"]
+           "unruly_package", "GatedPolicy", "PROBE_BEHAVIOURS", "UNRULY_EXCEPTIONS",
+           "USES_TORCHSCRIPT"]
+
+# torch deprecates TorchScript; ope runs it on purpose, so the test modules that use it (and
+# only those) mark themselves with this, silencing its notices.
+USES_TORCHSCRIPT = pytest.mark.filterwarnings(
+    r"ignore:`torch\.jit\.\w+` is deprecated:DeprecationWarning")
 
 
 def write_code(root, source, module="model"):

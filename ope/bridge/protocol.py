@@ -244,7 +244,7 @@ _WIRE_FIELDS = ("error_type", "traceback_text")
 # Errors a worker may report; anything else it claims is reported as a ModelError.
 _WIRE_ERRORS = {cls.__name__: cls for cls in (
     errors.PackageError, errors.RequirementError, errors.SpecError, errors.ModelError,
-    errors.InputWriteError, errors.ArenaFull, errors.ProtocolError)}
+    errors.InputWriteError, errors.ArenaFull, errors.ProtocolError, errors.EnvError)}
 
 
 def error_fields(exc, limit):

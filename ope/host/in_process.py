@@ -15,9 +15,9 @@ __all__ = ["InProcessModel"]
 class InProcessModel(Model):
     """Runs the model in this process, through the same runner a worker would use."""
 
-    def __init__(self, package):
+    def __init__(self, package, device=None):
         super().__init__(package)
-        self._runner = load_runner(package)
+        self._runner = load_runner(package, device=device)
 
     def _run(self, arrays, bindings, timeout_s):
         # A running model in this thread cannot be interrupted: timeouts apply out of process.
@@ -33,6 +33,8 @@ class InProcessModel(Model):
         return array
 
     def _close(self):
+        if self._runner is not None:
+            self._runner.close()
         self._runner = None
 
     def stats(self):

@@ -92,8 +92,9 @@ class OutOfProcessModel(WorkerLifecycle, Model):
 
     Options: ``timeout_s`` (default per-call deadline), ``load_timeout_s``, ``python`` (the
     worker's interpreter), ``env_vars`` (extra environment), ``cpus`` (CPU affinity of the
-    worker), ``threads`` (intra-op threads: OMP/MKL/OpenBLAS and torch), ``arena_mb`` (initial ring size
-    per direction), ``arena_max_mb`` (growth limit per direction), ``memory_limit_mb``
+    worker), ``threads`` (intra-op threads: OMP/MKL/OpenBLAS and torch), ``device`` (where
+    the runner puts the model, as the worker numbers its GPUs; ``ope.load(device=)`` sets
+    it), ``arena_mb`` (initial ring size per direction), ``arena_max_mb`` (growth limit per direction), ``memory_limit_mb``
     (resident memory of the worker and its children, anonymous and shared, less the arena),
     ``restart`` ("lazy" or "eager"), ``max_restarts`` and ``restart_window_s``,
     ``stop_grace_s`` (between SIGTERM and SIGKILL), ``standby`` (loaded workers kept idle
@@ -103,9 +104,9 @@ class OutOfProcessModel(WorkerLifecycle, Model):
     _bound_to_process = True
 
     def __init__(self, package, *, timeout_s=None, load_timeout_s=120.0, python=None,
-                 env_vars=None, cpus=None, threads=None, arena_mb=4, arena_max_mb=4096, memory_limit_mb=None,
-                 restart="lazy", max_restarts=5, restart_window_s=60.0, stop_grace_s=1.0,
-                 standby=0):
+                 env_vars=None, cpus=None, threads=None, device=None, arena_mb=4, arena_max_mb=4096,
+                 memory_limit_mb=None, restart="lazy", max_restarts=5, restart_window_s=60.0,
+                 stop_grace_s=1.0, standby=0):
         if restart not in ("lazy", "eager"):
             raise ValueError(f"restart must be 'lazy' or 'eager', got {restart!r}")
         check_timeout(timeout_s)
@@ -126,6 +127,7 @@ class OutOfProcessModel(WorkerLifecycle, Model):
         # The manifest's digest pins every worker, restarts included, to the package read
         # here (ope/package/format.py): a folder replaced on disk since is refused, not served.
         self._load_options = {"cpus": sorted(cpus) if cpus else None, "threads": threads,
+                              "device": device,
                               "manifest_digest": package.manifest_digest}
         self._policy = RestartPolicy(max_restarts, restart_window_s)
         self._closing = threading.Event()  # set by close: ends backoff waits at once

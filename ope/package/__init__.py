@@ -1,5 +1,6 @@
 """Model packages: the format, read and verified (format.py), and the builders that write a
-package and check it before it appears on disk (build.py; onnx_builder.py for ONNX models).
+package and check it before it appears on disk (build.py; a module per framework's builders:
+torch_builders.py, onnx_builder.py, keras_model.py, saved_model.py).
 
 The builders take the self-check to run as an argument, since running a model is a layer
 above this one; ``ope.package_torchscript`` and the other public builders (ope/api.py) pass

@@ -6,8 +6,8 @@ The check of a package with test data runs its model: ``self_check(path)``, a ca
 caller passes in, loads the staged package and compares its outputs with the stored ones
 (ope.api passes its own, which loads the way ``ope.load`` does by default, so a package whose
 requirements only a worker environment meets is checked there). This layer only knows the
-format and the runners: a TorchScript package without test data is checked by loading its
-module in this process.
+format and the runners: a package without test data whose builder asks for it (the torch
+builders, ope/package/torch_builders.py) is checked by loading its model in this process.
 
 A package whose requirements this interpreter does not meet (or that is given to another
 Python, ``python="3.10"``) is locked before it is checked: ``lock_requirements``, also passed
@@ -25,41 +25,16 @@ import tempfile
 import numpy as np
 
 from ope.errors import EnvError, PackageError
-from ope.package.format import (_CODE_DIR, _CONFIG, _DATA_DIR, _MANIFEST, _MODEL_FILE,
+from ope.package.format import (_CODE_DIR, _CONFIG, _DATA_DIR, _MANIFEST,
                                 _TEST_INPUTS, _TEST_OUTPUTS, FORMAT, FORMAT_VERSION, FRAMEWORKS,
                                 LOCK_FILE, _code_modules, _entrypoint_problem,
                                 _foreign_entrypoint, _list_files, _sha256, _walk,
                                 python_requirement, read_package)
-from ope.package.sniff import check_format
 from ope.requirements import PROVIDERS, check_requirements, parse_specifier
 from ope.runners import load_runner
 from ope.spec import as_specs, validate_inputs, validate_outputs
 
-__all__ = ["package_torchscript", "package_python", "package_placeholder"]
-
-
-def package_torchscript(path, module, *, name, inputs, outputs, requires=None, python=None,
-                        lock="auto", test_inputs=None, test_outputs=None, self_check,
-                        lock_requirements):
-    """Package a TorchScript module (a ``torch.jit.script``/``trace`` result or the path of a
-    file saved with ``torch.jit.save``). Inputs bind to ``forward``'s parameter names.
-    The finished package is always loaded once (this checks ``forward``'s signature) and,
-    given test data, self-checked by ``self_check`` (the module docstring). Returns the
-    :class:`Package`."""
-    def write_artefacts(staging):
-        target = os.path.join(staging, _MODEL_FILE)
-        if isinstance(module, (str, os.PathLike)):
-            check_format(module, {"torchscript"}, "package_torchscript")
-            _copy_file(module, target)
-        else:
-            _save_torchscript(module, target)
-        return {"model_file": _MODEL_FILE}
-
-    return _build(path, "torchscript", write_artefacts, name=name, inputs=inputs,
-                  outputs=outputs, requires=_with_requirement(requires, "torch"),
-                  test_inputs=test_inputs, test_outputs=test_outputs, load_check=True,
-                  self_check=self_check,
-                  environment=Environment(python, lock, lock_requirements))
+__all__ = ["package_python", "package_placeholder", "Environment"]
 
 
 def package_python(path, *, name, code_dir, entrypoint, data_dir=None, framework="numpy",
@@ -201,7 +176,7 @@ def _check_staged(staging, load_check, self_check):
     if package.has_test_data:
         self_check(package.path)
     elif load_check:
-        load_runner(package)
+        load_runner(package).close()
 
 
 def _write_test_data(staging, inputs, outputs, test_inputs, test_outputs):
@@ -259,17 +234,6 @@ def _copy_tree(source, target, what):
         raise PackageError(f"{what} {source!r} is not a directory")
     list(_walk(source, f"{what} {source!r}"))  # refuses links before anything is copied
     shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-
-
-def _save_torchscript(module, target):
-    try:
-        import torch
-    except ImportError:
-        raise PackageError("packaging a TorchScript module needs torch installed") from None
-    if not isinstance(module, torch.jit.ScriptModule):
-        raise PackageError(f"expected a TorchScript module (torch.jit.script or trace), got "
-                           f"{type(module).__name__}")
-    torch.jit.save(module, target)
 
 
 def _write_json(filename, data):

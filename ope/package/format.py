@@ -7,11 +7,16 @@ Layout of a package folder::
                      "test_data": bool, optional "python": "X.Y" (the Python it is locked
                      for; then requires["python"] is "==X.Y.*"), plus per runner:
                        torchscript, onnx: "model_file";  python: "entrypoint", "framework";
+                       torch_export: "model_file", "positional_inputs", "aot", "aot_device";
+                       torch_package: "model_file", "package_name", "resource";
                        keras: "model_file", "backend";
                        tensorflow: "saved_model_dir", "signature"}
     manifest.json   {"algorithm": "sha256", "files": {relative path: hex digest}}
                     covering every other file, config.json included
     model.pt        torchscript: the scripted module (torch.jit.save)
+    model.pt2       torch_export: the program (torch.export.save) or, with "aot", its
+                    AOTInductor package
+    model.package   torch_package: the torch.package archive
     model.onnx      onnx: the ONNX model (model.onnx.data beside it if its weights are external)
     code/           python: a copy of code_dir; the entrypoint is imported from here
     model.keras     keras: the model file (model.save)
@@ -51,17 +56,16 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "RUNNERS", "FRAMEWORKS", "LOCK_FILE", "Pa
 
 FORMAT = "ope-package"
 FORMAT_VERSION = 1
-RUNNERS = ("torchscript", "python", "placeholder", "onnx", "keras", "tensorflow")
+RUNNERS = ("torchscript", "python", "placeholder", "torch_export", "torch_package", "onnx",
+           "keras", "tensorflow")
 FRAMEWORKS = ("numpy", "torch")
 
 _CONFIG = "config.json"
 _MANIFEST = "manifest.json"
-_MODEL_FILE = "model.pt"
-_ONNX_FILE = "model.onnx"
-_KERAS_FILE = "model.keras"
+# The model file of each runner that has one.
+MODEL_FILES = {"torchscript": "model.pt", "torch_export": "model.pt2",
+               "torch_package": "model.package", "onnx": "model.onnx", "keras": "model.keras"}
 _SAVED_MODEL_DIR = "saved_model"
-# runner -> the name its model file must have in the package
-_MODEL_FILES = {"torchscript": _MODEL_FILE, "onnx": _ONNX_FILE, "keras": _KERAS_FILE}
 _CODE_DIR = "code"
 _DATA_DIR = "data"
 _TEST_INPUTS = "test_data/inputs.npz"
@@ -90,7 +94,7 @@ class Package:
 
     @property
     def model_file(self):
-        """Absolute path of the model file (torchscript, onnx and keras packages)."""
+        """Absolute path of the model file (the runners of MODEL_FILES)."""
         return os.path.join(self.path, self.config["model_file"])
 
     @property
@@ -334,9 +338,15 @@ def _parse_specs(path, config):
                                or python_requirement(config["python"]) != requires.get("python")):
         fail("'python' must be a version such as \"3.10\", with requires[\"python\"] "
              "\"==3.10.*\"")
-    model_file = _MODEL_FILES.get(config["runner"])
+    model_file = MODEL_FILES.get(config["runner"])
     if model_file and config.get("model_file") != model_file:
         fail(f"'model_file' must be {model_file!r} for a {config['runner']} package")
+    if config["runner"] == "torch_export":
+        _check_torch_export_fields(config, fail)
+    if config["runner"] == "torch_package" and not all(
+            isinstance(config.get(key), str) and config[key]
+            for key in ("package_name", "resource")):
+        fail("'package_name' and 'resource' must be non-empty strings")
     if config["runner"] == "keras" and not isinstance(config.get("backend"), str):
         fail("'backend' must name the Keras backend")
     if config["runner"] == "tensorflow" and config.get("saved_model_dir") != _SAVED_MODEL_DIR:
@@ -357,6 +367,18 @@ def python_requirement(version):
     """The ``requires`` entry of a package made for Python ``version`` ("X.Y"), or None if
     ``version`` is not of that form."""
     return f"=={version}.*" if _PYTHON_VERSION.fullmatch(version) else None
+
+
+def _check_torch_export_fields(config, fail):
+    names = {spec["name"] for spec in config["inputs"]}
+    positional = config.get("positional_inputs")
+    if not isinstance(positional, list) or not set(positional) <= names \
+            or len(set(positional)) != len(positional):
+        fail("'positional_inputs' must list distinct input names")
+    if not isinstance(config.get("aot"), bool):
+        fail("'aot' must be true or false")
+    if config["aot"] and config.get("aot_device") not in ("cpu", "cuda"):
+        fail("'aot_device' must be 'cpu' or 'cuda'")
 
 
 def _entrypoint_problem(entrypoint):

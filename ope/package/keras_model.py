@@ -14,7 +14,7 @@ import zipfile
 
 from ope.errors import PackageError
 from ope.package.build import Environment, _build, _copy_file, _with_requirement
-from ope.package.format import _KERAS_FILE
+from ope.package.format import MODEL_FILES
 from ope.package.sniff import check_format
 from ope.runners.keras import BACKENDS
 from ope.spec import DTYPES, TensorSpec
@@ -47,12 +47,12 @@ def package_keras(path, model, *, name, outputs, inputs=None, backend=None, requ
         inputs = input_specs(config, model if isinstance(model, (str, os.PathLike)) else name)
 
     def write_artefacts(staging):
-        target = os.path.join(staging, _KERAS_FILE)
+        target = os.path.join(staging, MODEL_FILES["keras"])
         if isinstance(model, (str, os.PathLike)):
             _copy_file(model, target)
         else:
             _save(model, target)
-        return {"model_file": _KERAS_FILE, "backend": backend}
+        return {"model_file": MODEL_FILES["keras"], "backend": backend}
 
     requires = _with_requirement(_with_requirement(requires, "keras"), BACKENDS[backend])
     loadable_here = "keras" in sys.modules and sys.modules["keras"].backend.backend() == backend

@@ -13,7 +13,7 @@ import os
 
 from ope.errors import PackageError, SpecError
 from ope.package.build import Environment, _build, _copy_file, _with_requirement
-from ope.package.format import _ONNX_FILE
+from ope.package.format import MODEL_FILES
 from ope.package.sniff import check_format
 from ope.spec import TensorSpec, as_specs
 
@@ -23,7 +23,7 @@ __all__ = ["package_onnx"]
 _DTYPES = {1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32",
            7: "int64", 8: "string", 9: "bool", 10: "float16", 11: "float64", 12: "uint32",
            13: "uint64"}
-_EXTERNAL_DATA = _ONNX_FILE + ".data"
+_EXTERNAL_DATA = MODEL_FILES["onnx"] + ".data"
 
 
 def package_onnx(path, model, *, name, inputs=None, outputs=None, requires=None, python=None,
@@ -41,8 +41,8 @@ def package_onnx(path, model, *, name, inputs=None, outputs=None, requires=None,
     outputs = _agreeing_specs(outputs, graph_outputs, "output", source)
 
     def write_artefacts(staging):
-        _write_model(onnx, model, proto, os.path.join(staging, _ONNX_FILE))
-        return {"model_file": _ONNX_FILE}
+        _write_model(onnx, model, proto, os.path.join(staging, MODEL_FILES["onnx"]))
+        return {"model_file": MODEL_FILES["onnx"]}
 
     return _build(path, "onnx", write_artefacts, name=name, inputs=inputs, outputs=outputs,
                   requires=_with_requirement(requires, "onnxruntime"), test_inputs=test_inputs,

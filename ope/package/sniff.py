@@ -20,7 +20,8 @@ __all__ = ["identify", "check_format"]
 _FORMATS = {
     "torchscript": ("a TorchScript archive (torch.jit.save)", "package_torchscript"),
     "torch_export": ("a torch.export program (.pt2, torch.export.save)", "package_torch_export"),
-    "aoti": ("an AOTInductor package (.pt2)", "package_torch_export"),
+    "aoti": ("an AOTInductor package (.pt2): compiled code without its program (package the "
+             "torch.export program with ope.package_torch_export(..., aot=True) instead)", None),
     "torch_package": ("a torch.package archive (PackageExporter)", "package_torch_package"),
     "torch_checkpoint": ("a torch.save checkpoint: weights, not a runnable model (load them "
                          "into the module, then export it)", None),
@@ -67,10 +68,11 @@ def _identify_zip(path):
         return "keras"
     if ".data/extern_modules" in inner:
         return "torch_package"
-    if "archive_format" in inner:
-        return "torch_export"
+    # An AOTInductor package also has archive_format: its compiled code tells it apart.
     if any(name.startswith("data/aotinductor/") for name in inner):
         return "aoti"
+    if "archive_format" in inner:
+        return "torch_export"
     if "constants.pkl" in inner or any(name.startswith("code/") for name in inner):
         return "torchscript"
     if "data.pkl" in inner:

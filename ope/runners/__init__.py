@@ -7,8 +7,9 @@ name, plain sequences in spec order). Torch tensors in the result are turned int
 caller passes the result through ``spec.validate_outputs``, which checks it and normalises
 what is left (e.g. lists of str).
 
-One module per kind of model (torchscript.py, python.py, placeholder.py, onnx.py, keras.py,
-tensorflow.py; torch_tensors.py holds what the two torch runners share), found by the package's ``runner`` in the registry
+One module per kind of model (torchscript.py, torch_export.py, torch_package.py, python.py,
+placeholder.py, onnx.py, keras.py, tensorflow.py; torch_runner.py and torch_tensors.py hold
+what the torch runners share), found by the package's ``runner`` in the registry
 below. These modules are imported inside worker processes, so they depend only on numpy and
 on ope.errors, never on host-side modules; torch is imported only by the runners that need
 it. The arrays a runner receives are read-only views: on the caller's arrays in process, on
@@ -27,13 +28,16 @@ from ope.runners.keras import KerasRunner
 from ope.runners.placeholder import PlaceholderRunner
 from ope.runners.python import PythonRunner
 from ope.runners.tensorflow import TensorFlowRunner
+from ope.runners.torch_export import TorchExportRunner
+from ope.runners.torch_package import TorchPackageRunner
 from ope.runners.torchscript import TorchScriptRunner
 
 __all__ = ["Runner", "load_runner", "RUNNER_CLASSES"]
 
 # The registry: a package's "runner" names its class here.
 RUNNER_CLASSES = {"torchscript": TorchScriptRunner, "python": PythonRunner,
-                  "placeholder": PlaceholderRunner, "onnx": OnnxRunner, "keras": KerasRunner,
+                  "placeholder": PlaceholderRunner, "torch_export": TorchExportRunner,
+                  "torch_package": TorchPackageRunner, "onnx": OnnxRunner, "keras": KerasRunner,
                   "tensorflow": TensorFlowRunner}
 
 

@@ -28,6 +28,10 @@ class Runner:
     def run(self, inputs):
         raise NotImplementedError
 
+    def close(self):
+        """Release what the model holds beyond memory (open files), when it is closed in
+        process; a worker's end releases everything."""
+
     def describe(self):
         """The runner, its framework and the framework's version, for ``Model.stats()``."""
         module = sys.modules.get(self.framework)
@@ -43,8 +47,8 @@ def model_error_of(package, error, while_doing):
                               f"{while_doing}", frames)
 
 
-def call_model(package, model, inputs):
+def call_model(package, model, inputs, positional=()):
     try:
-        return model(**inputs)
+        return model(*positional, **inputs)
     except Exception as error:
         raise model_error_of(package, error, "while running") from None

@@ -12,7 +12,7 @@ from ope.errors import PackageError
 from ope.runners.base import Runner, call_model, model_error_of
 from ope.runners.outputs import bind_outputs
 from ope.runners.torch_tensors import (check_inputs_untouched, import_torch, tensors_to_numpy,
-                                       to_tensor)
+                                       to_tensor, torch_device)
 
 __all__ = ["PythonRunner"]
 
@@ -24,9 +24,20 @@ class PythonRunner(Runner):
     def __init__(self, package, *options):
         super().__init__(package, *options)
         self.framework = package.framework
-        self._torch = import_torch(package, self.private_inputs) \
-            if package.framework == "torch" else None
+        self._torch = self._device = None
+        if package.framework == "torch":
+            self._torch = import_torch(package, self.private_inputs, self.threads)
+            self._device = torch_device(self._torch, self.device)
+            self.device = str(self._device)
         self._model = self._load_model()
+        if self._torch is not None and isinstance(self._model, self._torch.nn.Module):
+            self._model.to(self._device)
+
+    def describe(self):
+        described = super().describe()
+        if self._torch is not None:
+            described["device"] = self.device
+        return described
 
     def _load_model(self):
         package = self.package
@@ -60,7 +71,7 @@ class PythonRunner(Runner):
         if torch is None:
             return bind_outputs(self.package, call_model(self.package, self._model, inputs))
         arguments = {name: array if array.dtype.kind == "U"
-                     else to_tensor(torch, array, self.private_inputs)
+                     else to_tensor(torch, array, self.private_inputs, self._device)
                      for name, array in inputs.items()}
         with torch.inference_mode():
             result = call_model(self.package, self._model, arguments)

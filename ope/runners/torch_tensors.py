@@ -1,17 +1,21 @@
-"""Torch helpers of the two torch runners (torchscript.py, python.py with framework "torch"):
-importing torch, tensors over the call's arrays, the check that the model left its inputs
-alone, and the outputs back as numpy arrays."""
+"""Torch helpers of the torch runners (torchscript.py, torch_export.py, torch_package.py,
+python.py with framework "torch"): importing torch with the runner's threads, the runner's
+device, tensors over the call's arrays on that device, the check that the model left its
+inputs alone, and the outputs back as numpy arrays."""
 
+import re
 import warnings
 
 import numpy as np
 
-from ope.errors import InputWriteError, PackageError
+from ope.errors import EnvError, InputWriteError, PackageError
 
-__all__ = ["import_torch", "to_tensor", "check_inputs_untouched", "tensors_to_numpy"]
+__all__ = ["import_torch", "torch_device", "to_tensor", "check_inputs_untouched",
+           "tensors_to_numpy"]
 
 
-def import_torch(package, private_inputs):
+def import_torch(package, private_inputs, threads=None):
+    """torch, its intra-op pool sized to ``threads`` when given."""
     try:
         import torch
     except ImportError:
@@ -22,18 +26,42 @@ def import_torch(package, private_inputs):
         # private memory that is expected. Filtered once, in the worker only: a filter set
         # around every call would cost microseconds per call.
         warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+    if threads:
+        torch.set_num_threads(threads)
     return torch
 
 
-def to_tensor(torch, array, private):
+def torch_device(torch, device):
+    """The torch.device for a runner's ``device`` ("cpu", "cuda", "cuda:N"; None: the CPU).
+    EnvError naming it when this process has no such GPU."""
+    if device is None or device == "cpu":
+        return torch.device("cpu")
+    match = re.fullmatch(r"cuda(?::(\d+))?", str(device))
+    if not match:
+        raise EnvError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    index = int(match.group(1) or 0)
+    if not torch.cuda.is_available():
+        raise EnvError(f"device {device!r}: torch {torch.__version__} sees no CUDA GPU in this "
+                       f"process")
+    if index >= torch.cuda.device_count():
+        raise EnvError(f"device {device!r}: this process sees {torch.cuda.device_count()} "
+                       f"CUDA GPU(s)")
+    return torch.device("cuda", index)
+
+
+def to_tensor(torch, array, private, device=None):
     """A tensor for the model over ``array``'s memory if writes to it are ``private``, else over
-    a copy."""
+    a copy; on ``device`` (a torch.device) when it is not the CPU."""
     if not private:
-        return torch.from_numpy(np.array(array))
-    try:
-        return torch.from_numpy(array)
-    except ValueError:  # negative strides: torch cannot view them, so this one array is copied
-        return torch.from_numpy(np.ascontiguousarray(array))
+        tensor = torch.from_numpy(np.array(array))
+    else:
+        try:
+            tensor = torch.from_numpy(array)
+        except ValueError:  # negative strides: torch cannot view them, so this one is copied
+            tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device is not None and device.type != "cpu":
+        return tensor.to(device)
+    return tensor
 
 
 def check_inputs_untouched(package, arguments, torch):

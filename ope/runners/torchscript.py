@@ -2,28 +2,23 @@
 argument per input."""
 
 from ope.errors import PackageError
-from ope.runners.base import Runner, call_model
-from ope.runners.outputs import bind_outputs
-from ope.runners.torch_tensors import (check_inputs_untouched, import_torch, tensors_to_numpy,
-                                       to_tensor)
+from ope.runners.torch_runner import TorchRunner
 
 __all__ = ["TorchScriptRunner"]
 
 
-class TorchScriptRunner(Runner):
+class TorchScriptRunner(TorchRunner):
     """Calls ``forward`` with one keyword argument per input, under inference mode; results are
     bound to the output names by ope/runners/outputs.py."""
 
-    framework = "torch"
-
     def __init__(self, package, *options):
         super().__init__(package, *options)
-        self._torch = torch = import_torch(package, self.private_inputs)
         try:
-            self._module = torch.jit.load(package.model_file, map_location="cpu").eval()
+            self._module = self._torch.jit.load(package.model_file,
+                                                map_location=self._device).eval()
         except Exception as error:
-            raise PackageError(f"package {package.name!r}: cannot load TorchScript file "
-                               f"{package.model_file}: {error}") from None
+            raise PackageError(f"package {package.name!r}: cannot load its TorchScript file "
+                               f"{package.config['model_file']}: {error}") from None
         self._check_signature()
         self._string_inputs = frozenset(s.name for s in package.inputs if s.dtype == "string")
 
@@ -35,12 +30,7 @@ class TorchScriptRunner(Runner):
                                f"does not take exactly the inputs {', '.join(expected)}")
 
     def run(self, inputs):
-        torch = self._torch
         # TorchScript takes strings as List[str], not arrays.
-        arguments = {name: array.tolist() if name in self._string_inputs
-                     else to_tensor(torch, array, self.private_inputs)
-                     for name, array in inputs.items()}
-        with torch.inference_mode():
-            result = call_model(self.package, self._module, arguments)
-        check_inputs_untouched(self.package, arguments, torch)
-        return tensors_to_numpy(torch, bind_outputs(self.package, result))
+        return self.call(self._module, {
+            name: array.tolist() if name in self._string_inputs else self.tensor(array)
+            for name, array in inputs.items()})

@@ -11,6 +11,8 @@ from ope.demo import ACTIONS
 
 import models
 
+pytestmark = models.USES_TORCHSCRIPT
+
 
 def test_inspect_shows_specs_requires_and_files(capsys, gated):
     assert main(["inspect", gated.path]) == 0

@@ -219,7 +219,7 @@ def test_in_process_requirement_error_points_to_environments(packages):
 
 
 def test_in_process_refuses_worker_placement(packages):
-    with pytest.raises(TypeError, match="device, env apply only out of process"):
+    with pytest.raises(TypeError, match="options env apply only out of process"):
         ope.load(packages["any"].path, out_of_process=False, env="auto", device="cpu")
 
 

@@ -19,6 +19,8 @@ from ope import TensorSpec
 
 import models
 
+pytestmark = models.USES_TORCHSCRIPT
+
 # Input "write" picks what the model does: 0 nothing, 1 mul_(2), 2 relu_, 3 sub_(mean), 4 the
 # write and then an exception of its own.
 _EAGER_SOURCE = '''

@@ -17,6 +17,8 @@ from ope.requirements import check_requirements
 
 import models
 
+pytestmark = models.USES_TORCHSCRIPT
+
 
 # --- the three kinds ---------------------------------------------------------------------------
 
@@ -288,7 +290,7 @@ def test_corrupt_torchscript_file_is_a_package_error(tmp_path, load_model, gated
     path = copy_of(gated, tmp_path)
     (path / "model.pt").write_bytes(b"not a zip")
     rehash(path)
-    with pytest.raises(PackageError, match="cannot load TorchScript file"):
+    with pytest.raises(PackageError, match="cannot load its TorchScript file model.pt"):
         load_model(str(path))
 
 
