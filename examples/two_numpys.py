@@ -1,16 +1,14 @@
 """Two models that cannot share a process, served side by side from this one.
 
 "legacy" was written against numpy 1.x on Python 3.10; "current" needs numpy 2 (which the
-host has). Each runs in a worker of its own: ``ope.load(..., env="auto")`` gives "legacy" the
-worker environment whose recorded versions satisfy ``{"numpy": "<2", "python": "<3.11"}`` and
-"current" the host's own interpreter. Both compute the same expression; numpy 2 changed its
-type promotion (NEP 50), and each model reports the dtype its numpy gives along with the
-versions it ran with.
+host has). Each runs in a worker of its own. "legacy" is packaged for Python 3.10 with
+``requires={"numpy": "<2"}``, which locks its requirements into the package; ``ope.load``
+builds that environment on first use (under $OPE_HOME, default ~/.cache/ope, showing its
+progress) and reuses it afterwards. "current" runs on the host's own interpreter. Both compute
+the same expression; numpy 2 changed its type promotion (NEP 50), and each model reports the
+dtype its numpy gives along with the versions it ran with.
 
     python3 examples/two_numpys.py
-
-The first run creates the environment (``ope env create py310-numpy1 --python 3.10 --require
-'numpy<2'``, under $OPE_HOME, default ~/.cache/ope), showing pip's progress; later runs reuse it.
 """
 
 import os
@@ -21,9 +19,7 @@ import textwrap
 import numpy as np
 
 import ope
-from ope import TensorSpec, envs
-
-ENV_NAME = "py310-numpy1"
+from ope import TensorSpec
 
 SOURCE = """
 import platform
@@ -40,32 +36,24 @@ def factory(data_dir):
 """
 
 
-def make_package(root, name, requires):
+def make_package(root, name, requires, python=None):
     code_dir = os.path.join(root, f"{name}-code")
     os.makedirs(code_dir)
     with open(os.path.join(code_dir, "model.py"), "w") as file:
         file.write(textwrap.dedent(SOURCE))
     return ope.package_python(
         os.path.join(root, name), name=name, code_dir=code_dir, entrypoint="model:factory",
-        requires=requires, inputs=[TensorSpec("x", "float32", ("n",))],
+        requires=requires, python=python, inputs=[TensorSpec("x", "float32", ("n",))],
         outputs=[TensorSpec("y", "float32", ("n",)), TensorSpec("promoted", "string", ()),
                  TensorSpec("numpy", "string", ()), TensorSpec("python", "string", ())])
 
 
-def ensure_environment():
-    if ENV_NAME not in {env.name for env in envs.list_envs()}:
-        print(f"creating worker environment {ENV_NAME!r} (once)...")
-        envs.create(ENV_NAME, python="3.10", requires=["numpy<2"])
-
-
 def main():
-    ensure_environment()
     x = np.array([1, 2, 3], np.float32)
     with tempfile.TemporaryDirectory() as root:
-        legacy = make_package(root, "legacy", {"numpy": "<2", "python": "<3.11"})
+        legacy = make_package(root, "legacy", {"numpy": "<2"}, python="3.10")
         current = make_package(root, "current", {"numpy": ">=2"})
-        with ope.load(legacy.path, out_of_process=True, env="auto") as old, \
-                ope.load(current.path, out_of_process=True, env="auto") as new:
+        with ope.load(legacy.path) as old, ope.load(current.path) as new:
             for model in (old, new):
                 out = model.infer({"x": x})
                 worker = model.stats()["worker"]

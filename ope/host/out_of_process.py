@@ -92,9 +92,9 @@ class OutOfProcessModel(WorkerLifecycle, Model):
 
     Options: ``timeout_s`` (default per-call deadline), ``load_timeout_s``, ``python`` (the
     worker's interpreter), ``env_vars`` (extra environment), ``cpus`` (CPU affinity of the
-    worker), ``threads`` (intra-op threads: OMP/MKL/OpenBLAS and torch), ``device`` (where
-    the runner puts the model, as the worker numbers its GPUs; ``ope.load(device=)`` sets
-    it), ``arena_mb`` (initial ring size per direction), ``arena_max_mb`` (growth limit per direction), ``memory_limit_mb``
+    worker), ``threads`` (intra-op threads: OMP/MKL/OpenBLAS and torch), ``device`` (where the
+    runner puts the model, as the worker numbers its GPUs), ``arena_mb`` (initial ring size
+    per direction), ``arena_max_mb`` (growth limit per direction), ``memory_limit_mb``
     (resident memory of the worker and its children, anonymous and shared, less the arena),
     ``restart`` ("lazy" or "eager"), ``max_restarts`` and ``restart_window_s``,
     ``stop_grace_s`` (between SIGTERM and SIGKILL), ``standby`` (loaded workers kept idle
@@ -104,8 +104,8 @@ class OutOfProcessModel(WorkerLifecycle, Model):
     _bound_to_process = True
 
     def __init__(self, package, *, timeout_s=None, load_timeout_s=120.0, python=None,
-                 env_vars=None, cpus=None, threads=None, device=None, arena_mb=4, arena_max_mb=4096,
-                 memory_limit_mb=None, restart="lazy", max_restarts=5, restart_window_s=60.0,
+                 env_vars=None, cpus=None, threads=None, device=None, arena_mb=4,
+                 arena_max_mb=4096, memory_limit_mb=None, restart="lazy", max_restarts=5, restart_window_s=60.0,
                  stop_grace_s=1.0, standby=0):
         if restart not in ("lazy", "eager"):
             raise ValueError(f"restart must be 'lazy' or 'eager', got {restart!r}")
@@ -127,8 +127,7 @@ class OutOfProcessModel(WorkerLifecycle, Model):
         # The manifest's digest pins every worker, restarts included, to the package read
         # here (ope/package/format.py): a folder replaced on disk since is refused, not served.
         self._load_options = {"cpus": sorted(cpus) if cpus else None, "threads": threads,
-                              "device": device,
-                              "manifest_digest": package.manifest_digest}
+                              "device": device, "manifest_digest": package.manifest_digest}
         self._policy = RestartPolicy(max_restarts, restart_window_s)
         self._closing = threading.Event()  # set by close: ends backoff waits at once
         self._standbys = StandbyPool(standby, functools.partial(self._launch, standby=True),
@@ -302,8 +301,7 @@ class OutOfProcessModel(WorkerLifecycle, Model):
         self._state = "busy"
 
     def _submit(self, arrays, bindings, timeout_s):
-        # Made per future, not kept: bound methods held by the model would make it a cycle,
-        # which only the cyclic collector could close when the model is dropped.
+        # Made per future: bound methods kept by the model would make it a reference cycle.
         future = _CallFuture(Collection(self._collect, self._collect_until, self._wake_collector))
         future.call = self._send_call(arrays, bindings, timeout_s, future)
         if len(self._pending) > _UNCOLLECTED_CALLS:
