@@ -21,7 +21,8 @@ MAX_LINES = 600
 # may import modules of its own layer or of a lower rank. Layers of the same rank may not
 # import each other.
 LAYERS = {
-    "base": (0, ["ope.errors", "ope.spec", "ope.requirements", "ope.install_policy"]),
+    "base": (0, ["ope.errors", "ope.spec", "ope.requirements", "ope.install_policy",
+                  "ope.devices"]),
     "bridge": (1, ["ope.bridge"]),
     "runners": (1, ["ope.runners"]),
     "package": (2, ["ope.package"]),

@@ -1,9 +1,9 @@
 """Devices for a worker: what ``device="cuda:N"`` sets in its environment."""
 
-import re
 import shutil
 import subprocess
 
+from ope.devices import cuda_index
 from ope.errors import EnvError
 
 
@@ -11,12 +11,9 @@ def device_env_vars(device):
     """Environment variables that give a worker ``device``: "cpu" hides every GPU; "cuda" or
     "cuda:N" shows GPU N (nvidia-smi's index) alone, by UUID where nvidia-smi can tell it, so
     a CUDA_VISIBLE_DEVICES of the host does not renumber it."""
-    if device == "cpu":
+    index = cuda_index(device)
+    if index is None:
         return {"CUDA_VISIBLE_DEVICES": ""}
-    match = re.fullmatch(r"cuda(?::(\d+))?", str(device))
-    if not match:
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    index = int(match.group(1) or 0)
     uuids = _gpu_uuids()
     if uuids is None:
         # Without nvidia-smi an index is all there is; PCI order is the order nvidia-smi uses.

@@ -11,7 +11,7 @@ One module per kind of model (torchscript.py, torch_export.py, torch_package.py,
 placeholder.py, onnx.py, keras.py, tensorflow.py; torch_runner.py and torch_tensors.py hold
 what the torch runners share), found by the package's ``runner`` in the registry
 below. These modules are imported inside worker processes, so they depend only on numpy and
-on ope.errors, never on host-side modules; torch is imported only by the runners that need
+ope's base modules (errors, devices), never on host-side modules; torch is imported only by the runners that need
 it. The arrays a runner receives are read-only views: on the caller's arrays in process, on
 the worker's copy-on-write mapping of the host's memory out of process.
 

@@ -6,10 +6,10 @@ nodes in order); ``device="cuda:N"`` puts the session on CUDAExecutionProvider's
 with the CPU provider behind it for the nodes CUDA lacks.
 """
 
-import re
 
 import numpy as np
 
+from ope.devices import cuda_index
 from ope.errors import EnvError, PackageError
 from ope.runners.base import Runner, call_model
 
@@ -72,15 +72,13 @@ def _import_onnxruntime(package):
 
 def _providers(ort, device):
     """The execution providers for ``device`` (None or "cpu": the CPU)."""
-    if device is None or device == "cpu":
+    index = cuda_index(device)
+    if index is None:
         return ["CPUExecutionProvider"]
-    match = re.fullmatch(r"cuda(?::(\d+))?", str(device))
-    if not match:
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     available = ort.get_available_providers()
     if "CUDAExecutionProvider" not in available:
         raise EnvError(f"device {device!r}: this onnxruntime ({ort.__version__}) has no "
                        f"CUDAExecutionProvider, only {', '.join(available)}; install "
                        f"onnxruntime-gpu in the worker's environment")
-    return [("CUDAExecutionProvider", {"device_id": int(match.group(1) or 0)}),
+    return [("CUDAExecutionProvider", {"device_id": index}),
             "CPUExecutionProvider"]

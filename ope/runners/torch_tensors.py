@@ -3,11 +3,11 @@ python.py with framework "torch"): importing torch with the runner's threads, th
 device, tensors over the call's arrays on that device, the check that the model left its
 inputs alone, and the outputs back as numpy arrays."""
 
-import re
 import warnings
 
 import numpy as np
 
+from ope.devices import cuda_index
 from ope.errors import EnvError, InputWriteError, PackageError
 
 __all__ = ["import_torch", "torch_device", "to_tensor", "check_inputs_untouched",
@@ -34,12 +34,12 @@ def import_torch(package, private_inputs, threads=None):
 def torch_device(torch, device):
     """The torch.device for a runner's ``device`` ("cpu", "cuda", "cuda:N"; None: the CPU).
     EnvError naming it when this process has no such GPU."""
-    if device is None or device == "cpu":
+    try:
+        index = cuda_index(device)
+    except ValueError as exc:
+        raise EnvError(str(exc)) from None
+    if index is None:
         return torch.device("cpu")
-    match = re.fullmatch(r"cuda(?::(\d+))?", str(device))
-    if not match:
-        raise EnvError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    index = int(match.group(1) or 0)
     if not torch.cuda.is_available():
         raise EnvError(f"device {device!r}: torch {torch.__version__} sees no CUDA GPU in this "
                        f"process")
