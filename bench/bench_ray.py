@@ -26,34 +26,18 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
 
 import ope  # noqa: E402
+from add_one import build_package  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
 import sim_job  # noqa: E402
 
 SIZES = [16, 1 << 20, 16 << 20]
 _NODE = {"num_cpus": 2, "object_store_memory": 400 << 20, "node_ip_address": "127.0.0.1"}
-_ADD_ONE = '''
-def factory(data_dir):
-    return lambda x: {"y": x + 1}
-'''
-
-
 class PlainActor:
     """The same work as the add-one model, in a plain Ray actor."""
 
     def add_one(self, x):
         return x + 1
-
-
-def build_package(root):
-    code = os.path.join(root, "code")
-    os.makedirs(code)
-    with open(os.path.join(code, "add_one.py"), "w") as f:
-        f.write(_ADD_ONE)
-    spec = [ope.TensorSpec("x", "float32", ("n",))]
-    return ope.package_python(os.path.join(root, "add_one"), name="add_one", code_dir=code,
-                              entrypoint="add_one:factory", inputs=spec,
-                              outputs=[ope.TensorSpec("y", "float32", ("n",))]).path
 
 
 def start_cluster():

@@ -27,6 +27,7 @@ import posix_ipc
 import psutil
 
 import ope
+from add_one import build_package
 import ope_native
 from ope.bridge.arena import Arena
 from ope.bridge.channel import SPIN_S
@@ -35,14 +36,6 @@ SIZES = [16, 64 << 10, 1 << 20, 16 << 20, 64 << 20]
 PEER_TIMEOUT_S = 10  # a peer that does not answer in this time is reported as hung
 _ROUNDS = 5  # chunks per peer and size, the peers alternating
 _CTX = multiprocessing.get_context("fork")
-
-_ADD_ONE = '''
-def factory(data_dir):
-    def add_one(x):
-        return {"y": x + 1}
-    return add_one
-'''
-
 
 def _iterations(nbytes, quick):
     n = 3000 if nbytes <= 64 << 10 else 300 if nbytes <= 1 << 20 else 30 if nbytes <= 16 << 20 else 10
@@ -266,17 +259,6 @@ def ope_peers(package, nbytes):
         "ope out-of-process, model.empty input": Peer(lambda: oop.infer({"x": arena_x}), lambda: None),
         "ope out-of-process, ordinary array": Peer(lambda: oop.infer({"x": x}), oop.close),
     }
-
-
-def build_package(root):
-    code = os.path.join(root, "code")
-    os.makedirs(code)
-    with open(os.path.join(code, "add_one.py"), "w") as f:
-        f.write(_ADD_ONE)
-    spec = [ope.TensorSpec("x", "float32", ("n",))]
-    return ope.package_python(os.path.join(root, "add_one"), name="add_one", code_dir=code,
-                              entrypoint="add_one:factory", inputs=spec,
-                              outputs=[ope.TensorSpec("y", "float32", ("n",))]).path
 
 
 PEERS = {
