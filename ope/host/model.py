@@ -22,7 +22,7 @@ import weakref
 
 
 import ope_native
-from ope.errors import ModelClosed, OpeError, SpecError
+from ope.errors import ModelClosed, OpeError, SpecError, WorkerError
 from ope.spec import check_inputs, check_outputs, check_shape, input_plan, output_plan
 
 __all__ = ["Model", "when_settled", "check_timeout"]
@@ -92,15 +92,19 @@ class Model(abc.ABC):
 
     def submit(self, inputs, *, timeout_s=None):
         """Start a call and return a ``concurrent.futures.Future`` of its outputs. Inputs are
-        checked here (SpecError raises at once); the call's own errors come from the future.
-        Calls to one model complete in the order they were submitted; out of process, calls
-        to different models run in parallel."""
+        checked here (SpecError raises at once); the call's own errors come from the future,
+        a worker that failed as the call was sent among them. Calls to one model complete in
+        the order they were submitted; out of process, calls to different models run in
+        parallel."""
         start = _now_ns()
         try:
             if timeout_s is not None:
                 check_timeout(timeout_s)
             arrays, bindings = self._validate_inputs(inputs)
             future = self._submit(arrays, bindings, timeout_s)
+        except WorkerError as exc:
+            self._call_stats.record(start, True)
+            return _failed_future(exc)
         except BaseException:
             self._call_stats.record(start, True)
             raise
@@ -250,3 +254,9 @@ def _percentile_us(sorted_ns, percent):
         return None
     rank = max(0, -(-len(sorted_ns) * percent // 100) - 1)
     return sorted_ns[rank] / 1000.0
+
+
+def _failed_future(error):
+    future = concurrent.futures.Future()
+    future.set_exception(error)
+    return future
