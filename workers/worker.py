@@ -4,7 +4,9 @@
 attaches to the arena the host handed it (its segments are inherited descriptors,
 ope/bridge/arena.py), says HELLO, loads the package it is told to, then answers INFER messages in
 order until SHUTDOWN (protocol: ope/bridge/protocol.py). Inputs are read-only numpy views on the
-host's blocks; each output is written into a block of the worker's own ring once. While the
+host's blocks. While the model runs, numpy allocates large arrays in the worker's own ring
+(ope_native's memory hook), so an output the model made and let go of is named where it
+lies; any other output is written into a block of the worker's own ring once. While the
 model is ready, calls are answered in C around the model (ope_native.serve_calls: decode, run,
 encode, send), which leaves everything else to this loop: other messages, a model's error,
 outputs that need the spec's check. :class:`Worker` holds the loop so tests can drive it
@@ -56,6 +58,8 @@ class Worker:
         self.package = None
         self.runner = None
         self._output_names = frozenset()
+        # numpy's handler while the model runs: outputs born in the worker's ring (None: copied)
+        self._hook = arena.numpy_hook() if os.environ.get("OPE_ARENA_OUTPUTS", "1") != "0" else None
         self._handlers = {protocol.LOAD: self._load, protocol.INFER: self._infer,
                           protocol.SHUTDOWN: self._shutdown}
         self.running = True
@@ -86,7 +90,7 @@ class Worker:
         arena = self.arena
         self.channel.spin_s, data, call = _serve_calls(
             self.channel.mapping, self.channel.in_q, self.channel.out_q, self.channel.spin_s,
-            arena.decoding, arena.encoding, self.runner.run, self._output_names)
+            arena.decoding, arena.encoding, self.runner.run, self._output_names, self._hook)
         return data, call
 
     def handle(self, message):

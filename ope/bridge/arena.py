@@ -416,6 +416,12 @@ class Arena:
                     if mapping is block.mapping:
                         del self._peer[seg_id]
 
+    def numpy_hook(self, threshold=64 * 1024):
+        """Worker side: numpy's memory handler that cuts arrays of ``threshold`` bytes or more
+        from our rings while a model runs (ope_native.memhook_new; serve_calls installs it
+        per call), or None when this numpy has no handler API (< 1.22): outputs are copied."""
+        return ope_native.memhook_new(self._own, threshold)
+
     # -- accounting and teardown --------------------------------------------------------
 
     def _rings(self):
