@@ -34,6 +34,13 @@ from ope.runners import load_runner
 __all__ = ["Worker", "main", "runtime_info"]
 
 _serve_calls = ope_native.serve_calls
+# While it holds segments it could give back (more than KEEP_BYTES of its own, or more than
+# one of the host's mapped), an idle worker looks every SWEEP_S and gives back its segments
+# that saw no allocation for QUIET_S: a burst's memory returns, a steady stream of calls never
+# pays for growing again, and the worker keeps a small ring for its next call.
+SWEEP_S = 0.5
+QUIET_S = 1.0
+KEEP_BYTES = 4 << 20
 
 
 def runtime_info():
@@ -88,10 +95,20 @@ class Worker:
         if self.conversation.state != "ready":
             return self.channel.receive(), None
         arena = self.arena
-        self.channel.spin_s, data, call = _serve_calls(
-            self.channel.mapping, self.channel.in_q, self.channel.out_q, self.channel.spin_s,
-            arena.decoding, arena.encoding, self.runner.run, self._output_names, self._hook)
-        return data, call
+        while True:
+            self.channel.spin_s, data, call = _serve_calls(
+                self.channel.mapping, self.channel.in_q, self.channel.out_q, self.channel.spin_s,
+                arena.decoding, arena.encoding, self.runner.run, self._output_names, self._hook,
+                SWEEP_S, KEEP_BYTES)
+            if data is not None or call is not None or self.channel.closed:
+                return data, call
+            self._give_back_segments()
+
+    def _give_back_segments(self):
+        """Idle: give back our grown segments that stayed empty, and forget the host's
+        segments it gave back (ope/bridge/arena.py, shrinking)."""
+        self.arena.retire_empty(KEEP_BYTES, QUIET_S)
+        self.arena.forget_retired()
 
     def handle(self, message):
         """Check and answer one decoded message."""

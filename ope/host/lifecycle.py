@@ -26,6 +26,7 @@ __all__ = ["WorkerLifecycle"]
 
 _log = logging.getLogger("ope")
 _MIB = 1 << 20
+SEGMENT_QUIET_S = 1.0  # an input segment unused this long is given back (ope/bridge/arena.py)
 
 
 class WorkerLifecycle:
@@ -215,12 +216,24 @@ class WorkerLifecycle:
                                              f"resident outside the arena > "
                                              f"memory_limit_mb={self.memory_limit_mb}")
                 worker.kill()
+        self._give_back_segments()
         if not worker.alive() and self._recv_lock.acquire(blocking=False):
             try:
                 if self._worker is worker:
                     self._wake_keeper(dead=worker)
             finally:
                 self._recv_lock.release()
+
+    def _give_back_segments(self):
+        """The arena's shrinking (ope/bridge/arena.py): forget the worker's segments it gave
+        back, and give back our grown input segments that stayed empty, unless a sender holds
+        the send lock (never waited for)."""
+        self._arena.forget_retired()
+        if self._arena.grown and self._send_lock.acquire(blocking=False):
+            try:
+                self._arena.retire_empty(0, SEGMENT_QUIET_S)
+            finally:
+                self._send_lock.release()
 
     def _wants_worker(self):
         """Whether the restart thread should start a worker now (restart="eager")."""

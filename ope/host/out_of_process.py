@@ -546,6 +546,7 @@ class OutOfProcessModel(WorkerLifecycle, Model):
             arena_bytes_in_use=self._arena.used_bytes(),
             arena_high_water=self._arena.high_water_bytes(),
             arena_bytes_reserved=self._arena.own_bytes,
+            arena_bytes_worker=self._arena.peer_bytes,
             pid=worker.pid if worker else None, restarts=len(self._policy.history),
             state="closed" if self._closed else self._state, worker=dict(self._info))
         return stats

@@ -224,32 +224,53 @@ static int answer_call(PyObject *message, PyObject *run, PyObject *names, PyObje
     return *left ? 2 : -1;
 }
 
-/* serve_calls(mapping, in_q, out_q, spin_s, decoding, encoding, run, output_names, hook)
- *     -> (spin_s, data, call)
+/* Whether the worker holds segments it might give back: own segments of more than
+ * `keep_bytes` in all, or more than one of the host's mapped. */
+static int may_shrink(PyObject *own, PyObject *rings, long long keep_bytes) {
+    long long owned = 0;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(own); i++) {
+        PyObject *t = PyList_GET_ITEM(own, i);
+        if (PyTuple_Check(t) && PyTuple_GET_SIZE(t) == 3 &&
+            PyObject_TypeCheck(PyTuple_GET_ITEM(t, 1), &MappingType))
+            owned += ((MappingObject *)PyTuple_GET_ITEM(t, 1))->size;
+    }
+    return owned > keep_bytes || PyDict_GET_SIZE(rings) > 1;
+}
+
+/* serve_calls(mapping, in_q, out_q, spin_s, decoding, encoding, run, output_names, hook, idle_s,
+ *             keep_bytes) -> (spin_s, data, call)
  * The worker's loop while calls come (workers/worker.py): it pops each message, and while it
  * is an INFER frame, decodes it (decode_frame with the `decoding` arguments after data), runs
  * `run(arrays)`, encodes the outputs (encode_frame with the `encoding` arguments: own, codes,
  * code_of, grow; outputs born in the ring under `hook` named in place, see run_model()) and
  * pushes the RESULT, with no Python of its own in between. It returns, with
  * the spin to use next, what it leaves to Python: data None once the queue closed; any other
- * message, or a frame that does not decode, as `data` with call None; or an INFER it ran but
+ * message, or a frame that does not decode, as `data` with call None; data None as well
+ * when no message came for `idle_s` and the queue is open, which it waits for only while the
+ * worker may give segments back (may_shrink()), else it waits for ever; or an INFER it ran but
  * could not answer as `call` (see answer_call()). */
 PyObject *serve_calls(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 9 || !PyObject_TypeCheck(args[0], &MappingType) || !PyTuple_Check(args[4]) ||
+    if (nargs != 11 || !PyObject_TypeCheck(args[0], &MappingType) || !PyTuple_Check(args[4]) ||
         PyTuple_GET_SIZE(args[4]) != 5 || !PyTuple_Check(args[5]) || PyTuple_GET_SIZE(args[5]) != 4 ||
         !PyAnySet_Check(args[7])) {
         PyErr_SetString(PyExc_TypeError, "serve_calls(mapping, in_q, out_q, spin_s, "
-                                         "(5 decoding args), (4 encoding args), run, output_names, hook)");
+                                         "(5 decoding args), (4 encoding args), run, output_names, hook, idle_s, keep_bytes)");
         return NULL;
     }
     MappingObject *m = (MappingObject *)args[0];
     long long in_q = PyLong_AsLongLong(args[1]), out_q = PyLong_AsLongLong(args[2]);
-    double spin_s = PyFloat_AsDouble(args[3]);
+    double spin_s = PyFloat_AsDouble(args[3]), idle_s = PyFloat_AsDouble(args[9]);
+    long long keep_bytes = PyLong_AsLongLong(args[10]);
     if (PyErr_Occurred()) return NULL;
+    if (!PyList_Check(PyTuple_GET_ITEM(args[5], 0)) || !PyDict_Check(PyTuple_GET_ITEM(args[4], 1))) {
+        PyErr_SetString(PyExc_TypeError, "serve_calls: own rings are a list, peer rings a dict");
+        return NULL;
+    }
     PyObject *decode_args[6];
     for (int i = 0; i < 5; i++) decode_args[i + 1] = PyTuple_GET_ITEM(args[4], i);
     for (;;) {
-        PyObject *data = queue_pop_record(m, in_q, -1.0, &spin_s), *message = NULL, *call = NULL;
+        double wait_s = may_shrink(PyTuple_GET_ITEM(args[5], 0), decode_args[2], keep_bytes) ? idle_s : -1.0;
+        PyObject *data = queue_pop_record(m, in_q, wait_s, &spin_s), *message = NULL, *call = NULL;
         if (!data) return NULL;
         if (data != Py_None && PyBytes_GET_SIZE(data) >= FRAME_HEADER &&
             (uint8_t)PyBytes_AS_STRING(data)[F_MARKER] == FRAME_MARKER &&

@@ -25,7 +25,7 @@ static PyMethodDef module_methods[] = {
     {"decode_frame", (PyCFunction)(void (*)(void))decode_frame, METH_FASTCALL,
      "decode_frame(data, host, peer_rings, dtypes, string_dtype, map_segment) -> (kind, call_id, copied, tensors)."},
     {"serve_calls", (PyCFunction)(void (*)(void))serve_calls, METH_FASTCALL,
-     "serve_calls(mapping, in_q, out_q, spin_s, decoding, encoding, run, output_names, hook) -> (spin_s, data, call): the worker's loop for calls."},
+     "serve_calls(mapping, in_q, out_q, spin_s, decoding, encoding, run, output_names, hook, idle_s, keep_bytes) -> (spin_s, data, call): the worker's loop for calls."},
     {"memhook_new", (PyCFunction)(void (*)(void))memhook_new, METH_FASTCALL,
      "memhook_new(own, threshold) -> capsule or None: numpy's handler putting arrays of threshold bytes or more in the own rings while a model runs."},
     {"memhook_counts", memhook_counts, METH_O,
