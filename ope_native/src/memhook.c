@@ -2,8 +2,9 @@
  *
  * A numpy memory handler (PyDataMem_SetHandler, numpy >= 1.22) installed in the worker's
  * thread for the duration of each model call: data of `threshold` bytes or more is cut from
- * one of the worker's own rings, so an output the model returns already lies in the arena
- * and its RESULT names it in place. Everything else, and anything not clearly ours
+ * one of the worker's own rings (the arena grows for it within its limit, like for a copy),
+ * so an output the model returns already lies in the arena and its RESULT names it in place.
+ * The call's temporaries live there too, and their blocks are reused by the next call. Everything else, and anything not clearly ours
  * (another thread, no GIL, a full ring, the handler outside a call), goes to malloc.
  *
  * Ownership: the hook records each block it cut (its pointer, Mapping, ring). numpy calls
@@ -31,8 +32,9 @@ typedef struct {
 
 struct Hook {
     PyObject *own; /* the arena's own rings: [(segment id, Mapping, ring offset)] */
+    PyObject *grow; /* grow(nbytes) -> the triple of a new own segment with room */
     size_t threshold;
-    int active;
+    int active, growing;
     pthread_t thread;
     pthread_mutex_t lock; /* the records: free() may come from any thread */
     Born *born;
@@ -47,40 +49,57 @@ static Py_ssize_t find_born(Hook *h, void *ptr) {
     return -1;
 }
 
-/* A block from the newest own ring with room, recorded; NULL when none has room or the call
- * is not clearly ours. Runs with the GIL held (checked). */
+/* A block of `size` from `t`, an own ring's (segment id, Mapping, ring offset), recorded;
+ * NULL when it has no room. Called with the lock held. */
+static char *cut_from(Hook *h, PyObject *t, size_t size) {
+    if (h->n == h->cap) {
+        Py_ssize_t cap = h->cap ? 2 * h->cap : 16;
+        Born *grown = realloc(h->born, sizeof(Born) * (size_t)cap);
+        if (!grown) return NULL;
+        h->born = grown;
+        h->cap = cap;
+    }
+    if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 3 ||
+        !PyObject_TypeCheck(PyTuple_GET_ITEM(t, 1), &MappingType))
+        return NULL;
+    MappingObject *m = (MappingObject *)PyTuple_GET_ITEM(t, 1);
+    long long ring = PyLong_AsLongLong(PyTuple_GET_ITEM(t, 2));
+    long long payload = ring < 0 ? -2 : ring_alloc(m, ring, (uint64_t)size);
+    if (payload < 0) {
+        PyErr_Clear();
+        return NULL;
+    }
+    char *ptr = m->base + payload;
+    h->born[h->n++] = (Born){ptr, (MappingObject *)Py_NewRef(m), ring, size, 0};
+    return ptr;
+}
+
+/* A block from the newest own ring with room, else from a segment the arena grows for it
+ * (within its limit), recorded; NULL when the call is not clearly ours or nothing has room.
+ * Runs with the GIL held (checked). */
 static void *arena_alloc(Hook *h, size_t size) {
-    if (!h->active || size < h->threshold || !pthread_equal(pthread_self(), h->thread) ||
-        !PyGILState_Check())
+    if (!h->active || h->growing || size < h->threshold ||
+        !pthread_equal(pthread_self(), h->thread) || !PyGILState_Check())
         return NULL;
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb); /* numpy may allocate while an error is set */
     char *ptr = NULL;
     pthread_mutex_lock(&h->lock);
-    if (h->n == h->cap) {
-        Py_ssize_t cap = h->cap ? 2 * h->cap : 16;
-        Born *grown = realloc(h->born, sizeof(Born) * (size_t)cap);
-        if (grown) {
-            h->born = grown;
-            h->cap = cap;
-        }
-    }
-    for (Py_ssize_t i = PyList_GET_SIZE(h->own) - 1; h->n < h->cap && i >= 0 && !ptr; i--) {
-        PyObject *t = PyList_GET_ITEM(h->own, i);
-        if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 3 ||
-            !PyObject_TypeCheck(PyTuple_GET_ITEM(t, 1), &MappingType))
-            continue;
-        MappingObject *m = (MappingObject *)PyTuple_GET_ITEM(t, 1);
-        long long ring = PyLong_AsLongLong(PyTuple_GET_ITEM(t, 2));
-        long long payload = ring < 0 ? -2 : ring_alloc(m, ring, (uint64_t)size);
-        if (payload < 0) {
-            PyErr_Clear();
-            continue;
-        }
-        ptr = m->base + payload;
-        h->born[h->n++] = (Born){ptr, (MappingObject *)Py_NewRef(m), ring, size, 0};
-    }
+    for (Py_ssize_t i = PyList_GET_SIZE(h->own) - 1; i >= 0 && !ptr; i--)
+        ptr = cut_from(h, PyList_GET_ITEM(h->own, i), size);
     pthread_mutex_unlock(&h->lock);
+    if (!ptr) {
+        h->growing = 1; /* what growing allocates is not ours */
+        PyObject *t = PyObject_CallFunction(h->grow, "n", (Py_ssize_t)size);
+        h->growing = 0;
+        if (t) {
+            pthread_mutex_lock(&h->lock);
+            ptr = cut_from(h, t, size);
+            pthread_mutex_unlock(&h->lock);
+            Py_DECREF(t);
+        }
+        PyErr_Clear(); /* ArenaFull past the arena's limit: malloc */
+    }
     PyErr_Restore(type, value, tb);
     return ptr;
 }
@@ -193,14 +212,14 @@ void hook_hand_over(Hook *h, void *data) {
     pthread_mutex_unlock(&h->lock);
 }
 
-/* memhook_new(own, threshold) -> capsule, or None when numpy has no handler API (< 1.22).
+/* memhook_new(own, grow, threshold) -> capsule, or None when numpy has no handler API (< 1.22).
  * The hook lives as long as the process: arrays it allocated call it until they die. */
 PyObject *memhook_new(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 2 || !PyList_Check(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "memhook_new(own rings list, threshold)");
+    if (nargs != 3 || !PyList_Check(args[0]) || !PyCallable_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "memhook_new(own rings list, grow, threshold)");
         return NULL;
     }
-    Py_ssize_t threshold = PyLong_AsSsize_t(args[1]);
+    Py_ssize_t threshold = PyLong_AsSsize_t(args[2]);
     if (threshold == -1 && PyErr_Occurred()) return NULL;
     if (PyArray_GetNDArrayCFeatureVersion() < NPY_1_22_API_VERSION) Py_RETURN_NONE;
     PyDataMem_Handler *handler = calloc(1, sizeof(PyDataMem_Handler));
@@ -211,6 +230,7 @@ PyObject *memhook_new(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
         return PyErr_NoMemory();
     }
     h->own = Py_NewRef(args[0]);
+    h->grow = Py_NewRef(args[1]);
     h->threshold = threshold > 0 ? (size_t)threshold : 1;
     pthread_mutex_init(&h->lock, NULL);
     snprintf(handler->name, sizeof(handler->name), "ope_arena");
