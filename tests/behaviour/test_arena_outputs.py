@@ -194,3 +194,32 @@ def _wait_for(model, condition, timeout_s=15.0):
         assert time.monotonic() < end, f"the arena did not shrink: {model.stats()}"
         time.sleep(0.1)
     return model.stats()
+
+
+_OUT_SOURCE = '''
+import numpy as np
+
+
+def factory(data_dir):
+    def model(x, out=None):
+        if out is None:  # called without ``out``: an output shape the inputs do not fix
+            return {"y": x + 1, "seen": np.array(0, np.int64)}
+        np.add(x, 1, out=out["y"])
+        out["seen"][...] = 1
+    return model
+'''
+
+
+@pytest.mark.parametrize("y_shape,given_out", [(("n",), 1), ((None,), 0)])
+def test_a_model_taking_out_writes_into_arrays_it_is_given(load_model, mode, tmp_path, y_shape,
+                                                           given_out):
+    path = models.numpy_package(str(tmp_path), _OUT_SOURCE, name="writer",
+                                inputs=[TensorSpec("x", "float32", ("n",))],
+                                outputs=[TensorSpec("y", "float32", y_shape),
+                                         TensorSpec("seen", "int64", ())]).path
+    model = load_model(path)
+    held = [model.infer({"x": np.full(N, i, np.float32)}) for i in range(4)]
+    for i, outputs in enumerate(held):
+        assert (outputs["y"] == i + 1).all() and outputs["seen"] == given_out
+    if mode == "out_of_process":
+        assert model.stats()["bytes_copied_out"] == 4 * 8  # only the small "seen"
