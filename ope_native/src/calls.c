@@ -174,15 +174,13 @@ static int has_exactly(PyObject *outputs, PyObject *names) {
     return 1;
 }
 
-/* run(arrays) with the `hook` (a capsule from memhook_new(), or None) installed as numpy's
- * handler for the call's duration: large arrays the model makes are born in the worker's
- * ring (memhook.c). */
+/* run(arrays) with the `hook` (a capsule from memhook_new(), or None; serve_calls()
+ * installed it) active: large arrays the model makes are born in the worker's ring. */
 static PyObject *run_model(PyObject *run, PyObject *arrays, PyObject *hook) {
     Hook *h = hook_of(hook);
-    PyObject *previous = h ? hook_install(h, hook) : NULL;
-    if (h && !previous) return NULL;
+    if (h) hook_activate(h, 1);
     PyObject *outputs = PyObject_CallOneArg(run, arrays);
-    if (h && hook_uninstall(h, previous)) Py_CLEAR(outputs);
+    if (h) hook_activate(h, 0);
     return outputs;
 }
 
@@ -249,6 +247,10 @@ static int may_shrink(PyObject *own, PyObject *rings, long long keep_bytes) {
  * when no message came for `idle_s` and the queue is open, which it waits for only while the
  * worker may give segments back (may_shrink()), else it waits for ever; or an INFER it ran but
  * could not answer as `call` (see answer_call()). */
+static PyObject *serve_loop(PyObject *const *args);
+
+/* The hook (numpy's handler) stays installed while the loop runs, so a call pays only for
+ * activating it (run_model()). */
 PyObject *serve_calls(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 11 || !PyObject_TypeCheck(args[0], &MappingType) || !PyTuple_Check(args[4]) ||
         PyTuple_GET_SIZE(args[4]) != 5 || !PyTuple_Check(args[5]) || PyTuple_GET_SIZE(args[5]) != 4 ||
@@ -257,15 +259,34 @@ PyObject *serve_calls(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
                                          "(5 decoding args), (4 encoding args), run, output_names, hook, idle_s, keep_bytes)");
         return NULL;
     }
+    if (!PyList_Check(PyTuple_GET_ITEM(args[5], 0)) || !PyDict_Check(PyTuple_GET_ITEM(args[4], 1))) {
+        PyErr_SetString(PyExc_TypeError, "serve_calls: own rings are a list, peer rings a dict");
+        return NULL;
+    }
+    Hook *h = hook_of(args[8]);
+    PyObject *previous = h ? hook_install(h, args[8]) : NULL;
+    if (h && !previous) return NULL;
+    PyObject *result = serve_loop(args);
+    if (!h) return result;
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb); /* the loop's error, if any, stays the one raised */
+    if (hook_uninstall(h, previous)) {
+        Py_CLEAR(result);
+        Py_XDECREF(type);
+        Py_XDECREF(value);
+        Py_XDECREF(tb);
+        return NULL;
+    }
+    PyErr_Restore(type, value, tb);
+    return result;
+}
+
+static PyObject *serve_loop(PyObject *const *args) {
     MappingObject *m = (MappingObject *)args[0];
     long long in_q = PyLong_AsLongLong(args[1]), out_q = PyLong_AsLongLong(args[2]);
     double spin_s = PyFloat_AsDouble(args[3]), idle_s = PyFloat_AsDouble(args[9]);
     long long keep_bytes = PyLong_AsLongLong(args[10]);
     if (PyErr_Occurred()) return NULL;
-    if (!PyList_Check(PyTuple_GET_ITEM(args[5], 0)) || !PyDict_Check(PyTuple_GET_ITEM(args[4], 1))) {
-        PyErr_SetString(PyExc_TypeError, "serve_calls: own rings are a list, peer rings a dict");
-        return NULL;
-    }
     PyObject *decode_args[6];
     for (int i = 0; i < 5; i++) decode_args[i + 1] = PyTuple_GET_ITEM(args[4], i);
     for (;;) {

@@ -1,7 +1,7 @@
 /* memhook.c: numpy arrays born in the worker's data ring while its model runs.
  *
  * A numpy memory handler (PyDataMem_SetHandler, numpy >= 1.22) installed in the worker's
- * thread for the duration of each model call: data of `threshold` bytes or more is cut from
+ * thread while its loop serves calls, and active only while the model runs: data of `threshold` bytes or more is cut from
  * one of the worker's own rings (the arena grows for it within its limit, like for a copy),
  * so an output the model returns already lies in the arena and its RESULT names it in place.
  * The call's temporaries live there too, and their blocks are reused by the next call. Everything else, and anything not clearly ours
@@ -107,6 +107,8 @@ static void *arena_alloc(Hook *h, size_t size) {
 /* Forgets the record of `ptr` and gives its block back unless handed over; 0 if `ptr` is
  * not a block of ours. */
 static int arena_free(Hook *h, void *ptr) {
+    /* No record: not ours (records are added by the serving thread, never for this ptr). */
+    if (!__atomic_load_n(&h->n, __ATOMIC_RELAXED)) return 0;
     pthread_mutex_lock(&h->lock);
     Py_ssize_t i = h->n ? find_born(h, ptr) : -1;
     Born b = {0};
@@ -166,12 +168,11 @@ Hook *hook_of(PyObject *capsule) {
 
 PyObject *hook_install(Hook *h, PyObject *capsule) {
     PyObject *previous = PyDataMem_SetHandler(capsule);
-    if (previous) {
-        h->thread = pthread_self();
-        h->active = 1;
-    }
+    if (previous) h->thread = pthread_self();
     return previous;
 }
+
+void hook_activate(Hook *h, int active) { h->active = active; }
 
 int hook_uninstall(Hook *h, PyObject *previous) {
     h->active = 0;

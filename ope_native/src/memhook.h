@@ -12,8 +12,10 @@ typedef struct Hook Hook;
 /* The Hook a capsule from memhook_new() holds, or NULL (None: numpy has no handler API). */
 Hook *hook_of(PyObject *capsule);
 /* Installs the hook's numpy handler for this thread's context; returns the previous handler
- * (a new reference) to give to hook_uninstall(), or NULL with an error set. */
+ * (a new reference) to give to hook_uninstall(), or NULL with an error set. Installed, it
+ * cuts from the rings only while activated (the model's call), else it is malloc. */
 PyObject *hook_install(Hook *h, PyObject *capsule);
+void hook_activate(Hook *h, int active);
 int hook_uninstall(Hook *h, PyObject *previous);
 /* Whether `array` owns a block the hook cut from an own ring and holds no references but
  * the `refs` its encoder knows of (the outputs dict's, its own): then 1 and the segment id
