@@ -244,8 +244,8 @@ PyObject *copies_list(const Encoded *e) {
 /* Puts each tensor of `tensors` (a dict name -> ndarray) in the arena and makes the frame naming
  * them, into `out`. With `look_in_arena`, an array that already lies in one of the `own`
  * segments (see alloc_own()) is named where it is and, if writable, sealed (seal_in_place());
- * with `adopt`, an array the model made in a block of the hook's (memhook.c) that nothing else
- * references is named where it is and handed over to the peer once the frame is made;
+ * with `adopt`, when only the caller holds `tensors`, an array the model made in a block of
+ * the hook's (memhook.c) that nothing else references is named where it is and handed over to the peer once the frame is made;
  * every other one is copied into a new block of an own ring. `owned`: `tensors` is a dict that
  * only this call holds (plain_arrays() made it), iterated as it is; any other dict's items are
  * taken first, since callbacks (code_of, grow) and big copies (which let other threads run)
@@ -264,6 +264,7 @@ int encode_tensors(int kind, unsigned long long call_id, PyObject *tensors, int 
         Py_XDECREF(items);
         return -1;
     }
+    if (Py_REFCNT(tensors) != 1) adopt = NULL; /* whoever else holds the dict holds its arrays */
     Entry stack[4], *e = count <= 4 ? stack : PyMem_Malloc(sizeof(Entry) * (size_t)count);
     void *born_stack[4], **born = count <= 4 ? born_stack : PyMem_Malloc(sizeof(void *) * (size_t)count);
     Py_ssize_t nborn = 0;

@@ -43,6 +43,12 @@ def factory(data_dir):
                 cache["c"] = np.zeros_like(x)
             cache["c"] += x
             return {"y": cache["c"]}
+        if mode == "keep_dict":  # the model keeps the dict it returns
+            cache["d"] = {"y": x + 1}
+            return cache["d"]
+        if mode == "bump_dict":  # and writes into its arrays later
+            cache["d"]["y"] += 100
+            return {"y": np.zeros_like(x)}
         if mode == "view":  # a view of a bigger array the model made
             return {"y": (np.concatenate([x, x]) + 1)[x.size:]}
         if mode == "resize":  # numpy reallocates the model's array in place
@@ -110,6 +116,15 @@ def test_a_model_keeping_its_outputs_keeps_their_values(load_model, maker):
         call(model, np.full(N, 100, np.float32))
     assert all((y == i + 1).all() for i, y in enumerate(held))
     assert (call(model, np.zeros(N, np.float32), "kept_sum") == sum(range(1, 7))).all()
+
+
+def test_a_model_keeping_the_dict_it_returns_cannot_change_what_the_caller_holds(load_model, mode,
+                                                                                 maker):
+    model = load_model(maker)
+    held = call(model, np.full(N, 1, np.float32), "keep_dict")
+    call(model, np.zeros(N, np.float32), "bump_dict")
+    # In process the caller holds the model's own array (as a direct call would).
+    assert (held == (102 if mode == "in_process" else 2)).all()
 
 
 def test_a_cache_returned_call_after_call_gives_each_call_its_own_values(load_model, mode, maker):
