@@ -432,10 +432,10 @@ class Arena:
 
     def numpy_hook(self, threshold=64 * 1024):
         """Worker side: numpy's memory handler that cuts arrays of ``threshold`` bytes or more
-        from our rings while a model runs, growing the arena when none has room
-        (ope_native.memhook_new; serve_calls installs it per call), or None when this numpy
-        has no handler API (< 1.22): outputs are copied."""
-        return ope_native.memhook_new(self._own, self._grow, threshold)
+        from our rings, where they have room, while a model runs (ope_native.memhook_new;
+        serve_calls installs it), or None when this numpy has no handler API (< 1.22):
+        outputs are copied."""
+        return ope_native.memhook_new(self._own, threshold)
 
     def retire_empty(self, keep_bytes, quiet_s):
         """Give up our segments whose ring has held no block and made no allocation for

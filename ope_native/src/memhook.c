@@ -2,9 +2,10 @@
  *
  * A numpy memory handler (PyDataMem_SetHandler, numpy >= 1.22) installed in the worker's
  * thread while its loop serves calls, and active only while the model runs: data of `threshold` bytes or more is cut from
- * one of the worker's own rings (the arena grows for it within its limit, like for a copy),
- * so an output the model returns already lies in the arena and its RESULT names it in place.
- * The call's temporaries live there too, and their blocks are reused by the next call. Everything else, and anything not clearly ours
+ * one of the worker's own rings when one has room, so an output the model returns already
+ * lies in the arena and its RESULT names it in place. The call's temporaries live there too,
+ * and their blocks are reused by the next call. The arena grows only for copies, as before
+ * (by at least what it holds), so after a first copy the same outputs find room. Everything else, and anything not clearly ours
  * (another thread, no GIL, a full ring, the handler outside a call), goes to malloc.
  *
  * Ownership: the hook records each block it cut (its pointer, Mapping, ring). numpy calls
@@ -32,9 +33,8 @@ typedef struct {
 
 struct Hook {
     PyObject *own; /* the arena's own rings: [(segment id, Mapping, ring offset)] */
-    PyObject *grow; /* grow(nbytes) -> the triple of a new own segment with room */
     size_t threshold;
-    int active, growing;
+    int active;
     pthread_t thread;
     pthread_mutex_t lock; /* the records: free() may come from any thread */
     Born *born;
@@ -74,12 +74,13 @@ static char *cut_from(Hook *h, PyObject *t, size_t size) {
     return ptr;
 }
 
-/* A block from the newest own ring with room, else from a segment the arena grows for it
- * (within its limit), recorded; NULL when the call is not clearly ours or nothing has room.
- * Runs with the GIL held (checked). */
+/* A block from the newest own ring with room, recorded; NULL when the call is not clearly
+ * ours or no ring has room. It never grows the arena: what the model allocates beyond the
+ * arena's room stays private memory, counted by the worker's memory limit. Runs with the
+ * GIL held (checked). */
 static void *arena_alloc(Hook *h, size_t size) {
-    if (!h->active || h->growing || size < h->threshold ||
-        !pthread_equal(pthread_self(), h->thread) || !PyGILState_Check())
+    if (!h->active || size < h->threshold || !pthread_equal(pthread_self(), h->thread) ||
+        !PyGILState_Check())
         return NULL;
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb); /* numpy may allocate while an error is set */
@@ -88,18 +89,6 @@ static void *arena_alloc(Hook *h, size_t size) {
     for (Py_ssize_t i = PyList_GET_SIZE(h->own) - 1; i >= 0 && !ptr; i--)
         ptr = cut_from(h, PyList_GET_ITEM(h->own, i), size);
     pthread_mutex_unlock(&h->lock);
-    if (!ptr) {
-        h->growing = 1; /* what growing allocates is not ours */
-        PyObject *t = PyObject_CallFunction(h->grow, "n", (Py_ssize_t)size);
-        h->growing = 0;
-        if (t) {
-            pthread_mutex_lock(&h->lock);
-            ptr = cut_from(h, t, size);
-            pthread_mutex_unlock(&h->lock);
-            Py_DECREF(t);
-        }
-        PyErr_Clear(); /* ArenaFull past the arena's limit: malloc */
-    }
     PyErr_Restore(type, value, tb);
     return ptr;
 }
@@ -213,14 +202,14 @@ void hook_hand_over(Hook *h, void *data) {
     pthread_mutex_unlock(&h->lock);
 }
 
-/* memhook_new(own, grow, threshold) -> capsule, or None when numpy has no handler API (< 1.22).
+/* memhook_new(own, threshold) -> capsule, or None when numpy has no handler API (< 1.22).
  * The hook lives as long as the process: arrays it allocated call it until they die. */
 PyObject *memhook_new(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 3 || !PyList_Check(args[0]) || !PyCallable_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "memhook_new(own rings list, grow, threshold)");
+    if (nargs != 2 || !PyList_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "memhook_new(own rings list, threshold)");
         return NULL;
     }
-    Py_ssize_t threshold = PyLong_AsSsize_t(args[2]);
+    Py_ssize_t threshold = PyLong_AsSsize_t(args[1]);
     if (threshold == -1 && PyErr_Occurred()) return NULL;
     if (PyArray_GetNDArrayCFeatureVersion() < NPY_1_22_API_VERSION) Py_RETURN_NONE;
     PyDataMem_Handler *handler = calloc(1, sizeof(PyDataMem_Handler));
@@ -231,7 +220,6 @@ PyObject *memhook_new(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
         return PyErr_NoMemory();
     }
     h->own = Py_NewRef(args[0]);
-    h->grow = Py_NewRef(args[1]);
     h->threshold = threshold > 0 ? (size_t)threshold : 1;
     pthread_mutex_init(&h->lock, NULL);
     snprintf(handler->name, sizeof(handler->name), "ope_arena");

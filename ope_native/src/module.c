@@ -27,7 +27,7 @@ static PyMethodDef module_methods[] = {
     {"serve_calls", (PyCFunction)(void (*)(void))serve_calls, METH_FASTCALL,
      "serve_calls(mapping, in_q, out_q, spin_s, decoding, encoding, run, output_names, hook, idle_s, keep_bytes) -> (spin_s, data, call): the worker's loop for calls."},
     {"memhook_new", (PyCFunction)(void (*)(void))memhook_new, METH_FASTCALL,
-     "memhook_new(own, grow, threshold) -> capsule or None: numpy's handler putting arrays of threshold bytes or more in the own rings while a model runs."},
+     "memhook_new(own, threshold) -> capsule or None: numpy's handler putting arrays of threshold bytes or more in the own rings while a model runs."},
     {"memhook_counts", memhook_counts, METH_O,
      "memhook_counts(hook) -> (blocks alive, of which handed over, handed over in all)."},
     {"release_inputs", (PyCFunction)(void (*)(void))release_inputs_py, METH_FASTCALL,
