@@ -4,7 +4,9 @@
 attaches to the arena the host handed it (its segments are inherited descriptors,
 ope/bridge/arena.py), says HELLO, loads the package it is told to, then answers INFER messages in
 order until SHUTDOWN (protocol: ope/bridge/protocol.py). Inputs are read-only numpy views on the
-host's blocks; each output is written into a block of the worker's own ring once. While the
+host's blocks. While the model runs, numpy allocates large arrays in the worker's own ring
+(ope_native's memory hook), so an output the model made and let go of is named where it
+lies; any other output is written into a block of the worker's own ring once. While the
 model is ready, calls are answered in C around the model (ope_native.serve_calls: decode, run,
 encode, send), which leaves everything else to this loop: other messages, a model's error,
 outputs that need the spec's check. :class:`Worker` holds the loop so tests can drive it
@@ -32,6 +34,13 @@ from ope.runners import load_runner
 __all__ = ["Worker", "main", "runtime_info"]
 
 _serve_calls = ope_native.serve_calls
+# While it holds segments it could give back (more than KEEP_BYTES of its own, or more than
+# one of the host's mapped), an idle worker looks every SWEEP_S and gives back its segments
+# that saw no allocation for QUIET_S: a burst's memory returns, a steady stream of calls never
+# pays for growing again, and the worker keeps a small ring for its next call.
+SWEEP_S = 0.5
+QUIET_S = 1.0
+KEEP_BYTES = 4 << 20
 
 
 def runtime_info():
@@ -56,6 +65,8 @@ class Worker:
         self.package = None
         self.runner = None
         self._output_names = frozenset()
+        # numpy's handler while the model runs: outputs born in the worker's ring (None: copied)
+        self._hook = arena.numpy_hook() if os.environ.get("OPE_ARENA_OUTPUTS", "1") != "0" else None
         self._handlers = {protocol.LOAD: self._load, protocol.INFER: self._infer,
                           protocol.SHUTDOWN: self._shutdown}
         self.running = True
@@ -84,10 +95,20 @@ class Worker:
         if self.conversation.state != "ready":
             return self.channel.receive(), None
         arena = self.arena
-        self.channel.spin_s, data, call = _serve_calls(
-            self.channel.mapping, self.channel.in_q, self.channel.out_q, self.channel.spin_s,
-            arena.decoding, arena.encoding, self.runner.run, self._output_names)
-        return data, call
+        while True:
+            self.channel.spin_s, data, call = _serve_calls(
+                self.channel.mapping, self.channel.in_q, self.channel.out_q, self.channel.spin_s,
+                arena.decoding, arena.encoding, self.runner.run, self._output_names, self._hook,
+                SWEEP_S, KEEP_BYTES)
+            if data is not None or call is not None or self.channel.closed:
+                return data, call
+            self._give_back_segments()
+
+    def _give_back_segments(self):
+        """Idle: give back our grown segments that stayed empty, and forget the host's
+        segments it gave back (ope/bridge/arena.py, shrinking)."""
+        self.arena.retire_empty(KEEP_BYTES, QUIET_S)
+        self.arena.forget_retired()
 
     def handle(self, message):
         """Check and answer one decoded message."""

@@ -28,11 +28,12 @@ Layout (little-endian)::
        0  u64 magic   "OPEARENA"
        8  u32 layout  version of this layout
       16  u64 size    of the segment
+    data segment
+      40  u32 retired  set by the owner when it gave the segment up (Arena.retire_empty)
     control segment
       24  u64 offset of the host-to-worker queue     (layout: ope/bridge/channel.py)
       32  u64 offset of the worker-to-host queue
     4096  the two queues
-    data segment
     4096  a data ring (layout: ope/bridge/ring.py)
 
     socket message: u64 segment id, with the segment's descriptor attached (SCM_RIGHTS)
@@ -44,6 +45,14 @@ its descriptor before any frame that names it. A call's tensors travel as a tens
 :meth:`Arena.encode` puts the tensors in and makes the frame, :meth:`Arena.decode` makes the
 views on the other side, checking every descriptor against the named ring's bounds first, so
 a lying peer can make this side neither read nor write outside the arena.
+
+Shrinking: a side gives a grown segment of its own back once its ring has held no block for
+a while (:meth:`Arena.retire_empty`): no block means nobody holds anything there, neither an
+output the caller keeps nor an input in flight (each is a USED block until given back), and
+only the owner allocates, so none can appear meanwhile. The owner sets ``retired`` in the
+segment's header, stops allocating there and unmaps it; the peer drops its mapping when it
+next looks (:meth:`Arena.forget_retired`), and the memory is gone once both have. The owner
+never names a retired segment again, so the peer never needs it back.
 """
 
 import array
@@ -51,6 +60,7 @@ import fcntl
 import os
 import socket
 import struct
+import time
 
 import numpy as np
 
@@ -59,6 +69,8 @@ from ope.bridge.channel import Channel
 from ope.errors import ArenaFull, ProtocolError
 from ope.bridge.protocol import DTYPE_CODES, DTYPES_BY_CODE, dtype_code, frame_message, string_dtype
 from ope.bridge.ring import RING_HEADER, Ring, block_size
+
+_ALLOCS = ope_native.LAYOUT["R_ALLOCS"]
 
 __all__ = ["Arena", "Link", "SEGMENT_NAME", "block_under"]
 
@@ -72,6 +84,7 @@ _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
 _encode_frame = ope_native.encode_frame
 _decode_frame = ope_native.decode_frame
 _MIB = 1 << 20
+_RETIRED = 40  # u32 in a data segment's header (above)
 
 
 def _round_page(n):
@@ -185,6 +198,7 @@ class Arena:
         self._peer_fds = {}  # worker: segment id -> read-only descriptor, to map again
         self._offered = {}  # descriptors received ahead of the frame that names them
         self._socket = None
+        self._quiet = {}  # own segment id -> (ring allocations, monotonic time) when last seen
         self._queues = None
         self.channel = None
         # What ope_native's frame codec needs of this side, made once (calls pass them on):
@@ -456,6 +470,55 @@ class Arena:
                 for seg_id, (mapping, _) in list(self._peer.items()):
                     if mapping is block.mapping:
                         del self._peer[seg_id]
+
+    def numpy_hook(self, threshold=64 * 1024):
+        """Worker side: numpy's memory handler that cuts arrays of ``threshold`` bytes or more
+        from our rings, where they have room, while a model runs (ope_native.memhook_new;
+        serve_calls installs it), or None when this numpy has no handler API (< 1.22):
+        outputs are copied."""
+        return ope_native.memhook_new(self._own, threshold)
+
+    def retire_empty(self, keep_bytes, quiet_s):
+        """Give up our segments whose ring has held no block and made no allocation for
+        ``quiet_s`` seconds (seen by earlier calls), newest (largest) first, while we own more
+        than ``keep_bytes``; the host always keeps its first segment. Call it where nothing
+        allocates from our rings meanwhile. Returns the bytes given up."""
+        now, retired = time.monotonic(), 0
+        for entry in reversed(list(self._own)):
+            seg_id, mapping, offset = entry
+            allocs = mapping.load64(offset + _ALLOCS)
+            seen, since = self._quiet.get(seg_id, (None, now))
+            self._quiet[seg_id] = (allocs, since if seen == allocs else now)
+            if (self.own_bytes <= keep_bytes or (self.host and entry is self._own[0])
+                    or Ring(mapping, offset).used or seen != allocs or now - since < quiet_s):
+                continue
+            mapping.store32(_RETIRED, 1)
+            self._own.remove(entry)
+            self._quiet.pop(seg_id)
+            fd = self._own_fds.pop(seg_id, None)
+            if fd is not None:
+                os.close(fd)
+            retired += mapping.size
+        return retired
+
+    def forget_retired(self):
+        """Drop our mappings of the peer's segments it retired (:meth:`retire_empty`)."""
+        for seg_id, (mapping, _) in list(self._peer.items()):
+            if mapping.load32(_RETIRED):
+                self._peer.pop(seg_id, None)
+                fd = self._peer_fds.pop(seg_id, None)
+                if fd is not None:
+                    os.close(fd)
+
+    @property
+    def grown(self):
+        """Whether we own segments beyond our first."""
+        return len(self._own) > 1
+
+    @property
+    def peer_bytes(self):
+        """Bytes of the peer's segments this side maps."""
+        return sum(m.size for m, _ in list(self._peer.values()))
 
     # -- accounting and teardown --------------------------------------------------------
 

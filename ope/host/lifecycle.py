@@ -40,6 +40,7 @@ def _exit_teller(model):
 
 _log = logging.getLogger("ope")
 _MIB = 1 << 20
+SEGMENT_QUIET_S = 1.0  # an input segment unused this long is given back (ope/bridge/arena.py)
 
 
 class WorkerLifecycle:
@@ -338,6 +339,7 @@ class WorkerLifecycle:
         if self._closed:
             return
         self._standbys.supervise(self._check_memory)
+        self._give_back_segments()
         worker = self._worker
         if worker is None:
             return
@@ -362,6 +364,17 @@ class WorkerLifecycle:
                                           f"memory_limit_mb={self.memory_limit_mb}")
             worker.kill()
         return self._killed_for(worker)
+
+    def _give_back_segments(self):
+        """The arena's shrinking (ope/bridge/arena.py): forget the worker's segments it gave
+        back, and give back our grown input segments that stayed empty, unless a sender holds
+        the send lock (never waited for)."""
+        self._arena.forget_retired()
+        if self._arena.grown and self._send_lock.acquire(blocking=False):
+            try:
+                self._arena.retire_empty(0, SEGMENT_QUIET_S)
+            finally:
+                self._send_lock.release()
 
     def _wants_worker(self):
         """Whether the restart thread should start a worker now (restart="eager")."""

@@ -105,8 +105,8 @@ class OutOfProcessModel(WorkerLifecycle, Model):
 
     def __init__(self, package, *, timeout_s=None, load_timeout_s=120.0, python=None,
                  env_vars=None, cpus=None, threads=None, device=None, arena_mb=4,
-                 arena_max_mb=4096, memory_limit_mb=None, restart="lazy", max_restarts=5, restart_window_s=60.0,
-                 stop_grace_s=1.0, standby=0):
+                 arena_max_mb=4096, memory_limit_mb=None, restart="lazy", max_restarts=5,
+                 restart_window_s=60.0, stop_grace_s=1.0, standby=0):
         if restart not in ("lazy", "eager"):
             raise ValueError(f"restart must be 'lazy' or 'eager', got {restart!r}")
         check_timeout(timeout_s)
@@ -547,14 +547,14 @@ class OutOfProcessModel(WorkerLifecycle, Model):
     def health(self):
         health = {**super().health(), **self._facts(), "mode": "out_of_process",
                   "failures": [{"time": t, "reason": r} for t, _, r in self._policy.history]}
-        worker = self._worker
-        return {**health, **worker.usage()} if worker is not None else health
+        return {**health, **(worker.usage() if (worker := self._worker) is not None else {})}
 
     def stats(self):
         return {**super().stats(), **self._facts(), "worker": dict(self._info),
                 "arena_bytes_in_use": self._arena.used_bytes(),
                 "arena_high_water": self._arena.high_water_bytes(),
-                "arena_bytes_reserved": self._arena.own_bytes}
+                "arena_bytes_reserved": self._arena.own_bytes,
+                "arena_bytes_worker": self._arena.peer_bytes}
 
     def _facts(self):
         """What health() and stats() both report."""

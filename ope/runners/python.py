@@ -1,7 +1,8 @@
 """The python runner: a factory imported from the package's own code/ (and nothing else),
 called once with its data folder; the model it returns is called with one keyword argument
-per input, with numpy arrays or, for framework "torch", tensors. What it returns is bound to
-the output names by ope/runners/outputs.py."""
+per input, with numpy arrays or, for framework "torch", tensors (and, for a numpy model that
+takes ``out``, the arrays to write its outputs into: ope/runners/out_arrays.py). What it
+returns is bound to the output names by ope/runners/outputs.py."""
 
 import contextlib
 import importlib
@@ -10,6 +11,7 @@ import sys
 
 from ope.errors import PackageError
 from ope.runners.base import Runner, call_model, model_error_of
+from ope.runners.out_arrays import out_arrays_for
 from ope.runners.outputs import bind_outputs
 from ope.runners.torch_tensors import (check_inputs_untouched, import_torch, tensors_to_numpy,
                                        to_tensor, torch_device)
@@ -30,6 +32,8 @@ class PythonRunner(Runner):
             self._device = torch_device(self._torch, self.device)
             self.device = str(self._device)
         self._model = self._load_model()
+        # numpy models that take ``out`` write into arrays made per call (out_arrays.py)
+        self._out = out_arrays_for(package, self._model) if self._torch is None else None
         if self._torch is not None and isinstance(self._model, self._torch.nn.Module):
             self._model.to(self._device)
 
@@ -68,6 +72,12 @@ class PythonRunner(Runner):
 
     def run(self, inputs):
         torch = self._torch
+        if torch is None and self._out is not None:
+            out = self._out.make(inputs)
+            result = call_model(self.package, self._model, {**inputs, "out": out})
+            # This frame's references go when it returns: an output the model let go of is
+            # then referenced by the bound dict alone (the worker sends it without a copy).
+            return bind_outputs(self.package, out if result is None else result)
         if torch is None:
             return bind_outputs(self.package, call_model(self.package, self._model, inputs))
         arguments = {name: array if array.dtype.kind == "U"

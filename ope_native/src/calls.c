@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "frames.h"
+#include "memhook.h"
 #include "queue.h"
 #include "stats.h"
 
@@ -173,20 +174,30 @@ static int has_exactly(PyObject *outputs, PyObject *names) {
     return 1;
 }
 
+/* run(arrays) with the `hook` (a capsule from memhook_new(), or None; serve_calls()
+ * installed it) active: large arrays the model makes are born in the worker's ring. */
+static PyObject *run_model(PyObject *run, PyObject *arrays, PyObject *hook) {
+    Hook *h = hook_of(hook);
+    if (h) hook_activate(h, 1);
+    PyObject *outputs = PyObject_CallOneArg(run, arrays);
+    if (h) hook_activate(h, 0);
+    return outputs;
+}
+
 /* Runs one INFER the loop decoded: the model, then its RESULT frame into the queue. Returns 1
  * when answered, 0 when the queue closed, -1 with an exception set, or 2 with `*left` set to
  * the (call_id, arrays, outputs, exception) that Python must answer: the model raised, or its
  * outputs are not a dict of the spec's names that a frame carries as they are. */
 static int answer_call(PyObject *message, PyObject *run, PyObject *names, PyObject *const *encoding,
-                       PyObject *rings, MappingObject *m, long long out_q, long long in_q,
-                       double spin_s, PyObject **left) {
+                       PyObject *hook, PyObject *rings, MappingObject *m, long long out_q,
+                       long long in_q, double spin_s, PyObject **left) {
     PyObject *call_id = PyTuple_GET_ITEM(message, 1), *arrays = PyTuple_GET_ITEM(message, 3);
-    PyObject *outputs = PyObject_CallOneArg(run, arrays), *error = NULL;
+    PyObject *outputs = run_model(run, arrays, hook), *error = NULL;
     unsigned long long id = PyLong_AsUnsignedLongLong(call_id); /* decode_frame made it from a u64 */
     Encoded e;
     int encoded = outputs && has_exactly(outputs, names)
         ? encode_tensors(MSG_RESULT, id, outputs, 0, encoding[0], 0, encoding[1], encoding[2],
-                         encoding[3], &e)
+                         encoding[3], hook_of(hook), &e)
         : 0;
     if (PyErr_Occurred()) {
         if (!PyErr_ExceptionMatches(PyExc_Exception)) { /* KeyboardInterrupt, SystemExit */
@@ -211,31 +222,76 @@ static int answer_call(PyObject *message, PyObject *run, PyObject *names, PyObje
     return *left ? 2 : -1;
 }
 
-/* serve_calls(mapping, in_q, out_q, spin_s, decoding, encoding, run, output_names)
- *     -> (spin_s, data, call)
+/* Whether the worker holds segments it might give back: own segments of more than
+ * `keep_bytes` in all, or more than one of the host's mapped. */
+static int may_shrink(PyObject *own, PyObject *rings, long long keep_bytes) {
+    long long owned = 0;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(own); i++) {
+        PyObject *t = PyList_GET_ITEM(own, i);
+        if (PyTuple_Check(t) && PyTuple_GET_SIZE(t) == 3 &&
+            PyObject_TypeCheck(PyTuple_GET_ITEM(t, 1), &MappingType))
+            owned += ((MappingObject *)PyTuple_GET_ITEM(t, 1))->size;
+    }
+    return owned > keep_bytes || PyDict_GET_SIZE(rings) > 1;
+}
+
+/* serve_calls(mapping, in_q, out_q, spin_s, decoding, encoding, run, output_names, hook, idle_s,
+ *             keep_bytes) -> (spin_s, data, call)
  * The worker's loop while calls come (workers/worker.py): it pops each message, and while it
  * is an INFER frame, decodes it (decode_frame with the `decoding` arguments after data), runs
  * `run(arrays)`, encodes the outputs (encode_frame with the `encoding` arguments: own, codes,
- * code_of, grow) and pushes the RESULT, with no Python of its own in between. It returns, with
+ * code_of, grow; outputs born in the ring under `hook` named in place, see run_model()) and
+ * pushes the RESULT, with no Python of its own in between. It returns, with
  * the spin to use next, what it leaves to Python: data None once the queue closed; any other
- * message, or a frame that does not decode, as `data` with call None; or an INFER it ran but
+ * message, or a frame that does not decode, as `data` with call None; data None as well
+ * when no message came for `idle_s` and the queue is open, which it waits for only while the
+ * worker may give segments back (may_shrink()), else it waits for ever; or an INFER it ran but
  * could not answer as `call` (see answer_call()). */
+static PyObject *serve_loop(PyObject *const *args);
+
+/* The hook (numpy's handler) stays installed while the loop runs, so a call pays only for
+ * activating it (run_model()). */
 PyObject *serve_calls(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 8 || !PyObject_TypeCheck(args[0], &MappingType) || !PyTuple_Check(args[4]) ||
+    if (nargs != 11 || !PyObject_TypeCheck(args[0], &MappingType) || !PyTuple_Check(args[4]) ||
         PyTuple_GET_SIZE(args[4]) != 5 || !PyTuple_Check(args[5]) || PyTuple_GET_SIZE(args[5]) != 4 ||
         !PyAnySet_Check(args[7])) {
         PyErr_SetString(PyExc_TypeError, "serve_calls(mapping, in_q, out_q, spin_s, "
-                                         "(5 decoding args), (4 encoding args), run, output_names)");
+                                         "(5 decoding args), (4 encoding args), run, output_names, hook, idle_s, keep_bytes)");
         return NULL;
     }
+    if (!PyList_Check(PyTuple_GET_ITEM(args[5], 0)) || !PyDict_Check(PyTuple_GET_ITEM(args[4], 1))) {
+        PyErr_SetString(PyExc_TypeError, "serve_calls: own rings are a list, peer rings a dict");
+        return NULL;
+    }
+    Hook *h = hook_of(args[8]);
+    PyObject *previous = h ? hook_install(h, args[8]) : NULL;
+    if (h && !previous) return NULL;
+    PyObject *result = serve_loop(args);
+    if (!h) return result;
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb); /* the loop's error, if any, stays the one raised */
+    if (hook_uninstall(h, previous)) {
+        Py_CLEAR(result);
+        Py_XDECREF(type);
+        Py_XDECREF(value);
+        Py_XDECREF(tb);
+        return NULL;
+    }
+    PyErr_Restore(type, value, tb);
+    return result;
+}
+
+static PyObject *serve_loop(PyObject *const *args) {
     MappingObject *m = (MappingObject *)args[0];
     long long in_q = PyLong_AsLongLong(args[1]), out_q = PyLong_AsLongLong(args[2]);
-    double spin_s = PyFloat_AsDouble(args[3]);
+    double spin_s = PyFloat_AsDouble(args[3]), idle_s = PyFloat_AsDouble(args[9]);
+    long long keep_bytes = PyLong_AsLongLong(args[10]);
     if (PyErr_Occurred()) return NULL;
     PyObject *decode_args[6];
     for (int i = 0; i < 5; i++) decode_args[i + 1] = PyTuple_GET_ITEM(args[4], i);
     for (;;) {
-        PyObject *data = queue_pop_record(m, in_q, -1.0, &spin_s), *message = NULL, *call = NULL;
+        double wait_s = may_shrink(PyTuple_GET_ITEM(args[5], 0), decode_args[2], keep_bytes) ? idle_s : -1.0;
+        PyObject *data = queue_pop_record(m, in_q, wait_s, &spin_s), *message = NULL, *call = NULL;
         if (!data) return NULL;
         if (data != Py_None && PyBytes_GET_SIZE(data) >= FRAME_HEADER &&
             (uint8_t)PyBytes_AS_STRING(data)[F_MARKER] == FRAME_MARKER &&
@@ -251,7 +307,7 @@ PyObject *serve_calls(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
         }
         if (!message) return Py_BuildValue("(dNO)", spin_s, data, Py_None);
         int answered = answer_call(message, args[6], args[7], &PyTuple_GET_ITEM(args[5], 0),
-                                   decode_args[2], m, out_q, in_q, spin_s, &call);
+                                   args[8], decode_args[2], m, out_q, in_q, spin_s, &call);
         Py_DECREF(message);
         if (answered == 1) {
             Py_DECREF(data);
@@ -363,7 +419,7 @@ static PyObject *lone_call(SessionObject *self, unsigned long long call_id, PyOb
     PyObject *const *enc = &PyTuple_GET_ITEM(self->encoding, 0);
     Encoded e;
     int status = encode_tensors(MSG_INFER, call_id, tensors, checks != Py_None, enc[0], 1, enc[1],
-                                enc[2], enc[3], &e);
+                                enc[2], enc[3], NULL, &e);
     Py_DECREF(tensors);
     if (status == 0) PyErr_SetString(PyExc_TypeError, "Session.call: an input is not an array a frame carries");
     if (status <= 0) {

@@ -7,6 +7,7 @@
  */
 #include "frames.h"
 
+#include "memhook.h"
 #include "ring.h"
 
 /* The Mapping and ring offset of a (Mapping, ring offset) pair, or of the last two items of
@@ -243,6 +244,8 @@ PyObject *copies_list(const Encoded *e) {
 /* Puts each tensor of `tensors` (a dict name -> ndarray) in the arena and makes the frame naming
  * them, into `out`. With `look_in_arena`, an array that already lies in one of the `own`
  * segments (see alloc_own()) is named where it is and, if writable, sealed (seal_in_place());
+ * with `adopt`, when only the caller holds `tensors`, an array the model made in a block of
+ * the hook's (memhook.c) that nothing else references is named where it is and handed over to the peer once the frame is made;
  * every other one is copied into a new block of an own ring. `owned`: `tensors` is a dict that
  * only this call holds (plain_arrays() made it), iterated as it is; any other dict's items are
  * taken first, since callbacks (code_of, grow) and big copies (which let other threads run)
@@ -251,7 +254,7 @@ PyObject *copies_list(const Encoded *e) {
  * wrong); -1 with an exception set and nothing held. */
 int encode_tensors(int kind, unsigned long long call_id, PyObject *tensors, int owned,
                    PyObject *own, int look_in_arena, PyObject *codes, PyObject *code_of,
-                   PyObject *grow, Encoded *out) {
+                   PyObject *grow, Hook *adopt, Encoded *out) {
     *out = (Encoded){NULL, NULL, 0, 0, NULL, {{0}}};
     out->copies = out->few;
     PyObject *items = owned ? NULL : PyDict_Items(tensors);
@@ -261,12 +264,15 @@ int encode_tensors(int kind, unsigned long long call_id, PyObject *tensors, int 
         Py_XDECREF(items);
         return -1;
     }
+    if (Py_REFCNT(tensors) != 1) adopt = NULL; /* whoever else holds the dict holds its arrays */
     Entry stack[4], *e = count <= 4 ? stack : PyMem_Malloc(sizeof(Entry) * (size_t)count);
+    void *born_stack[4], **born = count <= 4 ? born_stack : PyMem_Malloc(sizeof(void *) * (size_t)count);
+    Py_ssize_t nborn = 0;
     PyObject *in_place = look_in_arena ? PyList_New(0) : NULL;
     if (count > 4) out->copies = PyMem_Malloc(sizeof(Copy) * (size_t)count);
     int status = -1;
-    if (!e || !out->copies || (look_in_arena && !in_place)) {
-        if (!e || !out->copies) PyErr_NoMemory();
+    if (!e || !born || !out->copies || (look_in_arena && !in_place)) {
+        if (!e || !born || !out->copies) PyErr_NoMemory();
         goto fail;
     }
     for (Py_ssize_t i = 0; i < count; i++) {
@@ -293,6 +299,13 @@ int encode_tensors(int kind, unsigned long long call_id, PyObject *tensors, int 
         int found = look_in_arena ? find_in_arena(a, own, &x->seg, &x->offset) : 0;
         if (found < 0 || (found && PyList_Append(in_place, array))) goto fail;
         if (found) continue;
+        /* References: the dict's, and the items list's when this call took one. */
+        found = hook_adoptable(adopt, a, owned ? 1 : 2, own, &x->seg, &x->offset);
+        if (found < 0) goto fail;
+        if (found) { /* born in our ring while the model ran: named where it is */
+            born[nborn++] = PyArray_DATA(a);
+            continue;
+        }
         PyObject *seg;
         Copy *c = &out->copies[out->ncopies];
         if (alloc_own(own, grow, PyArray_NBYTES(a), &seg, &c->m, &c->ring, &c->payload)) goto fail;
@@ -308,6 +321,7 @@ int encode_tensors(int kind, unsigned long long call_id, PyObject *tensors, int 
     if (out->frame && look_in_arena) out->sealed = seal_in_place(in_place);
     if (out->frame && (out->sealed || !look_in_arena)) status = 1;
     else goto fail;
+    for (Py_ssize_t i = 0; i < nborn; i++) hook_hand_over(adopt, born[i]);
     goto done;
 not_encodable:
     status = 0;
@@ -316,6 +330,7 @@ fail:
     encoded_release_raising(out);
 done:
     if (e && e != stack) PyMem_Free(e);
+    if (born && born != born_stack) PyMem_Free(born);
     Py_XDECREF(in_place);
     Py_XDECREF(items);
     return status;
@@ -343,7 +358,7 @@ PyObject *encode_frame(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     }
     Encoded enc;
     int status = encode_tensors(kind, call_id, tensors, 0, own, look_in_arena, codes, args[6],
-                                args[7], &enc);
+                                args[7], NULL, &enc);
     if (status <= 0) return status < 0 ? NULL : Py_NewRef(Py_None);
     PyObject *result = tuple_stealing(4, Py_NewRef(enc.frame), PyLong_FromUnsignedLongLong(enc.copied),
                                       copies_list(&enc),

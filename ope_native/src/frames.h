@@ -43,6 +43,8 @@ PyObject *entry_name(const Entry *e, Py_ssize_t at);
 PyObject *pack_frame(PyObject *m, PyObject *args);
 PyObject *unpack_frame(PyObject *m, PyObject *arg);
 
+typedef struct Hook Hook; /* memhook.h */
+
 /* ---- the codec (codec.c) -------------------------------------------------------------- */
 
 /* A tensor encode_tensors() copied into the arena: its block in one of this side's rings, the
@@ -64,9 +66,10 @@ typedef struct {
     Copy *copies, few[4];
 } Encoded;
 
+/* `adopt`: the worker's hook (memhook.h), whose blocks an output may already lie in, or NULL. */
 int encode_tensors(int kind, unsigned long long call_id, PyObject *tensors, int owned,
                    PyObject *own, int look_in_arena, PyObject *codes, PyObject *code_of,
-                   PyObject *grow, Encoded *out);
+                   PyObject *grow, Hook *adopt, Encoded *out);
 void encoded_clear(Encoded *e);
 int encoded_release(Encoded *e);
 void encoded_release_raising(Encoded *e);

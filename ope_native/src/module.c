@@ -10,6 +10,7 @@
 #include "calls.h"
 #include "frames.h"
 #include "mapping.h"
+#include "memhook.h"
 #include "platform.h"
 #include "queue.h"
 #include "stats.h"
@@ -24,7 +25,11 @@ static PyMethodDef module_methods[] = {
     {"decode_frame", (PyCFunction)(void (*)(void))decode_frame, METH_FASTCALL,
      "decode_frame(data, host, peer_rings, dtypes, string_dtype, map_segment) -> (kind, call_id, copied, tensors)."},
     {"serve_calls", (PyCFunction)(void (*)(void))serve_calls, METH_FASTCALL,
-     "serve_calls(mapping, in_q, out_q, spin_s, decoding, encoding, run, output_names) -> (spin_s, data, call): the worker's loop for calls."},
+     "serve_calls(mapping, in_q, out_q, spin_s, decoding, encoding, run, output_names, hook, idle_s, keep_bytes) -> (spin_s, data, call): the worker's loop for calls."},
+    {"memhook_new", (PyCFunction)(void (*)(void))memhook_new, METH_FASTCALL,
+     "memhook_new(own, threshold) -> capsule or None: numpy's handler putting arrays of threshold bytes or more in the own rings while a model runs."},
+    {"memhook_counts", memhook_counts, METH_O,
+     "memhook_counts(hook) -> (blocks alive, of which handed over, handed over in all)."},
     {"release_inputs", (PyCFunction)(void (*)(void))release_inputs_py, METH_FASTCALL,
      "release_inputs(scratch, sealed): give back a call's input copies and unseal the caller's arena arrays."},
     {"keep_kept_inputs", (PyCFunction)(void (*)(void))keep_kept_inputs_py, METH_FASTCALL,
