@@ -31,7 +31,8 @@ no worker) lets go of what it holds and starts over from the top.
 2. ``_send_lock``: sending, allocating from our rings (encoding, :meth:`empty`), call ids, the
    tail of the pending queue.
 3. ``_keeper_lock``: which restart thread runs and what it is asked; held for a few steps.
-4. ``_collector_wakeup``: the collector thread's flags; held for a few steps.
+4. ``_collector_wakeup``: the collector thread's flags; held for a few steps. A future's own
+   condition (concurrent.futures) may be held when it is taken (futures.wait adds waiters).
 
 The supervisor thread takes none of these but 3, and the receive lock only with
 ``blocking=False``; it never waits on a model. Futures are completed, and so callbacks and
@@ -73,10 +74,6 @@ _NOT_SENT, _NOT_PLAIN = ope_native.CALL_NOT_SENT, ope_native.CALL_NOT_PLAIN
 _CHECKED, _RAW, _QUEUED, _UNSENT = "checked", "raw", "queued", "unsent"
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 _UNCOLLECTED_CALLS = 8  # calls in flight past which the collector thread steps in
-# A call nobody has started collecting this long after it became the oldest in flight is
-# collected by the collector thread (concurrent.futures.wait and as_completed give no sign
-# that they wait); callers that ask sooner collect in their own thread.
-_UNASKED_GRACE_S = 0.001
 _open_models = weakref.WeakSet()
 
 
@@ -137,13 +134,11 @@ class OutOfProcessModel(WorkerLifecycle, Model):
         # its own lock; changing the worker takes both (the module docstring has the order).
         self._send_lock = threading.RLock()
         self._recv_lock = threading.RLock()
-        # The collector thread watches the calls in flight here (_collect_forever); armed:
-        # it is watching, so a new call need not wake it.
+        # The collector thread sleeps here until a future is waited on without collecting.
         self._collector_wakeup = threading.Condition(threading.Lock())
         self._pending = collections.deque()
         self._collector = None
         self._collector_wanted = False
-        self._collector_armed = False
         # The restart thread (_keep): runs while _keeping; _dead is a worker the supervisor
         # saw die with no call receiving, for it to bury. Until the constructor has started
         # the first worker, none runs: a failure there is raised, not mended.
@@ -308,8 +303,6 @@ class OutOfProcessModel(WorkerLifecycle, Model):
             # Calls submitted and never asked for: complete them before the reply queue
             # fills and the worker, then this host, block on it.
             self._wake_collector()
-        elif not self._collector_armed:  # read after the call joined _pending: see below
-            self._wake_collector(at_once=False)
         return future
 
     @property
@@ -444,11 +437,10 @@ class OutOfProcessModel(WorkerLifecycle, Model):
                 f"call lost: it was queued behind a call that failed with {exc}"))
         return calls
 
-    def _wake_collector(self, at_once=True):
-        """Have the collector thread complete the calls in flight: ``at_once``, since someone
-        waits on a future without collecting its reply (a callback, asyncio, a polled done(),
-        a timed result) or calls pile up that nobody collects; else once a call is left
-        unasked for a grace period (a new call found the collector idle)."""
+    def _wake_collector(self):
+        """Have the collector thread complete the calls in flight: someone waits on a future
+        without collecting its reply (a callback, asyncio, futures.wait, a timed result), or
+        calls pile up that nobody collects."""
         with self._collector_wakeup:
             if self._closed:
                 return
@@ -456,48 +448,28 @@ class OutOfProcessModel(WorkerLifecycle, Model):
                 self._collector = threading.Thread(target=self._collect_forever, daemon=True,
                                                    name=f"ope-collector-{self.name}")
                 self._collector.start()
-            self._collector_wanted = self._collector_wanted or at_once
+            self._collector_wanted = True
             self._collector_wakeup.notify()
 
     def _collect_forever(self):
-        """Complete the calls in flight that nobody collects: all of them when woken at once,
-        else the oldest, once it has been the oldest for a grace period with no thread
-        receiving. While calls are in flight it stays armed, so sending a call costs it
-        nothing; it disarms before it looks for calls, and a sender adds its call before it
-        looks at the flag, so no call is left unwatched."""
-        watched = None  # the oldest call in flight when the grace period began
+        """Each time it is woken, complete the calls in flight then, and sleep again."""
         while True:
             with self._collector_wakeup:
-                self._collector_armed = False
-                while not (self._pending or self._closed):
+                while not (self._collector_wanted and self._pending) and not self._closed:
                     self._collector_wakeup.wait()
-                self._collector_armed = True
+                if self._closed and not self._pending:
+                    return
+                self._collector_wanted = False
+                last = self._pending[-1] if self._pending else None
+            if last is not None:  # no lock of the model is held here (the order above)
                 try:
-                    oldest, newest = self._pending[0], self._pending[-1]
-                except IndexError:  # settled meanwhile by a receiving thread, or closed
-                    if self._closed:
-                        return
-                    continue
-                at_once, self._collector_wanted = self._collector_wanted, False
-                if not at_once and oldest is not watched:  # its caller may yet ask for it
-                    watched = oldest
-                    self._collector_wakeup.wait(_UNASKED_GRACE_S)
-                    continue
-            # No lock of the model is held here (the module docstring has their order).
-            if at_once:
-                try:
-                    self._collect(newest)
+                    self._collect(last)
                 except OpeError:
                     pass  # delivered through the calls' futures
-            elif self._collect_until(watched, None):
-                _announce((watched,))  # settled by a thread that has not announced it yet
-            else:
-                watched = None  # another thread is receiving: look again after a grace period
 
     def _collect_until(self, call, until):
-        """Collect up to ``call``, or until the monotonic time ``until`` (None: no limit),
-        unless another thread is receiving: then returns False (that one settles it, or it
-        waits for another call, and ``call`` is left to look at again)."""
+        """Collect up to ``call``, or until the monotonic time ``until``, unless another thread
+        is receiving: then returns False."""
         if not self._recv_lock.acquire(blocking=False):
             return False
         try:

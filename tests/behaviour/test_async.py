@@ -94,17 +94,18 @@ def test_futures_work_with_as_completed_callbacks_and_timed_results(load_model, 
     assert model.submit(call_inputs(0, hold=0.05)).exception(timeout=60) is None
 
 
-def test_results_come_in_order_and_a_call_cannot_be_cancelled(timed):
+def test_result_collects_in_the_callers_thread_and_a_call_cannot_be_cancelled(timed):
     with ope.load(timed, out_of_process=True) as model:
         futures = [model.submit(call_inputs(i, hold=0.05)) for i in range(3)]
         assert not futures[2].cancel(), "a call that runs in the worker cannot be cancelled"
         assert [f.result()["y"][0] for f in futures] == [1, 2, 3]
+        collectors = [t for t in threading.enumerate() if t.name == f"ope-collector-{model.name}"]
+        assert not collectors, "a thread was woken to collect replies nobody needed it for"
         assert model.stats()["calls"] == 3
 
 
-def test_futures_nobody_asks_for_complete_on_their_own(load_model, timed):
-    """A call left alone (no result(), no callback, no done()) is completed by ope itself:
-    concurrent.futures.wait and as_completed rely on that, and give no sign they wait."""
+def test_futures_waited_on_from_another_thread_complete(load_model, timed):
+    """A call nobody asks the result of completes for a thread in concurrent.futures.wait."""
     model = load_model(timed)
     futures = [model.submit(call_inputs(i, hold=0.02)) for i in range(3)]
     waiter = threading.Event()
