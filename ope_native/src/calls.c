@@ -256,7 +256,8 @@ PyObject *serve_calls(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
         PyTuple_GET_SIZE(args[4]) != 5 || !PyTuple_Check(args[5]) || PyTuple_GET_SIZE(args[5]) != 4 ||
         !PyAnySet_Check(args[7])) {
         PyErr_SetString(PyExc_TypeError, "serve_calls(mapping, in_q, out_q, spin_s, "
-                                         "(5 decoding args), (4 encoding args), run, output_names, hook, idle_s, keep_bytes)");
+                                         "(5 decoding args), (4 encoding args), run, "
+                                         "output_names, hook, idle_s, keep_bytes)");
         return NULL;
     }
     if (!PyList_Check(PyTuple_GET_ITEM(args[5], 0)) || !PyDict_Check(PyTuple_GET_ITEM(args[4], 1))) {
@@ -290,7 +291,8 @@ static PyObject *serve_loop(PyObject *const *args) {
     PyObject *decode_args[6];
     for (int i = 0; i < 5; i++) decode_args[i + 1] = PyTuple_GET_ITEM(args[4], i);
     for (;;) {
-        double wait_s = may_shrink(PyTuple_GET_ITEM(args[5], 0), decode_args[2], keep_bytes) ? idle_s : -1.0;
+        double wait_s =
+            may_shrink(PyTuple_GET_ITEM(args[5], 0), decode_args[2], keep_bytes) ? idle_s : -1.0;
         PyObject *data = queue_pop_record(m, in_q, wait_s, &spin_s), *message = NULL, *call = NULL;
         if (!data) return NULL;
         if (data != Py_None && PyBytes_GET_SIZE(data) >= FRAME_HEADER &&

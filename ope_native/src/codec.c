@@ -245,7 +245,8 @@ PyObject *copies_list(const Encoded *e) {
  * them, into `out`. With `look_in_arena`, an array that already lies in one of the `own`
  * segments (see alloc_own()) is named where it is and, if writable, sealed (seal_in_place());
  * with `adopt`, when only the caller holds `tensors`, an array the model made in a block of
- * the hook's (memhook.c) that nothing else references is named where it is and handed over to the peer once the frame is made;
+ * the hook's (memhook.c) that nothing else references is named where it is and handed over
+ * to the peer once the frame is made;
  * every other one is copied into a new block of an own ring. `owned`: `tensors` is a dict that
  * only this call holds (plain_arrays() made it), iterated as it is; any other dict's items are
  * taken first, since callbacks (code_of, grow) and big copies (which let other threads run)

@@ -1,12 +1,14 @@
 /* memhook.c: numpy arrays born in the worker's data ring while its model runs.
  *
  * A numpy memory handler (PyDataMem_SetHandler, numpy >= 1.22) installed in the worker's
- * thread while its loop serves calls, and active only while the model runs: data of `threshold` bytes or more is cut from
- * one of the worker's own rings when one has room, so an output the model returns already
+ * thread while its loop serves calls, and active only while the model runs: data of
+ * `threshold` bytes or more is cut from one of the worker's own rings when one has room, so
+ * an output the model returns already
  * lies in the arena and its RESULT names it in place. The call's temporaries live there too,
  * and their blocks are reused by the next call. The arena grows only for copies, as before
- * (by at least what it holds), so after a first copy the same outputs find room. Everything else, and anything not clearly ours
- * (another thread, no GIL, a full ring, the handler outside a call), goes to malloc.
+ * (by at least what it holds), so after a first copy the same outputs find room. Everything
+ * else, and anything not clearly ours (another thread, no GIL, a full ring, the handler
+ * outside a call), goes to malloc.
  *
  * Ownership: the hook records each block it cut (its pointer, Mapping, ring). numpy calls
  * the handler's free when the array owning the data dies, at any time, in any thread, maybe
@@ -173,8 +175,10 @@ int hook_uninstall(Hook *h, PyObject *previous) {
 
 int hook_adoptable(Hook *h, PyArrayObject *a, Py_ssize_t refs, PyObject *own,
                    unsigned long long *seg, unsigned long long *offset) {
-    if (!h || Py_REFCNT(a) != refs || !PyArray_CHKFLAGS(a, NPY_ARRAY_OWNDATA) ||
-        !PyArray_IS_C_CONTIGUOUS(a) || PyArray_BASE(a))
+    /* Smaller than the threshold: never cut from a ring, so the common small output of the
+     * hot path is told apart without taking the lock (at worst a copy, never a wrong name). */
+    if (!h || (size_t)PyArray_NBYTES(a) < h->threshold || Py_REFCNT(a) != refs ||
+        !PyArray_CHKFLAGS(a, NPY_ARRAY_OWNDATA) || !PyArray_IS_C_CONTIGUOUS(a) || PyArray_BASE(a))
         return 0;
     pthread_mutex_lock(&h->lock);
     Py_ssize_t i = h->n ? find_born(h, PyArray_DATA(a)) : -1;

@@ -104,18 +104,6 @@ def test_result_collects_in_the_callers_thread_and_a_call_cannot_be_cancelled(ti
         assert model.stats()["calls"] == 3
 
 
-def test_futures_waited_on_from_another_thread_complete(load_model, timed):
-    """A call nobody asks the result of completes for a thread in concurrent.futures.wait."""
-    model = load_model(timed)
-    futures = [model.submit(call_inputs(i, hold=0.02)) for i in range(3)]
-    waiter = threading.Event()
-    threading.Thread(target=lambda: (concurrent.futures.wait(futures, 60), waiter.set()),
-                     daemon=True).start()
-    assert waiter.wait(60)
-    assert all(f.done() for f in futures)
-    assert [f.result()["y"][0] for f in futures] == [1, 2, 3]
-
-
 def test_polling_done_and_fire_and_forget_calls_complete(load_model, timed):
     model = load_model(timed)
     future = model.submit(call_inputs(1, hold=0.05))
