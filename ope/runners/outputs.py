@@ -15,9 +15,9 @@ __all__ = ["bind_outputs"]
 def bind_outputs(package, result):
     """``result`` as a dict keyed by output name; SpecError naming what came back when it
     cannot be bound. The values are checked afterwards by the spec (ope.spec)."""
-    names = package.output_names
-    if isinstance(result, dict):
+    if isinstance(result, dict):  # the common case first: it is on every call's path
         return result
+    names = package.output_names
     if isinstance(result, tuple) and hasattr(type(result), "_fields"):
         return _by_field(package, names, result)
     if isinstance(result, (tuple, list)) and _is_sequence_of_outputs(names, result):
